@@ -1,0 +1,53 @@
+"""Checks of config combinations, before any work: each failure names the keys and the fix."""
+from __future__ import annotations
+
+from runtime.errors import UserError
+from runtime.spec import ModelSpec
+
+from .stages.build import DTYPES
+from .stages.calibrate import NEEDS_CALIBRATION
+
+QUANT_MODES = {"none"} | NEEDS_CALIBRATION
+BACKENDS = {"torch"}
+TARGETS = {"any", "cpu", "cuda"}
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value} is not one of {', '.join(sorted(map(str, allowed)))}")
+
+
+def check_config(cfg) -> None:
+    """What can be checked from the config alone."""
+    _one_of("precision.dtype", cfg.precision.dtype, DTYPES)
+    _one_of("precision.quant", cfg.precision.quant, QUANT_MODES)
+    _one_of("precision.kv_cache", cfg.precision.kv_cache, {"auto"})
+    _one_of("backend", cfg.backend, BACKENDS)
+    _one_of("target", cfg.target, TARGETS)
+    for key in ("tp", "pp"):
+        if cfg.parallel[key] < 1:
+            raise UserError(f"parallel.{key}={cfg.parallel[key]} must be at least 1")
+    lim = cfg.limits
+    for key in ("max_batch_size", "max_input_len", "max_output_len"):
+        if lim[key] < 1:
+            raise UserError(f"limits.{key}={lim[key]} must be at least 1")
+    if cfg.precision.quant in NEEDS_CALIBRATION and not cfg.calibration.dataset:
+        raise UserError(f"precision.quant={cfg.precision.quant} needs calibration.dataset; "
+                        "add calibration=cnn_dailymail")
+
+
+def check_model(cfg, spec: ModelSpec) -> None:
+    """What needs the model's shape: parallel splits, limits against positions."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    for what, n in (("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads),
+                    ("intermediate_size", spec.intermediate_size)):
+        if n % tp:
+            raise UserError(f"parallel.tp={tp} does not divide the model's {what}={n}; choose a tp that "
+                            f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
+    if spec.num_layers % pp:
+        raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
+    seq = cfg.limits.max_input_len + cfg.limits.max_output_len
+    if spec.position == "learned" and cfg.limits.max_input_len > spec.max_position_embeddings:
+        raise UserError(f"limits.max_input_len={cfg.limits.max_input_len} exceeds the model's "
+                        f"{spec.max_position_embeddings} learned positions; lower it")
+    del seq

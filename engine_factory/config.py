@@ -1,0 +1,106 @@
+"""Hydra set-up: schemas, resolvers, recipes as the `recipe` group, and composition with one-line errors."""
+from __future__ import annotations
+
+import re
+
+from omegaconf import OmegaConf
+
+from runtime.errors import UserError
+
+from .paths import conf_dir, recipe_names, recipes_dir, shared_dir
+from .schema import register as register_schema
+
+_done = False
+
+
+def setup() -> None:
+    """Register schemas, resolvers and recipes once per process."""
+    global _done
+    if _done:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    from .store import default_store
+
+    register_schema()
+    OmegaConf.register_new_resolver("ef.shared", lambda rel="": str(shared_dir() / rel), replace=True)
+    OmegaConf.register_new_resolver("ef.default_store", default_store, replace=True)
+    cs = ConfigStore.instance()
+    for name in recipe_names():
+        cs.store(group="recipe", name=name, node=OmegaConf.load(recipes_dir() / f"{name}.yaml"),
+                 package="_global_")
+    _done = True
+
+
+def _one_line(e: BaseException) -> str:
+    parts = []
+    while e is not None:
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()
+                        and not line.strip().startswith(("full_key", "object_type", "reference_type")))
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__
+    msg = "; ".join(parts)
+    m = re.search(r"Key '([^']+)' not in '(\w+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        msg += " (list the valid keys with `python -m engine_factory --cfg job`)"
+    return msg
+
+
+def _points(overrides: list[str]) -> list[list[str]]:
+    """The override lists to check for a command line: every value of every sweep, once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise UserError(f"cannot parse the overrides: {_one_line(e)}") from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = [(o.get_key_element(), list(o.sweep_string_iterator())) for o in parsed if o.is_sweep_override()]
+    for key, values in sweeps:
+        if key.lstrip("+~") == "recipe":
+            _check_recipes(values)
+    for o in parsed:
+        if o.key_or_group == "recipe" and not o.is_sweep_override():
+            _check_recipes([o.value()])
+    first = [f"{k}={v[0]}" for k, v in sweeps]
+    points = [fixed + first]
+    for i, (key, values) in enumerate(sweeps):
+        for v in values[1:]:
+            points.append(fixed + first[:i] + [f"{key}={v}"] + first[i + 1:])
+    return points
+
+
+def _check_recipes(values) -> None:
+    known = recipe_names()
+    for v in values:
+        if v not in known:
+            raise UserError(f"recipe={v}: no such recipe; published recipes: {', '.join(known)} "
+                            f"(files in {recipes_dir()})")
+
+
+def compose(overrides: list[str]):
+    """The resolved config of one override list (as a run would see it), or a one-line UserError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    setup()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides)
+        OmegaConf.resolve(cfg)
+        return cfg
+    except UserError:
+        raise
+    except Exception as e:  # hydra/omegaconf raise many types; all are config mistakes here
+        raise UserError(f"config: {_one_line(e)}") from None
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose every point of the command line and check it, before Hydra starts any job."""
+    from .checks import check_config
+
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    for point in _points(user):
+        check_config(compose(point))

@@ -1,0 +1,135 @@
+"""fetch -> convert -> calibrate -> build -> validate, into the content-addressed store."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from runtime.errors import UserError
+from runtime.format import FORMAT_VERSION, VALIDATION_JSON
+
+from . import __version__, families
+from .checks import check_config, check_model
+from .hashing import digest
+from .stages.build import build
+from .stages.calibrate import calibrate
+from .stages.convert import CONVERT_VERSION, convert
+from .stages.fetch import fetch
+from .stages.validate import ValidationFailed, validate, validate_key
+from .store import Store, is_complete_engine
+from .tokenizers import tokenizer_saver
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _limits(cfg, spec) -> dict:
+    lim = OmegaConf.to_container(cfg.limits, resolve=True)
+    seq = lim["max_input_len"] + lim["max_output_len"]
+    if spec.position != "alibi":
+        seq = min(seq, spec.max_position_embeddings)
+    lim["max_seq_len"] = seq
+    lim["max_input_len"] = min(lim["max_input_len"], seq)
+    return lim
+
+
+def engine_identity(cfg, source, spec) -> dict:
+    """Everything that changes the engine's bytes, and nothing else (no paths, no validate)."""
+    return {
+        "format_version": FORMAT_VERSION, "convert_version": CONVERT_VERSION, "backend": cfg.backend,
+        "target": cfg.target, "source": source.digest, "spec": spec.to_dict(),
+        "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
+        "calibration": OmegaConf.to_container(cfg.calibration, resolve=True) if cfg.precision.quant != "none" else None,
+        "parallel": OmegaConf.to_container(cfg.parallel, resolve=True), "limits": _limits(cfg, spec),
+        "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),
+    }
+
+
+def _toolchain() -> dict:
+    import safetensors
+    import torch
+    import transformers
+
+    return {"engine_factory": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _spec(cfg, source):
+    family = families.resolve(source.hf_config, cfg.model.family, where=f"model.source={cfg.model.source}")
+    try:
+        spec = family.to_spec(source.hf_config)
+    except KeyError as e:
+        raise UserError(f"model.source={cfg.model.source}: config.json lacks {e} that a {family.model_type} "
+                        "model needs") from None
+    if "add_bos_token" in source.tokenizer_config:
+        spec = dataclasses.replace(spec, add_bos_token=bool(source.tokenizer_config["add_bos_token"]))
+    return family, spec
+
+
+def run(cfg, recipe: str | None = None) -> Path:
+    """Build (or find) the engine of a resolved config; returns its folder."""
+    t0 = time.perf_counter()
+    check_config(cfg)
+    store = Store(cfg.store)
+    source = fetch(cfg.model, store)
+    family, spec = _spec(cfg, source)
+    check_model(cfg, spec)
+    identity = engine_identity(cfg, source, spec)
+    h = digest(identity)
+    name = cfg.model.name or recipe or source.name
+    engine_dir = store.root / f"{name}-{h[:12]}"
+    if is_complete_engine(engine_dir) and not cfg.force:
+        log.info("cache hit: %s", engine_dir)
+        _revalidate_if_needed(engine_dir, source, cfg)
+        return engine_dir
+    with store.lock(h):
+        if is_complete_engine(engine_dir) and not cfg.force:
+            return engine_dir
+        tensors = convert(source, family, spec, store)
+        calibrate(cfg, tensors, spec, store)
+        engine_json = {
+            "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
+            "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
+            "dtype": TORCH_DTYPE_NAMES[cfg.precision.dtype],
+            "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache},
+            "mapping": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": cfg.parallel.tp * cfg.parallel.pp},
+            "limits": identity["limits"], "source": source.provenance, "family": family.model_type,
+            "toolchain": _toolchain(), "target": {"device": cfg.target, "sm": None}, "backend": cfg.backend,
+            "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
+        }
+        with store.staging(engine_dir) as tmp:
+            build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg))
+            if cfg.validate.enabled:
+                try:
+                    validate(tmp, source, cfg)
+                except ValidationFailed:
+                    _keep_failed_report(store, tmp, engine_dir.name)
+                    raise
+    log.info("built %s in %.1fs", engine_dir, time.perf_counter() - t0)
+    return engine_dir
+
+
+def _revalidate_if_needed(engine_dir: Path, source, cfg) -> None:
+    import json
+
+    if not cfg.validate.enabled:
+        return
+    path = engine_dir / VALIDATION_JSON
+    try:
+        if json.loads(path.read_text()).get("validate_key") == validate_key(cfg):
+            return
+    except (OSError, ValueError):
+        pass
+    validate(engine_dir, source, cfg)
+
+
+def _keep_failed_report(store: Store, tmp: Path, name: str) -> None:
+    if (tmp / VALIDATION_JSON).is_file():
+        dest = store.root / "failed"
+        dest.mkdir(exist_ok=True)
+        shutil.copy(tmp / VALIDATION_JSON, dest / f"{name}.validation.json")

@@ -1,0 +1,94 @@
+"""Dataclass schemas of every config group, registered in Hydra's ConfigStore.
+
+A key that is not here, or a value of the wrong type, fails at composition, before any work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # local HF folder | hf://org/name@revision | path/to/model.gguf | dummy
+    source: str = MISSING
+    name: Optional[str] = None  # engine name; default: the recipe name or the source folder's name
+    family: Optional[str] = None  # HF model_type; default: detected from config.json's architectures
+    version: Optional[str] = None  # family variant where the checkpoint does not say (Baichuan v1/v2)
+    tokenizer: Optional[str] = None  # tokenizer folder when the source has none
+    config: Dict[str, Any] = field(default_factory=dict)  # HF config fields: dummy architecture / overrides
+    seed: int = 0  # dummy weights seed
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
+    quant: str = "none"  # none (weight-only and SmoothQuant modes arrive with quantization)
+    kv_cache: str = "auto"  # auto = the activation dtype
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class PluginsConfig:
+    cuda_graphs: bool = True  # capture the decode step per batch size on CUDA
+    remove_padding: bool = True  # prefill on packed sequences
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: Optional[str] = None
+    samples: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ValidateConfig:
+    enabled: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    prompts: List[str] = field(default_factory=lambda: [
+        "Once upon a time", "The capital of France is", "def fibonacci(n):"])
+    prompt_token_lengths: List[int] = field(default_factory=lambda: [3, 7, 12])  # for tokenizer-less models
+    max_new_tokens: int = 32
+    max_rel_logits: Optional[float] = None  # max|engine - ref| / max|ref|; None: by dtype (stages/validate.py)
+    min_token_agreement: Optional[float] = None  # fraction of greedy tokens equal to the reference
+
+
+@dataclass
+class LimitsConfig:
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_output_len: int = 512
+
+
+@dataclass
+class EngineFactoryConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    backend: str = "torch"
+    target: str = "any"  # any | cpu | cuda: where the engine may run
+    store: str = MISSING
+    expect: Dict[str, Any] = field(default_factory=dict)  # published results a recipe records
+    force: bool = False  # rebuild even when the engine is in the store
+    log_level: str = "INFO"
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=EngineFactoryConfig)
+    for group, node in (("model", ModelConfig), ("precision", PrecisionConfig), ("parallel", ParallelConfig),
+                        ("plugins", PluginsConfig), ("calibration", CalibrationConfig),
+                        ("validate", ValidateConfig)):
+        cs.store(group=group, name="schema", node=node)

@@ -1,0 +1,80 @@
+"""Checkpoint sources: where a model's config, weights and tokenizer come from.
+
+`open_source(spec_string, ...)` picks a reader from SOURCES by the form of model.source.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class Source:
+    kind: str
+    name: str  # default engine name
+    hf_config: dict
+    provenance: dict  # recorded in engine.json: path or hub id + revision, sha256 of each file
+    canonical: bool = False  # tensors already use canonical names (dummy weights)
+    path: Path | None = None
+    tokenizer_dir: Path | None = None
+    tokenizer_config: dict = field(default_factory=dict)
+    _tensors: Callable[[], Iterator[tuple[str, Callable[[], torch.Tensor]]]] | None = None
+    _reference: Callable[[], object] | None = None  # loads the fp32 reference model for validate
+    no_reference: str = "this source has no reference model"
+    save_tokenizer: Callable[[Path], None] | None = None  # for sources whose tokenizer is not a folder
+
+    @property
+    def digest(self) -> dict:
+        """What identifies the bytes of this source (no paths)."""
+        return {k: v for k, v in self.provenance.items() if k not in ("path", "cache_path")}
+
+    def reference(self) -> tuple[Callable[[], object] | None, str]:
+        """(loader of a transformers model in fp32, or None, and why not)."""
+        return self._reference, self.no_reference
+
+    def tensors(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        """(name, load) pairs, loaded one at a time by the caller."""
+        return self._tensors()
+
+
+# Readers by the form of model.source, tried in order: (matches(source_string), open(...)).
+SOURCES: list[tuple[Callable[[str], bool], Callable[..., Source]]] = []
+
+
+def register_source(matches: Callable[[str], bool]):
+    def deco(fn):
+        SOURCES.append((matches, fn))
+        return fn
+    return deco
+
+
+def open_source(source: str, model_cfg, store) -> Source:
+    from . import dummy, hf_folder, hub  # noqa: F401  (register themselves)
+    try:
+        from . import gguf  # noqa: F401
+    except ImportError:
+        pass
+    for matches, fn in SOURCES:
+        if matches(source):
+            return fn(source, model_cfg, store)
+    raise UserError(f"model.source={source}: no such file or folder; pass a local Hugging Face folder "
+                    "(config.json + weights), hf://org/name@revision, a .gguf file, or dummy")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read {what} ({e}); check the file") from None

@@ -1,0 +1,32 @@
+"""The engine's tokenizer/: the source's tokenizer, loaded with transformers and saved in its format."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from runtime.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_saver(source, family, cfg):
+    """A function that writes tokenizer/ into the engine, or None when there is no tokenizer."""
+    tdir = Path(cfg.model.tokenizer).expanduser() if cfg.model.tokenizer else source.tokenizer_dir
+    if source.save_tokenizer is not None and not cfg.model.tokenizer:
+        return source.save_tokenizer
+    if tdir is None:
+        log.warning("no tokenizer in %s: the engine has no tokenizer/ (runtime.run takes --tokenizer_dir)",
+                    source.name)
+        return None
+    if not tdir.is_dir():
+        raise UserError(f"model.tokenizer={tdir}: no such folder; pass a folder with tokenizer files")
+
+    def save(dest: Path) -> None:
+        import transformers
+
+        if (tdir / "tokenizer_config.json").is_file() or not family.tokenizer_class:
+            tok = transformers.AutoTokenizer.from_pretrained(str(tdir))
+        else:  # a bare tokenizer.model / vocab.json: the family says which class reads it
+            tok = getattr(transformers, family.tokenizer_class).from_pretrained(str(tdir))
+        tok.save_pretrained(str(dest))
+    return save

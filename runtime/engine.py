@@ -1,0 +1,258 @@
+"""Engine: load an engine directory and generate with it."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import EngineError, UserError
+from .format import ENGINE_JSON, FORMAT_VERSION, TOKENIZER_DIR, rank_file, verify_manifest
+from .model import Decoder
+from .sampling import sample
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    output_ids: list[int]  # new tokens only, up to and including a stop token
+    finish_reason: str  # "stop" | "length"
+    text: str | None = None  # decoded new tokens, when a tokenizer is present
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} but no CUDA GPU is visible to torch; use device=cpu")
+    return torch.device(device)
+
+
+class _DecodeGraph:
+    """The decode step for one batch size, captured once in a CUDA graph and replayed per token."""
+
+    def __init__(self, model: Decoder, batch: int):
+        dev = model.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up kernels/allocations outside the capture
+            for _ in range(2):
+                model.decode(self.tokens, self.pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode(self.tokens, self.pos)
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
+class Engine:
+    def __init__(self, engine_dir: Path, config: dict, model: Decoder, tokenizer=None):
+        self.engine_dir = engine_dir
+        self.config = config
+        self.spec: ModelSpec = model.spec
+        self.model = model
+        self.device = model.device
+        self.limits = config["limits"]
+        self.tokenizer = tokenizer
+        self.use_cuda_graphs = self.device.type == "cuda" and config.get("runtime", {}).get("cuda_graphs", True)
+        self._graphs: dict[int, _DecodeGraph] = {}
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, engine_dir: str | Path, device: str = "auto", verify: str = "full",
+             tokenizer_dir: str | Path | None = None, rank: int = 0) -> "Engine":
+        engine_dir = Path(engine_dir)
+        if not engine_dir.is_dir():
+            raise UserError(f"engine folder {engine_dir} does not exist; build one with "
+                            "`python -m engine_factory model.source=...` and pass the path it prints")
+        verify_manifest(engine_dir, verify)
+        config = json.loads((engine_dir / ENGINE_JSON).read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise EngineError(f"{engine_dir}: engine format {config.get('format_version')} but this runtime "
+                              f"reads format {FORMAT_VERSION}; rebuild the engine with this version")
+        dev = resolve_device(device)
+        _check_target(engine_dir, config.get("target", {}), dev)
+        mapping = config["mapping"]
+        if mapping["tp"] * mapping["pp"] != 1:
+            raise UserError(f"{engine_dir}: built for tp={mapping['tp']} pp={mapping['pp']}; multi-rank "
+                            "engines need the parallel runtime (not in this version); rebuild with parallel=tp1")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(engine_dir / rank_file(rank)), device=str(dev))
+        spec = ModelSpec.from_dict(config["spec"])
+        model = Decoder(spec, tensors, quant=config["quant"]["mode"], tp_size=mapping["tp"])
+        tok = None
+        tdir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
+        if tokenizer_dir or tdir.is_dir():
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(tdir)
+        log.info("loaded %s on %s (%s)", engine_dir.name, dev, config["dtype"])
+        return cls(engine_dir, config, model, tok)
+
+    # ---- text helpers -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise UserError(f"engine {self.engine_dir} has no tokenizer/; pass token ids, or a "
+                            "tokenizer folder (--tokenizer_dir / Engine.load(tokenizer_dir=...))")
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bos = self.spec.bos_token_id
+        if self.spec.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _as_ids(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        out = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, ids in enumerate(out):
+            if not ids:
+                raise UserError(f"prompt {i} is empty; give at least one token")
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise UserError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
+                                f"(0..{self.spec.vocab_size - 1})")
+        return out
+
+    def _ensure_cache(self, batch: int) -> None:
+        want = (self.limits["max_batch_size"], self.limits["max_seq_len"])
+        if self.model.cache_shape != want:
+            self.model.allocate_cache(*want)
+            self._graphs.clear()
+
+    # ---- scoring ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, token_ids) -> torch.Tensor | list[torch.Tensor]:
+        """Logits (T, V) float32 at every position, as a transformers forward would give."""
+        single = token_ids and isinstance(token_ids[0], int)
+        seqs = self._as_ids(token_ids)
+        self._check_lengths(seqs, 0)
+        logits = self.model.prefill(torch.tensor(sum(seqs, []), device=self.device),
+                                    [len(s) for s in seqs], all_logits=True)
+        parts = list(logits.split([len(s) for s in seqs]))
+        return parts[0] if single else parts
+
+    def _check_lengths(self, seqs: list[list[int]], max_new_tokens: int) -> None:
+        lim = self.limits
+        for i, s in enumerate(seqs):
+            if len(s) > lim["max_input_len"]:
+                raise UserError(f"prompt {i} has {len(s)} tokens, over this engine's max_input_len "
+                                f"{lim['max_input_len']}; shorten it or rebuild with limits.max_input_len="
+                                f"{len(s)}")
+            if len(s) + max_new_tokens > lim["max_seq_len"]:
+                raise UserError(f"prompt {i}: {len(s)} tokens + {max_new_tokens} new exceed max_seq_len "
+                                f"{lim['max_seq_len']}; lower max_new_tokens or rebuild with larger limits")
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False, seed: int | None = 0,
+                 streamer: Callable[[int, int], None] | None = None) -> list[Generation]:
+        """Generate for a batch of prompts (texts or token-id lists) of any lengths.
+
+        Stops a sequence at an EOS / stop token (unless ignore_eos) or a stop string. streamer(i, token)
+        is called for each new token of prompt i as it is produced.
+        """
+        seqs = self._as_ids(prompts)
+        self._check_lengths(seqs, max_new_tokens)
+        stops = set(stop_token_ids or ())
+        if not ignore_eos:
+            stops |= set(self.spec.eos_token_ids)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed or 0)
+        results: list[Generation] = []
+        bmax = self.limits["max_batch_size"]
+        for start in range(0, len(seqs), bmax):
+            chunk = seqs[start:start + bmax]
+            outs = self._generate_batch(chunk, max_new_tokens, temperature, top_k, top_p, stops, stop,
+                                        gen, streamer, start)
+            results.extend(outs)
+        return results
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not self.use_cuda_graphs:
+            return self.model.decode(tokens, pos)
+        B = tokens.shape[0]
+        if B not in self._graphs:
+            self._graphs[B] = _DecodeGraph(self.model, B)
+        return self._graphs[B](tokens, pos)
+
+    def _generate_batch(self, seqs, max_new, temperature, top_k, top_p, stops, stop_strings, gen,
+                        streamer, offset) -> list[Generation]:
+        self._ensure_cache(len(seqs))
+        dev, B = self.device, len(seqs)
+        logits = self.model.prefill(torch.tensor(sum(seqs, []), device=dev), [len(s) for s in seqs])
+        pos = torch.tensor([len(s) for s in seqs], device=dev)
+        stop_t = torch.tensor(sorted(stops), device=dev, dtype=torch.long)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = torch.zeros(B, max_new, dtype=torch.long, device=dev)
+        n = 0
+        for step in range(max_new):
+            nxt = sample(logits, temperature, top_k, top_p, gen)
+            out[:, step] = nxt
+            n = step + 1
+            finished |= torch.isin(nxt, stop_t)
+            if streamer is not None:
+                for i, t in enumerate(nxt.tolist()):
+                    streamer(offset + i, t)
+            if stop_strings and self._hit_stop_strings(out[:, :n], stop_strings):
+                break
+            if step + 1 == max_new or bool(finished.all()):
+                break
+            logits = self._decode_step(nxt, pos)
+            pos = pos + 1
+        return [self._finish(seqs[i], out[i, :n].tolist(), stops, stop_strings) for i in range(B)]
+
+    def _hit_stop_strings(self, out: torch.Tensor, stop_strings) -> bool:
+        texts = [self.decode_text(row) for row in out.tolist()]
+        return all(any(s in t for s in stop_strings) for t in texts)
+
+    def _finish(self, prompt, ids, stops, stop_strings) -> Generation:
+        reason = "length"
+        for j, t in enumerate(ids):
+            if t in stops:
+                ids, reason = ids[: j + 1], "stop"
+                break
+        text = None
+        if self.tokenizer is not None:
+            text = self.decode_text(ids)
+            for s in stop_strings or ():
+                if s in text:
+                    text, reason = text[: text.index(s)], "stop"
+        return Generation(prompt_ids=prompt, output_ids=ids, finish_reason=reason, text=text)
+
+
+def _check_target(engine_dir: Path, target: dict, dev: torch.device) -> None:
+    want = target.get("device", "any")
+    if want == "any":
+        return
+    if want != dev.type:
+        raise EngineError(f"{engine_dir}: built for target {want} but asked to run on {dev.type}; run "
+                          f"with device={want} or rebuild with target=any|{dev.type}")
+    sm = target.get("sm")
+    if want == "cuda" and sm:
+        have = "%d%d" % torch.cuda.get_device_capability(dev)
+        if str(sm) != have:
+            raise EngineError(f"{engine_dir}: built for sm_{sm} but this GPU is sm_{have}; "
+                              "rebuild the engine on this GPU or with target=any")
