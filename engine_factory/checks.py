@@ -46,8 +46,3 @@ def check_model(cfg, spec: ModelSpec) -> None:
                             f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
-    seq = cfg.limits.max_input_len + cfg.limits.max_output_len
-    if spec.position == "learned" and cfg.limits.max_input_len > spec.max_position_embeddings:
-        raise UserError(f"limits.max_input_len={cfg.limits.max_input_len} exceeds the model's "
-                        f"{spec.max_position_embeddings} learned positions; lower it")
-    del seq

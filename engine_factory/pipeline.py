@@ -31,8 +31,9 @@ TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def _limits(cfg, spec) -> dict:
     lim = OmegaConf.to_container(cfg.limits, resolve=True)
     seq = lim["max_input_len"] + lim["max_output_len"]
-    if spec.position != "alibi":
-        seq = min(seq, spec.max_position_embeddings)
+    if spec.position != "alibi" and seq > spec.max_position_embeddings:
+        log.info("limits: max_seq_len capped at the model's %d positions", spec.max_position_embeddings)
+        seq = spec.max_position_embeddings
     lim["max_seq_len"] = seq
     lim["max_input_len"] = min(lim["max_input_len"], seq)
     return lim
