@@ -61,7 +61,7 @@ def register_source(matches: Callable[[str], bool]):
 
 
 def open_source(source: str, model_cfg, store) -> Source:
-    from . import dummy, hf_folder, hub  # noqa: F401  (register themselves)
+    from . import dummy, hf_folder, hub, pypi  # noqa: F401  (register themselves)
     try:
         from . import gguf  # noqa: F401
     except ImportError:

