@@ -43,7 +43,9 @@ class _DecodeGraph:
     def __init__(self, model: Decoder, batch: int):
         dev = model.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        # Warm-up and capture run decode for real and write K/V at `pos`: aim them at the last cache
+        # slot, which no sequence has reached yet (a real write there comes before any read of it).
+        self.pos = torch.full((batch,), model.cache_shape[1] - 1, dtype=torch.long, device=dev)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up kernels/allocations outside the capture
