@@ -49,9 +49,17 @@ def main(argv=None) -> None:
         prompts = args.input_text or ["Born in north-east France, Soyer trained as a"]
     streamer = None
     if args.streaming and not args.json and engine.tokenizer is not None and len(prompts) == 1:
-        def streamer(i, tok):  # noqa: E306 - prints each piece as it comes
-            sys.stdout.write(engine.decode_text([tok]))
+        ids = engine.encode(prompts[0]) if isinstance(prompts[0], str) else list(prompts[0])
+        shown = engine.decode_text(ids)
+        sys.stdout.write(shown)
+
+        def streamer(i, tok):  # decode the whole text and print what is new: pieces merge across tokens
+            nonlocal shown
+            ids.append(tok)
+            text = engine.decode_text(ids)
+            sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
+            shown = text
     gens = engine.generate(prompts, max_new_tokens=args.max_output_len, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, stop=args.stop, ignore_eos=args.ignore_eos,
                            seed=args.seed, streamer=streamer)
