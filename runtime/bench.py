@@ -1,0 +1,77 @@
+"""python -m runtime.bench: speed of an engine, as JSON lines (one per batch size).
+
+time to first token (prefill), decode tokens/s, achieved weight bandwidth (GB/s: weight bytes read
+per decode step over its time), peak GPU memory. Benchmarks live here, never in timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .cli import setup_logging, user_errors_exit
+from .engine import Engine
+from .format import rank_file
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int = 3) -> dict:
+    dev = engine.device
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.spec.vocab_size, (input_len,), generator=g).tolist() for _ in range(batch)]
+    engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up: cache, graphs
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    ttft, total = [], []
+    for _ in range(reps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        engine.generate(prompts, max_new_tokens=1, ignore_eos=True)
+        _sync(dev)
+        t1 = time.perf_counter()
+        engine.generate(prompts, max_new_tokens=output_len, ignore_eos=True)
+        _sync(dev)
+        t2 = time.perf_counter()
+        ttft.append(t1 - t0)
+        total.append(t2 - t1)
+    ttft_s, total_s = min(ttft), min(total)
+    decode_s = max(total_s - ttft_s, 1e-9) / max(output_len - 1, 1)
+    weight_bytes = (engine.engine_dir / rank_file(0)).stat().st_size  # read once per decode step
+    return {
+        "engine": engine.engine_dir.name, "device": str(dev), "dtype": engine.config["dtype"], "batch": batch,
+        "input_len": input_len, "output_len": output_len, "ttft_ms": round(ttft_s * 1e3, 3),
+        "decode_ms_per_step": round(decode_s * 1e3, 4), "decode_tok_s": round(batch / decode_s, 1),
+        "total_tok_s": round(batch * output_len / total_s, 1),
+        "achieved_weight_GB_s": round(weight_bytes / decode_s / 1e9, 1),
+        "peak_mem_GB": round(torch.cuda.max_memory_allocated(dev) / 1e9, 3) if dev.type == "cuda" else None,
+        "cuda_graphs": engine.use_cuda_graphs,
+    }
+
+
+@user_errors_exit
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__)
+    p.add_argument("--engine_dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, action="append", help="repeatable (default 1)")
+    p.add_argument("--input_len", type=int, default=128)
+    p.add_argument("--output_len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no_cuda_graphs", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging()
+    engine = Engine.load(args.engine_dir, device=args.device, verify="size")
+    if args.no_cuda_graphs:
+        engine.use_cuda_graphs = False
+    for b in args.batch_size or [1]:
+        print(json.dumps(bench(engine, b, args.input_len, args.output_len, args.reps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
