@@ -20,9 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the built-in default: SmolLM2-135M-Instruct (GGUF from PyPI) -> fp16 engine -> generate.
 demo: install
-	$(PY) -m engine_factory recipe=smollm2_135m_fp16 | tee $(STORE)/.demo.log
-	$(PY) -m runtime.run --engine_dir "$$(tail -n 1 $(STORE)/.demo.log | sed 's/^engine: //')" \
-	    --input_text "The capital of France is" --max_output_len 24
+	@engine=$$($(PY) -m engine_factory recipe=smollm2_135m_fp16 | tail -n 1 | sed 's/^engine: //') && \
+	  test -d "$$engine" && echo "engine: $$engine" && \
+	  $(PY) -m runtime.run --engine_dir "$$engine" --input_text "The capital of France is" --max_output_len 24
 
 # The test suite (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
 test: install
