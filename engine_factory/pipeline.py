@@ -108,9 +108,11 @@ def run(cfg, recipe: str | None = None) -> Path:
             if cfg.validate.enabled:
                 try:
                     validate(tmp, source, cfg)
-                except ValidationFailed:
-                    _keep_failed_report(store, tmp, engine_dir.name)
-                    raise
+                except ValidationFailed as e:  # the staging folder goes: name the engine and the kept report
+                    report = _keep_failed_report(store, tmp, engine_dir.name)
+                    raise ValidationFailed(f"validation of {engine_dir.name} failed: {'; '.join(e.failures)} "
+                                           f"(report: {report}); loosen validate.* bounds only if this is "
+                                           "expected", e.failures) from None
     log.info("built %s in %.1fs", engine_dir, time.perf_counter() - t0)
     return engine_dir
 
@@ -129,8 +131,10 @@ def _revalidate_if_needed(engine_dir: Path, source, cfg) -> None:
     validate(engine_dir, source, cfg)
 
 
-def _keep_failed_report(store: Store, tmp: Path, name: str) -> None:
+def _keep_failed_report(store: Store, tmp: Path, name: str) -> Path | None:
     if (tmp / VALIDATION_JSON).is_file():
         dest = store.root / "failed"
         dest.mkdir(exist_ok=True)
         shutil.copy(tmp / VALIDATION_JSON, dest / f"{name}.validation.json")
+        return dest / f"{name}.validation.json"
+    return None

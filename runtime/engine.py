@@ -96,7 +96,11 @@ class Engine:
                             "engines need the parallel runtime (not in this version); rebuild with parallel=tp1")
         from safetensors.torch import load_file
 
-        tensors = load_file(str(engine_dir / rank_file(rank)), device=str(dev))
+        try:
+            tensors = load_file(str(engine_dir / rank_file(rank)), device=str(dev))
+        except Exception as e:  # safetensors' own error type for truncated/corrupt files
+            raise EngineError(f"{engine_dir / rank_file(rank)}: not a readable rank file ({e}); "
+                              "rebuild the engine") from None
         spec = ModelSpec.from_dict(config["spec"])
         model = Decoder(spec, tensors, quant=config["quant"]["mode"], tp_size=mapping["tp"])
         tok = None

@@ -17,8 +17,9 @@ from . import Source, register_source
 def open_dummy(source: str, model_cfg, store) -> Source:
     config = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.config else {}
     if not config:
-        raise UserError("model.source=dummy needs the architecture in model.config (HF config.json fields, "
-                        "e.g. model.config.architectures=[LlamaForCausalLM] ...), or a model/ option that has it")
+        raise UserError("model.source=dummy needs the architecture in model.config (HF config.json fields, e.g. "
+                        "'+model.config={architectures:[LlamaForCausalLM],hidden_size:...}'), or a model/ option "
+                        "that has it")
     return Source(kind="dummy", name=f"dummy-{config.get('model_type', 'model')}", hf_config=config,
                   provenance={"type": "dummy", "seed": model_cfg.seed, "config": config}, canonical=True,
                   no_reference="dummy weights: no reference checkpoint to compare with")

@@ -11,13 +11,13 @@ log = logging.getLogger(__name__)
 
 
 def fetch(model_cfg, store) -> Source:
-    if not model_cfg.source or model_cfg.source == "???":
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(model_cfg, "source") or not model_cfg.source:
         raise UserError("model.source is not set; pass model.source=<HF folder | hf://org/name@rev | "
                         "file.gguf | dummy> or recipe=NAME")
     source = open_source(str(model_cfg.source), model_cfg, store)
     if model_cfg.config and source.kind != "dummy":
-        from omegaconf import OmegaConf
-
         source.hf_config = {**source.hf_config, **OmegaConf.to_container(model_cfg.config, resolve=True)}
         source.provenance["config_overrides"] = OmegaConf.to_container(model_cfg.config, resolve=True)
     log.info("fetch: %s (%s)", source.name, source.kind)

@@ -24,7 +24,9 @@ DEFAULT_BOUNDS = {"fp32": (1e-4, 1.0), "fp16": (2e-2, 0.9), "bf16": (5e-2, 0.8)}
 
 
 class ValidationFailed(UserError):
-    pass
+    def __init__(self, message: str, failures: list[str] | None = None):
+        super().__init__(message)
+        self.failures = failures or []
 
 
 def validate_key(cfg) -> str:
@@ -106,7 +108,7 @@ def validate(engine_dir: Path, source, cfg) -> dict:
         write_json_atomic(engine_dir / VALIDATION_JSON, result)
         if failures:
             raise ValidationFailed(f"validation of {engine_dir.name} failed: {'; '.join(failures)} (see "
-                                   f"{VALIDATION_JSON}); loosen validate.* bounds only if this is expected")
+                                   f"{VALIDATION_JSON}); loosen validate.* bounds only if this is expected", failures)
         return result
     result["passed"] = True
     write_json_atomic(engine_dir / VALIDATION_JSON, result)
