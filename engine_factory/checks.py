@@ -46,3 +46,6 @@ def check_model(cfg, spec: ModelSpec) -> None:
                             f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
+    if tp * pp > 1:
+        raise UserError(f"parallel.tp={tp} parallel.pp={pp}: multi-rank engines need the parallel runtime, "
+                        "which this version does not have yet; use parallel=tp1")

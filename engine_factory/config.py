@@ -41,6 +41,11 @@ def _one_line(e: BaseException) -> str:
             parts.append(text)
         e = e.__cause__
     msg = "; ".join(parts)
+    msg = msg.split(" Config search path:")[0]  # Hydra's search path says nothing a user can act on
+    m = re.search(r"Could not find '(\w+)/([^']+)' Available options in '\w+': (.*)", msg)
+    if m:
+        options = ", ".join(o for o in m.group(3).split() if o != "schema")
+        return f"{m.group(1)}={m.group(2)}: no such option; available: {options} (files in conf/{m.group(1)}/)"
     m = re.search(r"Key '([^']+)' not in '(\w+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
     if m:
         msg += " (list the valid keys with `python -m engine_factory --cfg job`)"

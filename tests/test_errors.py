@@ -84,20 +84,48 @@ def test_tp_not_dividing_the_heads(cli, store, tiny_llama):
     assert not engines_in(store)
 
 
-def test_tp2_builds_but_the_single_rank_runtime_refuses_it(cli, run_engine, store, tiny_llama):
-    # Behaviour today (no multi-rank runtime yet): with validation, the build fails when validate loads
-    # the engine; without it, two rank files are built and runtime.run refuses them.
-    validated = cli(f"model.source={tiny_llama}", "parallel=tp2", f"store={store}", *LIMITS)
-    assert_one_clear_line(validated, "tp=2", "parallel=tp1")
+def test_tp2_is_refused_before_any_work(cli, store, tiny_llama):
+    # No multi-rank runtime yet: a tp=2 build would give rank files nothing can load, so it is refused
+    # up front (after the divisibility check above, which still names the heads).
+    assert_one_clear_line(cli(f"model.source={tiny_llama}", "parallel=tp2", f"store={store}", *LIMITS),
+                          "parallel.tp=2", "parallel=tp1")
     assert_store_clean(store)
     assert not engines_in(store)
-    rc, out, err = cli(f"model.source={tiny_llama}", "parallel=tp2", "validate.enabled=false",
-                       f"store={store}", *LIMITS)
-    assert rc == 0, err
-    (engine,) = engines_in(store)
-    assert sorted(p.name for p in engine.glob("rank*")) == ["rank0.safetensors", "rank1.safetensors"]
-    assert_one_clear_line(run_engine("--engine_dir", engine, "--input_ids", "1,2,3"),
-                          str(engine), "tp=2", "parallel=tp1")
+
+
+def test_tp2_rank_plan_shards_reassemble_to_tp1(tiny_llama, tmp_path):
+    """The build's sharding (kept for the parallel runtime): column-parallel qkv / gate-up by heads and
+    rows, row-parallel o / down by columns; the shards of tp=2 put back together equal tp=1."""
+    import torch
+
+    from engine_factory import families
+    from engine_factory.sources.hf_folder import open_folder
+    from engine_factory.stages.build import rank_plan
+    from engine_factory.stages.convert import convert
+    from engine_factory.store import Store
+
+    store = Store(tmp_path / "store")
+    source = open_folder(tiny_llama, store)
+    family = families.resolve(source.hf_config)
+    spec = family.to_spec(source.hf_config)
+    tensors = convert(source, family, spec, store)
+    full = {n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, 1, 0).items()}
+    shards = [{n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, 2, r).items()} for r in range(2)]
+    q, kv = spec.q_size, spec.kv_size
+    for name, t in full.items():
+        a, b = shards[0][name], shards[1][name]
+        if ".attn.qkv." in name:  # each rank: its q heads, then its k heads, then its v heads
+            parts = [x.split([q // 2, kv // 2, kv // 2]) for x in (a, b)]
+            t2 = torch.cat([torch.cat([parts[0][i], parts[1][i]]) for i in range(3)])
+        elif ".mlp.up." in name:  # each rank: its gate rows, then its up rows
+            parts = [x.chunk(2) for x in (a, b)]
+            t2 = torch.cat([torch.cat([parts[0][i], parts[1][i]]) for i in range(2)])
+        elif (".attn.o." in name or ".mlp.down." in name) and t.dim() == 2:
+            t2 = torch.cat([a, b], dim=1)
+        else:
+            assert torch.equal(a, b), name
+            t2 = a
+        assert torch.equal(t2, t), name
 
 
 def test_truncated_safetensors_source(cli, store, tiny_llama, tmp_path):

@@ -27,7 +27,7 @@ def open_hub(source: str, model_cfg, store) -> Source:
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated model: all end here with the hub's reason
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # its first sentence
         raise UserError(f"model.source={source}: cannot fetch from the Hugging Face hub ({type(e).__name__}: "
                         f"{reason}); the hub may be unreachable from this machine: download the model where "
                         "it is reachable and pass model.source=<local folder>") from None
