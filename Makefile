@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STORE  ?= $(CURDIR)/.store
 export EF_STORE := $(STORE)
 
-.PHONY: install demo test test-cuda clean
+.PHONY: install demo test test-cuda bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: install
 
 test-cuda: install
 	$(PY) -m pytest -q -ra -m cuda tests
+
+# Speed of the LLaMA-2 7B architecture (dummy weights, fp16) as JSON lines; meant for a GPU machine.
+bench: install
+	@engine=$$($(PY) -m engine_factory recipe=llama7b_fp16_dummy | tail -n 1 | sed 's/^engine: //') && \
+	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128
 
 clean:
 	rm -rf $(STORE) .pytest_cache
