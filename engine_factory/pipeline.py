@@ -63,7 +63,7 @@ def _toolchain() -> dict:
 def _spec(cfg, source):
     family = families.resolve(source.hf_config, cfg.model.family, where=f"model.source={cfg.model.source}")
     try:
-        spec = family.to_spec(source.hf_config)
+        spec = family.spec(source.hf_config, cfg.model.version)
     except KeyError as e:
         raise UserError(f"model.source={cfg.model.source}: config.json lacks {e} that a {family.model_type} "
                         "model needs") from None

@@ -9,6 +9,7 @@ import torch
 
 from runtime.errors import UserError
 
+from ..families.base import unpermute_rotary
 from . import Source, register_source
 from .digests import file_digests
 
@@ -27,13 +28,6 @@ def _hf_name(name: str) -> str:
     if len(parts) == 2 and parts[0] in _TOP:
         return f"{_TOP[parts[0]]}.{parts[1]}"
     return name
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary row order. convert_hf_to_gguf.py interleaves each head's rows (the
-    original Meta layout, pairs (x0, x1)); HF keeps the two halves apart: rows (0..d/2, d/2..d)."""
-    rest = w.shape[1:]
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _meta(reader, key: str, default=None):
@@ -83,7 +77,7 @@ def _iter_tensors(reader, cfg: dict):
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
         if kind in rows:
-            w = _unpermute(w, rows[kind])
+            w = unpermute_rotary(w, rows[kind])
         return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 tensors are read-only mmaps
 
     for t in reader.tensors:
