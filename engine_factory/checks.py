@@ -27,6 +27,7 @@ def check_config(cfg) -> None:
     for key in ("tp", "pp"):
         if cfg.parallel[key] < 1:
             raise UserError(f"parallel.{key}={cfg.parallel[key]} must be at least 1")
+    _one_of("parallel.embedding_sharding", cfg.parallel.embedding_sharding, {"none", "vocab", "hidden"})
     lim = cfg.limits
     for key in ("max_batch_size", "max_input_len", "max_output_len"):
         if lim[key] < 1:
@@ -44,6 +45,9 @@ def check_model(cfg, spec: ModelSpec) -> None:
         if n % tp:
             raise UserError(f"parallel.tp={tp} does not divide the model's {what}={n}; choose a tp that "
                             f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
+    if cfg.parallel.share_embedding and not spec.tie_word_embeddings:
+        raise UserError("parallel.share_embedding=true needs a model with tied embeddings "
+                        "(tie_word_embeddings); this one has a separate lm_head: drop it")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
     if tp * pp > 1:

@@ -34,6 +34,8 @@ class PrecisionConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    embedding_sharding: str = "none"  # none | vocab | hidden: split the embedding table across tp ranks
+    share_embedding: bool = False  # lm_head reuses the (sharded) embedding table (tied models)
 
 
 @dataclass
