@@ -40,8 +40,10 @@ def check_config(cfg) -> None:
 def check_model(cfg, spec: ModelSpec) -> None:
     """What needs the model's shape: parallel splits, limits against positions."""
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    for what, n in (("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads),
-                    ("intermediate_size", spec.intermediate_size)):
+    for what, n in (("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
+                    ("num_key_value_heads", spec.num_kv_heads)):
+        if what == "num_key_value_heads" and n < tp and tp % n == 0:
+            continue  # fewer KV heads than ranks (MQA, GQA): each rank keeps a copy of its KV head
         if n % tp:
             raise UserError(f"parallel.tp={tp} does not divide the model's {what}={n}; choose a tp that "
                             f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
@@ -50,6 +52,11 @@ def check_model(cfg, spec: ModelSpec) -> None:
                         "(tie_word_embeddings); this one has a separate lm_head: drop it")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
+
+
+def check_supported(cfg) -> None:
+    """Features a recipe may ask for that this version does not have yet: said plainly, before work."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if tp * pp > 1:
         raise UserError(f"parallel.tp={tp} parallel.pp={pp}: multi-rank engines need the parallel runtime, "
                         "which this version does not have yet; use parallel=tp1")

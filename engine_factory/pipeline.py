@@ -13,7 +13,7 @@ from runtime.errors import UserError
 from runtime.format import FORMAT_VERSION, VALIDATION_JSON
 
 from . import __version__, families
-from .checks import check_config, check_model
+from .checks import check_config, check_model, check_supported
 from .hashing import digest
 from .stages.build import build
 from .stages.calibrate import calibrate
@@ -80,6 +80,7 @@ def run(cfg, recipe: str | None = None) -> Path:
     source = fetch(cfg.model, store)
     family, spec = _spec(cfg, source)
     check_model(cfg, spec)
+    check_supported(cfg)
     identity = engine_identity(cfg, source, spec)
     h = digest(identity)
     name = cfg.model.name or recipe or source.name
