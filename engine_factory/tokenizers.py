@@ -1,6 +1,7 @@
 """The engine's tokenizer/: the source's tokenizer, loaded with transformers and saved in its format."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -24,9 +25,13 @@ def tokenizer_saver(source, family, cfg):
     def save(dest: Path) -> None:
         import transformers
 
-        if (tdir / "tokenizer_config.json").is_file() or not family.tokenizer_class:
-            tok = transformers.AutoTokenizer.from_pretrained(str(tdir))
-        else:  # a bare tokenizer.model / vocab.json: the family says which class reads it
+        cfg_file = tdir / "tokenizer_config.json"
+        # an auto_map names remote code (InternLM, Baichuan): never run it; the family's class reads the files
+        remote = cfg_file.is_file() and "auto_map" in json.loads(cfg_file.read_text())
+        if (cfg_file.is_file() and not remote) or not family.tokenizer_class:
+            tok = transformers.AutoTokenizer.from_pretrained(str(tdir), trust_remote_code=False)
+        else:  # a bare tokenizer.model / vocab.json, or remote code: the family says which class reads it
             tok = getattr(transformers, family.tokenizer_class).from_pretrained(str(tdir))
+            tok.init_kwargs.pop("auto_map", None)  # the engine's copy loads without remote code
         tok.save_pretrained(str(dest))
     return save

@@ -21,6 +21,15 @@ def _split_rows(t: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
     return list(t.split([spec.q_size, spec.kv_size, spec.kv_size], dim=0))
 
 
+def split_qkv_grouped(t: torch.Tensor, spec: ModelSpec) -> list[torch.Tensor]:
+    """Fused qkv rows grouped by KV head: (num_kv_heads, heads_per_kv + 2, head_dim), each group's query
+    heads then its key and value head. BLOOM, MHA GPT-BigCode and Megatron are (num_heads, 3, head_dim);
+    MQA GPT-BigCode is one group, the plain [q; k; v]. Weights (rows, H) and biases (rows,) alike."""
+    g, rest = spec.num_heads // spec.num_kv_heads, tuple(t.shape[1:])
+    rows = t.reshape(spec.num_kv_heads, g + 2, spec.head_dim, *rest)  # (nkv, g + 2, hd, [H])
+    return [x.reshape(-1, *rest).contiguous() for x in rows.split([g, 1, 1], dim=1)]
+
+
 def unpermute_rotary(w, n_head: int):
     """Meta / llama.cpp rotary row order -> HF's. They interleave each head's rows in pairs (x0, x1);
     HF keeps the two halves of a head apart. Works on torch tensors and numpy arrays, weights and biases."""
@@ -33,6 +42,7 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor, ModelSpec], list[torch.Tensor]]] =
     # GPT-2's Conv1D stores (in, out): transpose to the (out, in) of nn.Linear.
     "transpose": lambda t, spec: [t.t().contiguous()],
     "split_qkv": lambda t, spec: _split_rows(t, spec),
+    "split_qkv_grouped": split_qkv_grouped,
     "transpose_split_qkv": lambda t, spec: _split_rows(t.t().contiguous(), spec),
     "unpermute_q": lambda t, spec: [unpermute_rotary(t, spec.num_heads).contiguous()],
     "unpermute_k": lambda t, spec: [unpermute_rotary(t, spec.num_kv_heads).contiguous()],

@@ -53,15 +53,16 @@ class Source:
 SOURCES: list[tuple[Callable[[str], bool], Callable[..., Source]]] = []
 
 
-def register_source(matches: Callable[[str], bool]):
+def register_source(matches: Callable[[str], bool], first: bool = False):
+    """first: try before the readers registered so far (a specific folder layout before any folder)."""
     def deco(fn):
-        SOURCES.append((matches, fn))
+        SOURCES.insert(0 if first else len(SOURCES), (matches, fn))
         return fn
     return deco
 
 
 def open_source(source: str, model_cfg, store) -> Source:
-    from . import dummy, hf_folder, hub, pypi  # noqa: F401  (register themselves)
+    from . import dummy, hf_folder, hub, meta, nemo, pypi  # noqa: F401  (register themselves)
     try:
         from . import gguf  # noqa: F401
     except ImportError:
@@ -70,7 +71,8 @@ def open_source(source: str, model_cfg, store) -> Source:
         if matches(source):
             return fn(source, model_cfg, store)
     raise UserError(f"model.source={source}: no such file or folder; pass a local Hugging Face folder "
-                    "(config.json + weights), hf://org/name@revision, a .gguf file, or dummy")
+                    "(config.json + weights), hf://org/name@revision, a Meta checkpoint folder (params.json + "
+                    "consolidated.*.pth), a .nemo file, a .gguf file, or dummy")
 
 
 def read_json(path: Path, what: str) -> dict:
