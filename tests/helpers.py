@@ -42,6 +42,16 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 # ---- builds ----------------------------------------------------------------------------------------
+def assert_scores_match(engine, prompts: list[list[int]], reference_logits, tol: float = 1e-4) -> None:
+    """The engine's logits, for the packed batch and for each prompt alone, within tol of the reference's."""
+    for ids, ours_batched in zip(prompts, engine.score(prompts)):
+        want = reference_logits(ids)
+        ours = engine.score(ids)
+        assert ours.shape == want.shape == ours_batched.shape
+        assert (ours - want).abs().max().item() <= tol
+        assert (ours_batched - want).abs().max().item() <= tol
+
+
 def build_in_process(source, store: Path, *overrides: str) -> Path:
     """Compose the config as the CLI does and run the pipeline in this process; the engine folder."""
     from engine_factory import config, pipeline

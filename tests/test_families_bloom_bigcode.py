@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from engine_factory import config, families
 from engine_factory.checks import check_config, check_model
 from engine_factory.layout import canonical_shapes
-from helpers import LIMITS, build_in_process, engine_path, hf_greedy, hf_logits, hf_model, rank_digests
+from helpers import (LIMITS, assert_scores_match, build_in_process, engine_path, hf_greedy, hf_logits, hf_model,
+                     rank_digests)
 from runtime import Engine
 from runtime.model import alibi_slopes
 
@@ -97,13 +98,7 @@ def test_spec_flags(engine_of, name):
 def test_fp32_logits_match_transformers(engine_of, name):
     engine, ref, _ = engine_of(name)
     prompts = _prompts([1, 5, 23, 64], seed=0)  # 64 = max_input_len
-    batched = engine.score(prompts)  # packed prefill of the whole batch
-    for ids, ours_b in zip(prompts, batched):
-        want = hf_logits(ref, ids)
-        ours = engine.score(ids)
-        assert ours.shape == want.shape == ours_b.shape
-        assert (ours - want).abs().max().item() <= 1e-4
-        assert (ours_b - want).abs().max().item() <= 1e-4
+    assert_scores_match(engine, prompts, lambda ids: hf_logits(ref, ids))  # batched and one by one
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from engine_factory import families
 from engine_factory.paths import conf_dir
-from helpers import LIMITS, build_in_process, engine_path, hf_greedy, hf_logits
+from helpers import LIMITS, assert_scores_match, build_in_process, engine_path, hf_greedy, hf_logits
 from runtime import Engine
 from runtime.errors import UserError
 
@@ -233,10 +233,7 @@ def test_fp32_logits_match_the_reference(engine_of, case, name):
     assert engine.spec.family == name.split("_")[0] and engine.spec.extra.get("version") == c.version
     assert engine.spec.position == ("alibi" if name.endswith("13b") else "rope")
     prompts = _prompts([1, 5, 23, 64], seed=0)  # 64 = max_input_len
-    for ids, ours_b in zip(prompts, engine.score(prompts)):  # packed prefill of the batch, and one by one
-        want = c.logits(ids)
-        assert (engine.score(ids) - want).abs().max().item() <= 1e-4
-        assert (ours_b - want).abs().max().item() <= 1e-4
+    assert_scores_match(engine, prompts, c.logits)  # packed prefill of the batch, and one by one
 
 
 @pytest.mark.parametrize("name", MODELS)

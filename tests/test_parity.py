@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build_in_process, hf_greedy, hf_logits, hf_model
+from helpers import assert_scores_match, build_in_process, hf_greedy, hf_logits, hf_model
 from runtime import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,13 +55,7 @@ def test_fp32_logits_match_transformers(engine_of, reference, model):
     ref = reference(model)
     assert engine.model.dtype == torch.float32
     prompts = _prompts(engine.spec.vocab_size, lens=[1, 5, 23, 64])  # 64 = max_input_len
-    batched = engine.score(prompts)  # packed prefill of the whole batch
-    for ids, ours_b in zip(prompts, batched):
-        want = hf_logits(ref, ids)
-        ours = engine.score(ids)
-        assert ours.shape == want.shape == ours_b.shape
-        assert (ours - want).abs().max().item() <= 1e-4
-        assert (ours_b - want).abs().max().item() <= 1e-4
+    assert_scores_match(engine, prompts, lambda ids: hf_logits(ref, ids))  # batched and one by one
 
 
 @pytest.mark.parametrize("model", MODELS)
