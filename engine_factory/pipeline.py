@@ -108,7 +108,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg))
             if cfg.validate.enabled:
                 try:
-                    validate(tmp, source, cfg)
+                    validate(tmp, source, cfg, engine_dir.name)
                 except ValidationFailed as e:  # the staging folder goes: name the engine and the kept report
                     report = _keep_failed_report(store, tmp, engine_dir.name)
                     raise ValidationFailed(f"validation of {engine_dir.name} failed: {'; '.join(e.failures)} "

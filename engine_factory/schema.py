@@ -52,6 +52,17 @@ class CalibrationConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The summarize task of validate (the seeds' summarize.py): cnn_dailymail articles, ROUGE."""
+    articles: int = 0  # 0: no task
+    dataset: str = "${ef.shared:data/cnn_dailymail_test100.jsonl}"  # a JSONL file or a `datasets` name
+    output_len: int = 64
+    batch_size: int = 8
+    prompt_style: str = "auto"  # auto | tldr | chat
+    reference: bool = True  # also summarize with the transformers reference (ROUGE side by side)
+
+
+@dataclass
 class ValidateConfig:
     enabled: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -61,6 +72,8 @@ class ValidateConfig:
     max_new_tokens: int = 32
     max_rel_logits: Optional[float] = None  # max|engine - ref| / max|ref|; None: by dtype (stages/validate.py)
     min_token_agreement: Optional[float] = None  # fraction of greedy tokens equal to the reference
+    task: TaskConfig = field(default_factory=TaskConfig)
+    speed: bool = False  # a speed snapshot (runtime.bench: batch 1, 128 in / 64 out)
 
 
 @dataclass

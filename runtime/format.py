@@ -14,7 +14,8 @@ MANIFEST_JSON = "manifest.json"
 VALIDATION_JSON = "validation.json"
 TOKENIZER_DIR = "tokenizer"
 # Written after the build, outside the manifest (validation results may be refreshed).
-UNHASHED_FILES = (MANIFEST_JSON, VALIDATION_JSON, "report.md")
+REPORT_MD = "report.md"
+UNHASHED_FILES = (MANIFEST_JSON, VALIDATION_JSON, REPORT_MD)
 
 
 def rank_file(rank: int) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .cli import setup_logging, user_errors_exit
-from .engine import Engine, resolve_device
+from .engine import Engine
 from .errors import UserError
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -254,6 +254,39 @@ def _table(scores: dict[str, dict], seconds: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def prompt_budget(engine: Engine, output_len: int, requested: int | None = None) -> int:
+    """The longest prompt that leaves room for output_len new tokens in this engine (or `requested`)."""
+    lim = engine.limits
+    room = min(lim["max_input_len"], lim["max_seq_len"] - output_len)
+    max_len = requested or room
+    if max_len > room or max_len < 1:
+        raise UserError(f"--max_input_len {max_len} + --output_len {output_len} do not fit this engine "
+                        f"(max_input_len {lim['max_input_len']}, max_seq_len {lim['max_seq_len']})")
+    return max_len
+
+
+def summarize(engine: Engine, data: list[dict], style: str, max_len: int, output_len: int, batch: int,
+              test_engine: bool = True, hf_model=None) -> dict:
+    """Summaries of `data` by the engine and/or a transformers model on the same prompt ids, and their
+    ROUGE against the references. Times are generation only."""
+    prompts = [prompt_ids(engine, d["article"], style, max_len) for d in data]
+    stops = set(engine.spec.eos_token_ids)
+    outputs, seconds = {}, {}
+    if test_engine:
+        t0 = time.perf_counter()
+        outputs["engine"] = run_engine(engine, prompts, output_len, batch)
+        seconds["engine"] = time.perf_counter() - t0
+    if hf_model is not None:
+        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else min(stops)
+        t0 = time.perf_counter()
+        outputs["hf"] = run_hf(hf_model, prompts, output_len, batch, stops, pad)
+        seconds["hf"] = time.perf_counter() - t0
+    refs = [d["summary"] for d in data]
+    texts = {k: [summary_text(engine.tokenizer, ids, stops, style) for ids in v] for k, v in outputs.items()}
+    return {"scores": {k: rouge_scores(v, refs) for k, v in texts.items()}, "seconds": seconds,
+            "texts": texts, "references": refs}
+
+
 @user_errors_exit
 def main(argv=None) -> None:
     args = parse_args(argv)
@@ -263,33 +296,16 @@ def main(argv=None) -> None:
     engine = Engine.load(args.engine_dir, device=args.device, verify=args.verify, tokenizer_dir=args.tokenizer_dir)
     if engine.tokenizer is None:
         raise UserError(f"engine {args.engine_dir} has no tokenizer/; pass --tokenizer_dir")
+    max_len = prompt_budget(engine, args.output_len, args.max_input_len)
     lim = engine.limits
-    room = min(lim["max_input_len"], lim["max_seq_len"] - args.output_len)
-    max_len = args.max_input_len or room
-    if max_len > room or max_len < 1:
-        raise UserError(f"--max_input_len {max_len} + --output_len {args.output_len} do not fit this engine "
-                        f"(max_input_len {lim['max_input_len']}, max_seq_len {lim['max_seq_len']})")
     style = pick_style(engine.tokenizer, args.prompt_style)
-    prompts = [prompt_ids(engine, d["article"], style, max_len) for d in data]
-    stops = set(engine.spec.eos_token_ids)
     batch = args.batch_size or lim["max_batch_size"]
     hf_source = _hf_source(args.hf_model_dir, engine) if args.test_hf else None  # before any long run
 
-    outputs, seconds = {}, {}
-    if args.test_engine:
-        t0 = time.perf_counter()
-        outputs["engine"] = run_engine(engine, prompts, args.output_len, batch)
-        seconds["engine"] = time.perf_counter() - t0
-    if args.test_hf:
-        model = load_hf(hf_source, engine.device)
-        pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else min(stops)
-        t0 = time.perf_counter()  # generation only, as for the engine: loading is not timed
-        outputs["hf"] = run_hf(model, prompts, args.output_len, batch, stops, pad)
-        seconds["hf"] = time.perf_counter() - t0
-
-    refs = [d["summary"] for d in data]
-    texts = {k: [summary_text(engine.tokenizer, ids, stops, style) for ids in v] for k, v in outputs.items()}
-    scores = {k: rouge_scores(v, refs) for k, v in texts.items()}
+    hf_model = load_hf(hf_source, engine.device) if args.test_hf else None
+    result = summarize(engine, data, style, max_len, args.output_len, batch,
+                       test_engine=args.test_engine, hf_model=hf_model)
+    scores, seconds, texts, refs = result["scores"], result["seconds"], result["texts"], result["references"]
     print(f"{len(data)} articles, {style} prompts of <= {max_len} tokens, <= {args.output_len} new tokens\n"
           + _table(scores, seconds), file=sys.stderr)
     if args.json_out:

@@ -35,7 +35,7 @@ def test_build_prints_the_engine_path_last_and_writes_a_complete_engine(first_bu
     engine = first_build["engine"]
     assert engine.parent == first_build["cwd"] / "store"
     assert sorted(p.name for p in engine.iterdir()) == [
-        "engine.json", "manifest.json", "rank0.safetensors", "validation.json"]  # no tokenizer in the source
+        "engine.json", "manifest.json", "rank0.safetensors", "report.md", "validation.json"]  # no tokenizer in the source
     manifest = json.loads((engine / "manifest.json").read_text())
     assert set(manifest["files"]) == {"engine.json", "rank0.safetensors"}
     for rel, entry in manifest["files"].items():

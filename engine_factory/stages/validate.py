@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from runtime import Engine
 from runtime.errors import UserError
-from runtime.format import VALIDATION_JSON
+from runtime.format import REPORT_MD, VALIDATION_JSON
 
 from ..hashing import digest
-from ..store import write_json_atomic
+from ..store import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ class ValidationFailed(UserError):
 
 
 def validate_key(cfg) -> str:
-    return digest({"validate": OmegaConf.to_container(cfg.validate, resolve=True)})
+    """What decides validation's result: the validate group and the recipe's expect.validation bounds."""
+    return digest({"validate": OmegaConf.to_container(cfg.validate, resolve=True),
+                   "expect": OmegaConf.to_container(cfg.expect, resolve=True).get("validation")})
 
 
 def _prompt_ids(engine: Engine, vc) -> list[list[int]]:
@@ -76,26 +78,62 @@ def parity(engine: Engine, ref, vc) -> dict:
             "token_agreement": agree / total, "greedy_identical": exact, "new_tokens": n, "prompts": per_prompt}
 
 
-def validate(engine_dir: Path, source, cfg) -> dict:
-    vc = cfg.validate
-    dtype = cfg.precision.dtype
-    rel_bound, agree_bound = DEFAULT_BOUNDS.get(dtype, (5e-2, 0.8))
+def lookup(data: dict, dotted: str):
+    """validation.json's value at a dotted path ("parity.max_rel_logits", "task.engine.rouge1"), or None."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def check_bounds(validation: dict, bounds: dict) -> list[str]:
+    """A recipe's expect.validation, {dotted path: {min | max | eq: value}}, against validation.json."""
+    failures = []
+    for path, bound in bounds.items():
+        value = lookup(validation, path)
+        for op, want in bound.items():
+            ok = value is not None and {"min": lambda: value >= want, "max": lambda: value <= want,
+                                        "eq": lambda: value == want}[op]()
+            if not ok:
+                failures.append(f"{path} = {value} (expect {op} {want})")
+    return failures
+
+
+def _task(engine: Engine, ref, tc) -> dict:
+    from runtime.summarize import load_articles, pick_style, prompt_budget, summarize
+
+    data = load_articles(tc.dataset, "test", None, ("article", "highlights"), tc.articles)
+    style = pick_style(engine.tokenizer, tc.prompt_style)
+    out = summarize(engine, data, style, prompt_budget(engine, tc.output_len), tc.output_len, tc.batch_size,
+                    hf_model=ref if tc.reference else None)
+    task = {"dataset": tc.dataset, "articles": len(data), "prompt_style": style, "output_len": tc.output_len,
+            **out["scores"], "seconds": {k: round(v, 2) for k, v in out["seconds"].items()}}
+    if "hf" in task:
+        task["rouge1_vs_reference"] = task["engine"]["rouge1"] - task["hf"]["rouge1"]
+    return task
+
+
+def validate(engine_dir: Path, source, cfg, name: str | None = None) -> dict:
+    """Parity (when a reference exists), the summarize task and a speed snapshot (when asked), then the
+    bounds: the dtype's parity defaults (or validate.*) and the recipe's expect.validation."""
+    vc, name = cfg.validate, name or engine_dir.name
+    rel_bound, agree_bound = DEFAULT_BOUNDS.get(cfg.precision.dtype, (5e-2, 0.8))
     rel_bound = vc.max_rel_logits if vc.max_rel_logits is not None else rel_bound
     agree_bound = vc.min_token_agreement if vc.min_token_agreement is not None else agree_bound
     result: dict = {"validate_key": validate_key(cfg), "bounds": {"max_rel_logits": rel_bound,
                                                                    "min_token_agreement": agree_bound}}
+    failures: list[str] = []
+    engine = Engine.load(engine_dir, device=vc.device)
     ref_loader, why_not = source.reference()
-    if ref_loader is None:
+    ref = ref_loader() if ref_loader is not None else None
+    if ref is None:
         result["parity"] = {"skipped": why_not}
         log.warning("validate: parity skipped: %s", why_not)
     else:
         t0 = time.perf_counter()
-        engine = Engine.load(engine_dir, device=vc.device)
-        ref = ref_loader()
         p = parity(engine, ref, vc)
-        p["device"] = str(engine.device)
-        p["seconds"] = round(time.perf_counter() - t0, 2)
-        failures = []
+        p.update(device=str(engine.device), seconds=round(time.perf_counter() - t0, 2))
         if p["max_rel_logits"] > rel_bound:
             failures.append(f"max_rel_logits {p['max_rel_logits']:.3g} > {rel_bound}")
         if p["token_agreement"] < agree_bound:
@@ -104,12 +142,48 @@ def validate(engine_dir: Path, source, cfg) -> dict:
         result["parity"] = p
         log.info("validate: parity max|dlogits|=%.3g (rel %.3g), token agreement %.3f, greedy identical %s",
                  p["max_abs_logits"], p["max_rel_logits"], p["token_agreement"], p["greedy_identical"])
-        result["passed"] = not failures
-        write_json_atomic(engine_dir / VALIDATION_JSON, result)
-        if failures:
-            raise ValidationFailed(f"validation of {engine_dir.name} failed: {'; '.join(failures)} (see "
-                                   f"{VALIDATION_JSON}); loosen validate.* bounds only if this is expected", failures)
-        return result
-    result["passed"] = True
+    if vc.task.articles:
+        if engine.tokenizer is None:
+            raise UserError("validate.task needs a tokenizer; this engine has none (set model.tokenizer=DIR)")
+        result["task"] = _task(engine, ref, vc.task)
+        log.info("validate: task ROUGE-1 engine %.2f%s", result["task"]["engine"]["rouge1"],
+                 f", reference {result['task']['hf']['rouge1']:.2f}" if "hf" in result["task"] else "")
+    if vc.speed:
+        from runtime.bench import bench
+
+        n_in = min(128, engine.limits["max_input_len"], engine.limits["max_seq_len"] // 2)
+        result["speed"] = bench(engine, 1, n_in, min(64, engine.limits["max_seq_len"] - n_in), reps=2)
+    failures += check_bounds(result, dict(cfg.expect.get("validation") or {}))
+    result["passed"] = not failures
     write_json_atomic(engine_dir / VALIDATION_JSON, result)
+    write_text_atomic(engine_dir / REPORT_MD, report_markdown(name, result, failures))
+    if failures:
+        raise ValidationFailed(f"validation of {name} failed: {'; '.join(failures)}; loosen "
+                               "validate.* / expect.validation bounds only if this is expected", failures)
     return result
+
+
+def report_markdown(name: str, v: dict, failures: list[str]) -> str:
+    """A short human summary of validation.json."""
+    lines = [f"# Validation of {name}", "", f"**{'passed' if not failures else 'FAILED'}**", ""]
+    p = v.get("parity", {})
+    if "skipped" in p:
+        lines.append(f"- parity: skipped ({p['skipped']})")
+    elif p:
+        lines.append(f"- parity vs transformers fp32 on {p['device']}: max |Δlogits| {p['max_abs_logits']:.3g} "
+                     f"(relative {p['max_rel_logits']:.3g}), teacher-forced token agreement "
+                     f"{p['token_agreement']:.3f}, greedy identical over {p['new_tokens']} tokens: "
+                     f"{p['greedy_identical']}")
+    t = v.get("task")
+    if t:
+        lines += ["", f"Summarize task: {t['articles']} articles of {t['dataset']}, {t['prompt_style']} prompts, "
+                  f"<= {t['output_len']} new tokens", "", "| system | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {k} | " + " | ".join(f"{t[k][m]:.2f}" for m in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+                  + " |" for k in ("engine", "hf") if k in t]
+    sp = v.get("speed")
+    if sp:
+        lines += ["", f"Speed on {sp['device']}: {sp['decode_tok_s']} tokens/s decode at batch 1, "
+                  f"time to first token {sp['ttft_ms']} ms"]
+    lines += [""] + [f"- failed: {f}" for f in failures]
+    return "\n".join(lines).rstrip() + "\n"

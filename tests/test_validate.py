@@ -1,0 +1,54 @@
+"""The validate stage: the summarize task (ROUGE, engine and reference side by side), report.md, and a
+recipe's expect.validation bounds, which fail the build and keep nothing in the store."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_factory.stages.validate import check_bounds
+from helpers import LIMITS, assert_store_clean, engine_path, engines_in
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dataset(tmp_path):
+    path = tmp_path / "articles.jsonl"
+    rows = [{"article": "The cat sat on the mat . It was a sunny day in the town .", "highlights": "A cat sat ."},
+            {"article": "Prices rose again this week , officials said on Monday .", "highlights": "Prices rose ."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_task_records_rouge_of_engine_and_reference(cli, store, need_shared, tmp_path):
+    need_shared("models/stories260K")  # a real (tiny) model: its summaries share words with the references
+    engine = engine_path(cli("recipe=stories260k_fp32", f"store={store}", "validate.task.articles=2",
+                             f"validate.task.dataset={_dataset(tmp_path)}", "validate.task.output_len=24",
+                             "validate.speed=true"))
+    v = json.loads((engine / "validation.json").read_text())
+    task = v["task"]
+    assert task["articles"] == 2 and set(task["engine"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    # fp32 engine and transformers decode the same tokens: the same ROUGE, to the last digit
+    assert task["engine"] == task["hf"] and task["rouge1_vs_reference"] == 0
+    assert task["engine"]["rouge1"] > 0
+    assert v["speed"]["decode_tok_s"] > 0 and v["passed"]
+    report = (engine / "report.md").read_text()
+    assert "| engine |" in report and "| hf |" in report and "passed" in report
+
+
+def test_expect_bound_not_met_fails_the_build(cli, store, tiny_llama):
+    rc, out, err = cli(f"model.source={tiny_llama}", "precision=fp32", f"store={store}", *LIMITS,
+                       "+expect.validation={parity.max_rel_logits:{max:-1.0}}")
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: validation of") and "parity.max_rel_logits" in last and "max -1.0" in last
+    assert not engines_in(store)
+    assert_store_clean(store)
+
+
+def test_check_bounds():
+    v = {"parity": {"max_rel_logits": 1e-6, "greedy_identical": True}, "task": {"engine": {"rouge1": 30.0}}}
+    assert check_bounds(v, {"parity.max_rel_logits": {"max": 1e-5}, "parity.greedy_identical": {"eq": True},
+                            "task.engine.rouge1": {"min": 29.5}}) == []
+    assert check_bounds(v, {"task.engine.rouge1": {"min": 31}}) == ["task.engine.rouge1 = 30.0 (expect min 31)"]
+    assert check_bounds(v, {"task.hf.rouge1": {"min": 1}}) == ["task.hf.rouge1 = None (expect min 1)"]
