@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STORE  ?= $(CURDIR)/.store
 export EF_STORE := $(STORE)
 
-.PHONY: install demo test test-cuda bench clean
+.PHONY: install demo test test-cuda bench engines reproduce clean
 
 install: $(VENV)/.installed
 
@@ -24,9 +24,20 @@ demo: install
 	  test -d "$$engine" && echo "engine: $$engine" && \
 	  $(PY) -m runtime.run --engine_dir "$$engine" --input_text "The capital of France is" --max_output_len 24
 
-# The test suite (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
+# The test suite, then `make reproduce` (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
 test: install
 	$(PY) -m pytest -q -ra tests
+	$(MAKE) reproduce
+
+# Every published recipe this machine can build, into $(STORE): skipped ones say why; built ones are cache hits.
+engines: install
+	$(PY) -m engine_factory.engines --store $(STORE)
+
+# Rebuild, in a fresh store, the recipes that record expect.hash (small real models from ../shared) and check
+# the hash, the rank files' sha256 and the validation bounds. After an intended change of engine bytes:
+# $(PY) -m engine_factory.engines --record --recipes NAME, and commit the recipe.
+reproduce: install
+	$(PY) -m engine_factory.engines --reproduce
 
 test-cuda: install
 	$(PY) -m pytest -q -ra -m cuda tests

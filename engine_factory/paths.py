@@ -19,6 +19,9 @@ def conf_dir() -> Path:
 
 
 def recipes_dir() -> Path:
+    """EF_RECIPES_DIR (another set of published recipes, e.g. a test's edited copies), else the package's."""
+    if os.environ.get("EF_RECIPES_DIR"):
+        return Path(os.environ["EF_RECIPES_DIR"]).expanduser().resolve()
     return _data_dir("recipes")
 
 

@@ -1,0 +1,463 @@
+"""python -m engine_factory.engines: the published recipes as a whole.
+
+  (default)      build every recipe this machine can build into the store (`make engines`); a built
+                 recipe is a cache hit. Skipped recipes are listed with the reason.
+  --reproduce    rebuild the recipes that record their results (expect.hash) in a fresh store and check
+                 the engine hash, the sha256 of each rank file and the validation bounds (`make reproduce`).
+  --record       rebuild and write the new hash and rank sha256 into the recipe's expect: block.
+
+A recipe records what a rebuild must give in its `expect:` block:
+
+  expect:
+    hash: <engine.json's hash>                  # written by --record
+    rank_sha256:                                # written by --record
+      rank0.safetensors: <sha256>
+    validation:                                 # bounds on validation.json by dotted path: min / max / eq
+      parity.max_rel_logits: {max: 7.0e-06}
+      parity.token_agreement: {min: 1.0}
+
+Each build runs `python -m engine_factory recipe=NAME store=DIR` in its own process: the same code path
+as the CLI, and a fresh Hydra state per recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from runtime.cli import user_errors_exit
+from runtime.errors import UserError
+from runtime.format import ENGINE_JSON, VALIDATION_JSON, sha256_file
+
+RECORD_HINT = "if the change is intended, run `python -m engine_factory.engines --record --recipes {name}` " \
+              "and commit the recipe"
+BOUNDS = {"min": lambda v, b: v >= b, "max": lambda v, b: v <= b, "eq": lambda v, b: v == b}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass
+class Check:
+    what: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Outcome:
+    name: str
+    result: str  # built | cache hit | skipped | failed | ok
+    detail: str = ""
+    seconds: float = 0.0
+    checks: list[Check] = field(default_factory=list)
+
+
+# ---- which recipes this machine can build: one rule, the first reason wins ---------------------------
+def why_not(cfg, store: Path) -> str | None:
+    """Why this machine cannot build the recipe, or None: multi-rank, CUDA, source out of reach, size."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if tp * pp > 1:
+        return f"multi-rank (tp={tp}, pp={pp}): the parallel runtime is not in this version"
+    if "cuda" in (cfg.target, cfg.validate.device):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"needs CUDA (target={cfg.target}, validate.device={cfg.validate.device}); this machine has none"
+    if not cfg.model.get("source"):
+        return "model.source is not set"
+    return _source_out_of_reach(str(cfg.model.source)) or _too_big(cfg, store)
+
+
+def _source_out_of_reach(source: str) -> str | None:
+    if source == "dummy":
+        return None
+    if source.startswith("hf://"):
+        return _hub_out_of_reach(source)
+    if source.startswith("pypi://"):
+        host = urlparse(os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").hostname
+        return None if _reachable(host) else f"source {source} needs PyPI ({host}), which this machine cannot reach"
+    if not Path(source).expanduser().exists():
+        return f"source {source} is absent"
+    return None
+
+
+def _hub_out_of_reach(source: str) -> str | None:
+    from huggingface_hub import constants, snapshot_download
+
+    repo_id, _, revision = source[len("hf://"):].partition("@")
+    try:
+        snapshot_download(repo_id, revision=revision or "main", local_files_only=True)
+        return None  # in the local HF cache
+    except Exception:  # noqa: BLE001  (not cached: any of huggingface_hub's errors)
+        pass
+    host = urlparse(constants.ENDPOINT).hostname
+    if constants.HF_HUB_OFFLINE or not _reachable(host):
+        return f"source {source} is on the Hugging Face hub, which this machine cannot reach (nor has it cached)"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _reachable(host: str | None, port: int = 443) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _too_big(cfg, store: Path) -> str | None:
+    """Dummy weights are built from the architecture alone: count its parameters. The build streams one
+    tensor at a time, but the runtime loads the engine whole: it must fit RAM, and the store's disk."""
+    if cfg.model.source != "dummy":
+        return None
+    from omegaconf import OmegaConf
+
+    from . import families
+    from .layout import canonical_shapes
+
+    hf = OmegaConf.to_container(cfg.model.config, resolve=True)
+    try:
+        spec = families.resolve(hf, cfg.model.family).spec(hf, cfg.model.version)
+    except (UserError, KeyError):
+        return None  # not a complete architecture: the build says what is wrong
+    params = sum(math.prod(s) for s in canonical_shapes(spec).values())
+    need = params * DTYPE_BYTES[cfg.precision.dtype]
+    what = f"~{need / 2**30:.1f} GiB of {cfg.precision.dtype} weights ({params / 1e9:.2f}B parameters)"
+    ram = _available_ram()
+    if ram is not None and need > ram:
+        return f"{what} exceed this machine's {ram / 2**30:.1f} GiB of available RAM"
+    existing = next(p for p in (store, *store.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        return f"{what} exceed the {free / 2**30:.1f} GiB free on {existing}"
+    return None
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---- building and checking --------------------------------------------------------------------------
+def build(name: str, store: Path) -> tuple[int, Path | None, str]:
+    """(returncode, engine folder, stderr) of `python -m engine_factory recipe=NAME store=STORE`."""
+    p = subprocess.run([sys.executable, "-m", "engine_factory", f"recipe={name}", f"store={store}"],
+                       capture_output=True, text=True)
+    last = (p.stdout.strip().splitlines() or [""])[-1]
+    engine = Path(last[len("engine: "):]) if p.returncode == 0 and last.startswith("engine: ") else None
+    return p.returncode, engine, p.stderr
+
+
+def _error_of(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1][:600]
+
+
+def validation_checks(cfg, report_path: Path) -> list[Check]:
+    """validation.json records parity (when validate is on) and ROUGE (when the recipe asks for the
+    summarize task), and meets every bound of expect.validation."""
+    from omegaconf import OmegaConf
+
+    from .stages.validate import lookup
+
+    bounds = dict(cfg.expect.get("validation") or {})
+    if not cfg.validate.enabled and not bounds:
+        return []
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return [Check(VALIDATION_JSON, False, f"{report_path} is missing or unreadable")]
+    checks = []
+    if cfg.validate.enabled:
+        p = report.get("parity") or {}
+        checks.append(Check("parity recorded", bool(p), "validation.json has no parity" if not p else
+                            f"skipped: {p['skipped']}" if "skipped" in p else
+                            f"max_rel_logits {_num(p.get('max_rel_logits'))}, token_agreement "
+                            f"{_num(p.get('token_agreement'))}"))
+        if OmegaConf.select(cfg, "validate.task.articles", default=0):
+            rouge1 = lookup(report, "task.engine.rouge1")
+            checks.append(Check("ROUGE recorded", rouge1 is not None, f"engine ROUGE-1 {_num(rouge1)}, reference "
+                                f"{_num(lookup(report, 'task.hf.rouge1'))}" if rouge1 is not None else
+                                "validation.json has no task.engine.rouge1"))
+    for path, bound in bounds.items():
+        value = lookup(report, path)
+        for op, limit in bound.items():
+            ok = value is not None and BOUNDS[op](value, limit)
+            checks.append(Check(path, ok, f"{_num(value)} ({op} {_num(limit)})" if ok else
+                                f"{_num(value)} MISSES the recorded bound {op} {_num(limit)}"))
+    return checks
+
+
+def _num(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else "(none)" if v is None else repr(v)
+
+
+def byte_checks(expect: dict, engine: Path) -> list[Check]:
+    """engine.json's hash and each rank file's sha256 against the recorded ones (full values on failure)."""
+    got = json.loads((engine / ENGINE_JSON).read_text())["hash"]
+    want = expect.get("hash")
+    checks = [Check("hash", got == want, f"{got[:16]}…" if got == want else f"recorded {want}, rebuilt {got}")]
+    recorded = dict(expect.get("rank_sha256") or {})
+    for rank in sorted(set(recorded) | {p.name for p in engine.glob("rank*.safetensors")}):
+        new = sha256_file(engine / rank) if (engine / rank).is_file() else "(no such file)"
+        old = recorded.get(rank, "(not recorded)")
+        checks.append(Check(f"sha256 {rank}", new == old, f"{new[:16]}…" if new == old else
+                            f"recorded {old}, rebuilt {new}"))
+    return checks
+
+
+def _check_bounds_shape(name: str, cfg) -> None:
+    for path, bound in (cfg.expect.get("validation") or {}).items():
+        if not hasattr(bound, "items") or not bound or set(bound) - set(BOUNDS):
+            raise UserError(f"recipes/{name}.yaml: expect.validation.{path} must be a mapping of "
+                            f"{', '.join(BOUNDS)} (e.g. {{max: 1.0e-04}}), not {bound!r}")
+
+
+# ---- writing the expect: block ----------------------------------------------------------------------
+def _scalar(s: str) -> str:
+    import yaml
+
+    return s if yaml.safe_load(s) == s else json.dumps(s)  # e.g. a hex digest that reads as a number
+
+
+def rewrite_expect(text: str, digest: str, ranks: dict[str, str]) -> str:
+    """The recipe text with expect.hash and expect.rank_sha256 replaced (or added); the rest of the file,
+    the rest of the expect block and its comments, kept as they are."""
+    import yaml
+
+    old = (yaml.safe_load(text) or {}).get("expect") or {}
+    lines = text.rstrip("\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"expect\s*:", line)), None)
+    inline = start is not None and re.sub(r"#.*", "", lines[start]).split(":", 1)[1].strip()
+    if start is None or inline:  # no block yet, or a flow-style one: write it as a block (drops its comments)
+        end = len(lines) if start is None else _block_end(lines, start)
+        rest = {k: v for k, v in old.items() if k not in ("hash", "rank_sha256")}
+        body = ["  " + line for line in yaml.safe_dump(rest, sort_keys=False).splitlines()] if rest else []
+        head = lines if start is None else lines[:start]
+        lines = head + ["expect:  # checked by `make reproduce`"] + body + lines[end:]
+        start = len(head)
+    end = _block_end(lines, start)
+    kept, skip_deeper_than = [], None
+    for line in lines[start + 1:end]:
+        indent = len(line) - len(line.lstrip())
+        if skip_deeper_than is not None and (not line.strip() or indent > skip_deeper_than):
+            continue
+        skip_deeper_than = None
+        if re.match(r"\s+(hash|rank_sha256)\s*:", line):
+            skip_deeper_than = indent
+            continue
+        kept.append(line)
+    new = ([lines[start], f"  hash: {_scalar(digest)}", "  rank_sha256:"]
+           + [f"    {rank}: {_scalar(sha)}" for rank, sha in sorted(ranks.items())] + kept)
+    out = "\n".join(lines[:start] + new + lines[end:]) + "\n"
+    want = {**old, "hash": digest, "rank_sha256": dict(sorted(ranks.items()))}
+    if (yaml.safe_load(out) or {}).get("expect") != want:
+        raise UserError("could not rewrite the expect: block of this recipe in place; write expect.hash and "
+                        "expect.rank_sha256 by hand")
+    return out
+
+
+def _block_end(lines: list[str], start: int) -> int:
+    """The first line after `start` that begins another top-level key."""
+    return next((i for i in range(start + 1, len(lines))
+                 if lines[i].strip() and not lines[i][0].isspace() and not lines[i].startswith("#")), len(lines))
+
+
+# ---- the three modes --------------------------------------------------------------------------------
+def _configs(names: list[str]) -> dict:
+    from . import config
+
+    cfgs = {}
+    for name in names:
+        cfgs[name] = cfg = config.compose([f"recipe={name}"])
+        _check_bounds_shape(name, cfg)
+    return cfgs
+
+
+def _complete_engines(store: Path) -> set[Path]:
+    from .store import is_complete_engine
+
+    return {p for p in store.iterdir() if is_complete_engine(p)} if store.is_dir() else set()
+
+
+def build_all(cfgs: dict, store: Path, dry_run: bool) -> list[Outcome]:
+    from tqdm import tqdm
+
+    plans = {name: why_not(cfg, store) for name, cfg in cfgs.items()}
+    outcomes = [Outcome(n, "skipped", r) for n, r in plans.items() if r]
+    todo = [n for n, r in plans.items() if not r]
+    if dry_run:
+        return [Outcome(n, "would build") for n in todo] + outcomes
+    done = []
+    with tqdm(todo, desc="engines", unit="recipe", file=sys.stderr) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            before, t0 = _complete_engines(store), time.perf_counter()
+            rc, engine, err = build(name, store)
+            o = Outcome(name, "failed", _error_of(err), time.perf_counter() - t0)
+            if engine is not None:
+                o.checks = validation_checks(cfgs[name], engine / VALIDATION_JSON)
+                bad = [c for c in o.checks if not c.ok]
+                o.result = "failed" if bad else "cache hit" if engine in before else "built"
+                o.detail = "; ".join([engine.name] + [f"{c.what}: {c.detail}" for c in (bad or o.checks[:1])]
+                                     + ([] if o.checks else ["validate off"]))
+            tqdm.write(f"{o.result:9}  {name}  {o.detail}")
+            done.append(o)
+    return done + outcomes
+
+
+def rebuild_and_check(cfgs: dict, record: bool) -> list[Outcome]:
+    """Each recipe built in a fresh store (a real rebuild: no cached fetch, convert or engine), then
+    checked; with record, its expect block rewritten instead of checking the bytes."""
+    outcomes = []
+    for name, cfg in cfgs.items():
+        store = Path(tempfile.mkdtemp(prefix=f"ef-reproduce-{name}-"))
+        reason = why_not(cfg, store)
+        if reason and reason.startswith("needs CUDA"):  # recorded on a GPU machine: nothing to say here
+            print(f"  skip  {name}: {reason}", flush=True)
+            outcomes.append(Outcome(name, "skipped", reason))
+            shutil.rmtree(store)
+            continue
+        t0 = time.perf_counter()
+        rc, engine, err = (1, None, f"error: {reason}") if reason else build(name, store)
+        o = Outcome(name, "failed", _error_of(err), time.perf_counter() - t0)
+        failed_report = next(store.glob(f"failed/*.{VALIDATION_JSON}"), None)
+        if engine is None and failed_report is None:
+            o.checks = []
+            print(f"  FAIL  {name}  build: {o.detail}", flush=True)
+        else:  # built, or refused by validation (the pipeline checks expect.validation too; kept report)
+            o.checks = ([Check("validate", False, f"the build refused the engine, its bytes are not checked: "
+                               f"{o.detail}")] + validation_checks(cfg, failed_report) if engine is None else
+                        ([] if record else byte_checks(cfg.expect, engine))
+                        + validation_checks(cfg, engine / VALIDATION_JSON))
+            for c in o.checks:
+                print(f"  {'ok' if c.ok else 'FAIL':4}  {name}  {c.what}: {c.detail}", flush=True)
+            bad = [c.what for c in o.checks if not c.ok]
+            o.result, o.detail = ("failed", ", ".join(bad)) if bad else ("ok", "all checks pass")
+            if record and not bad:
+                o.detail = _record(name, engine)
+                print(f"  {'ok':4}  {name}  {o.detail}", flush=True)
+        if o.result == "failed":
+            print(f"        {name}: the rebuild is kept in {store}", flush=True)
+        else:
+            shutil.rmtree(store, ignore_errors=True)
+        outcomes.append(o)
+    return outcomes
+
+
+def _record(name: str, engine: Path) -> str:
+    from .paths import recipes_dir
+
+    digest = json.loads((engine / ENGINE_JSON).read_text())["hash"]
+    ranks = {p.name: sha256_file(p) for p in sorted(engine.glob("rank*.safetensors"))}
+    path = recipes_dir() / f"{name}.yaml"
+    old = path.read_text()
+    new = rewrite_expect(old, digest, ranks)
+    if new == old:
+        return f"unchanged: hash {digest[:16]}…"
+    path.write_text(new)
+    return f"recorded hash {digest[:16]}… and the sha256 of {len(ranks)} rank files in {path}"
+
+
+def _advice(o: Outcome) -> str:
+    failed = [c.what for c in o.checks if not c.ok]
+    changed = [w for w in failed if w == "hash" or w.startswith("sha256 ")]
+    worse = [w for w in failed if w not in changed]
+    parts = []
+    if changed:
+        parts.append(f"{o.name}: the rebuilt engine's bytes differ from the recorded ones ({', '.join(changed)}); "
+                     + RECORD_HINT.format(name=o.name))
+    if worse:
+        parts.append(f"{o.name}: validation misses the recipe's expect.validation ({', '.join(worse)}): fix the "
+                     f"regression, or if the new numbers are intended, edit expect.validation in recipes/{o.name}.yaml")
+    if not o.checks:
+        parts.append(f"{o.name}: the build failed: {o.detail}")
+    return "\n".join(parts)
+
+
+def _table(outcomes: list[Outcome]) -> str:
+    rows = [("recipe", "result", "seconds", "detail")] + [
+        (o.name, o.result, f"{o.seconds:.1f}" if o.seconds else "", o.detail) for o in outcomes]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}".rstrip() for r in rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine_factory.engines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--reproduce", action="store_true", help="rebuild the recorded recipes and check them")
+    mode.add_argument("--record", action="store_true", help="rebuild and write expect.hash / rank_sha256")
+    p.add_argument("--recipes", default=None, help="comma-separated recipe names (default: all that apply)")
+    p.add_argument("--store", default=None, help="store of the default mode (default: EF_STORE or the user cache); "
+                   "--reproduce and --record always build into a fresh temporary store")
+    p.add_argument("--recipes_dir", default=None, help="another folder of recipes (sets EF_RECIPES_DIR)")
+    p.add_argument("--dry_run", action="store_true", help="default mode: only say what would be built")
+    return p.parse_args(argv)
+
+
+@user_errors_exit
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.recipes_dir:  # before any config is composed; the builds inherit it
+        os.environ["EF_RECIPES_DIR"] = str(Path(args.recipes_dir).expanduser().resolve())
+    from .paths import recipe_names
+    from .store import default_store
+
+    known = recipe_names()
+    names = [n for n in (args.recipes or "").split(",") if n] or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--recipes: no such recipe {', '.join(unknown)}; published: {', '.join(known)}")
+    cfgs = _configs(names)
+    if args.reproduce or args.record:
+        # reproduce: the recipes that record a hash; record: those with an expect: block (or named)
+        chosen = {n: c for n, c in cfgs.items() if (c.expect.get("hash") if args.reproduce else
+                                                    c.expect or args.recipes)}
+        missing = sorted(set(names) - set(chosen)) if args.recipes else []
+        if missing:
+            raise UserError(f"--reproduce: {', '.join(missing)} record no expect.hash; run "
+                            f"`python -m engine_factory.engines --record --recipes {','.join(missing)}` first")
+        if not chosen:
+            raise UserError("no recipe records an expect: block")
+        print(f"{'reproduce' if args.reproduce else 'record'}: {len(chosen)} recipes, each rebuilt in a fresh store",
+              flush=True)
+        outcomes = rebuild_and_check(chosen, record=args.record)
+    else:
+        store = Path(args.store or default_store()).expanduser().resolve()
+        outcomes = build_all(cfgs, store, args.dry_run)
+        print(f"store: {store}")
+    print(_table(outcomes))
+    failed = [o for o in outcomes if o.result == "failed"]
+    counts = {r: sum(o.result == r for o in outcomes) for r in dict.fromkeys(o.result for o in outcomes)}
+    print(", ".join(f"{n} {r}" for r, n in counts.items()))
+    if failed:
+        if args.reproduce or args.record:
+            print("\n".join(_advice(o) for o in failed), file=sys.stderr)
+        print(f"error: {len(failed)} of {len(outcomes)} recipes failed: {', '.join(o.name for o in failed)}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
