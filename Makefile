@@ -26,8 +26,8 @@ demo: install
 
 # The test suite, then `make reproduce` (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
 test: install
-	$(PY) -m pytest -q -ra tests
 	$(MAKE) reproduce
+	$(PY) -m pytest -q -ra tests
 
 # Every published recipe this machine can build, into $(STORE): skipped ones say why; built ones are cache hits.
 engines: install

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from pathlib import Path
 
 from runtime.cli import user_errors_exit
 from runtime.errors import UserError
@@ -42,17 +44,35 @@ def _job(cfg) -> str | None:
     logging.getLogger().setLevel(cfg.log_level.upper())
     hc = HydraConfig.get()
     recipe = hc.runtime.choices.get("recipe")
+    t0 = time.perf_counter()
     try:
         engine_dir = pipeline.run(cfg, recipe=recipe)
-    except UserError as e:
+    except Exception as e:
+        _record(hc, recipe, None, e, t0)
+        if not isinstance(e, UserError):
+            raise
         if hc.mode.name == "MULTIRUN":  # keep sweeping; report at the end
             log.error("%s", e)
             _failures.append(f"job {hc.job.num} ({' '.join(hc.overrides.task)}): {e}")
             return None
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    _record(hc, recipe, engine_dir, None, t0)
     print(f"engine: {engine_dir}", flush=True)
     return str(engine_dir)
+
+
+def _record(hc, recipe, engine_dir, error, t0: float) -> None:
+    """job.json in the job's output folder: what `python -m engine_factory.report` reads."""
+    from .report import JOB_JSON
+    from .store import write_json_atomic
+
+    if error is not None and not isinstance(error, UserError):
+        error = f"{type(error).__name__}: {error}"
+    write_json_atomic(Path(hc.runtime.output_dir) / JOB_JSON, {
+        "overrides": list(hc.overrides.task), "recipe": recipe, "engine": str(engine_dir) if engine_dir else None,
+        "status": "ok" if error is None else "failed", "error": None if error is None else str(error),
+        "seconds": round(time.perf_counter() - t0, 2)})
 
 
 @user_errors_exit
