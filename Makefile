@@ -24,7 +24,7 @@ demo: install
 	  test -d "$$engine" && echo "engine: $$engine" && \
 	  $(PY) -m runtime.run --engine_dir "$$engine" --input_text "The capital of France is" --max_output_len 24
 
-# The test suite, then `make reproduce` (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
+# `make reproduce`, then the test suite (CI runs this through .ci/run). Tests marked cuda skip without a GPU.
 test: install
 	$(MAKE) reproduce
 	$(PY) -m pytest -q -ra tests
