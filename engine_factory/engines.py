@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -70,9 +69,7 @@ def why_not(cfg, store: Path) -> str | None:
     if tp * pp > 1:
         return f"multi-rank (tp={tp}, pp={pp}): the parallel runtime is not in this version"
     if "cuda" in (cfg.target, cfg.validate.device):
-        import torch
-
-        if not torch.cuda.is_available():
+        if not _has_cuda():
             return f"needs CUDA (target={cfg.target}, validate.device={cfg.validate.device}); this machine has none"
     if not cfg.model.get("source"):
         return "model.source is not set"
@@ -118,43 +115,43 @@ def _reachable(host: str | None, port: int = 443) -> bool:
 
 def _too_big(cfg, store: Path) -> str | None:
     """Dummy weights are built from the architecture alone: count its parameters. The build streams one
-    tensor at a time, but the runtime loads the engine whole: it must fit RAM, and the store's disk."""
+    tensor at a time, but the runtime loads the engine whole, and validation on the CPU loads transformers'
+    fp32 reference beside it: they must fit RAM, and the engine the store's disk."""
     if cfg.model.source != "dummy":
         return None
     from omegaconf import OmegaConf
 
     from . import families
-    from .layout import canonical_shapes
+    from .resources import available_ram, gib, parameter_count
+    from .sources.dummy import hf_parameter_shapes
 
     hf = OmegaConf.to_container(cfg.model.config, resolve=True)
     try:
         spec = families.resolve(hf, cfg.model.family).spec(hf, cfg.model.version)
     except (UserError, KeyError):
         return None  # not a complete architecture: the build says what is wrong
-    params = sum(math.prod(s) for s in canonical_shapes(spec).values())
-    need = params * DTYPE_BYTES[cfg.precision.dtype]
-    what = f"~{need / 2**30:.1f} GiB of {cfg.precision.dtype} weights ({params / 1e9:.2f}B parameters)"
-    ram = _available_ram()
-    if ram is not None and need > ram:
-        return f"{what} exceed this machine's {ram / 2**30:.1f} GiB of available RAM"
+    params = parameter_count(spec)
+    engine = params * DTYPE_BYTES[cfg.precision.dtype]
+    what = f"~{gib(engine)} of {cfg.precision.dtype} weights ({params / 1e9:.2f}B parameters)"
+    ram_need, ram_what = engine, what
+    on_cpu = cfg.validate.device == "cpu" or not _has_cuda()
+    if cfg.validate.enabled and on_cpu and hf_parameter_shapes(hf) is not None:
+        ram_need += params * 4
+        ram_what = f"{what} and their {gib(params * 4)} fp32 reference for validation"
+    ram = available_ram()
+    if ram is not None and ram_need > ram:
+        return f"{ram_what} exceed this machine's {gib(ram)} of available RAM"
     existing = next(p for p in (store, *store.parents) if p.exists())
     free = shutil.disk_usage(existing).free
-    if need > free:
-        return f"{what} exceed the {free / 2**30:.1f} GiB free on {existing}"
+    if engine > free:
+        return f"{what} exceed the {gib(free)} free on {existing}"
     return None
 
 
-def _available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ---- building and checking --------------------------------------------------------------------------

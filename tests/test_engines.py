@@ -4,6 +4,8 @@ bounds), run on copies of recipes in a temporary recipes folder (--recipes_dir, 
 from __future__ import annotations
 
 import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -19,7 +21,6 @@ TINY_DUMMY = """\
 # A tiny LLaMA with dummy weights: builds in seconds.
 defaults:
   - override /precision: fp32
-  - override /validate: none
 model:
   source: dummy
   name: tiny-dummy
@@ -61,6 +62,7 @@ def test_engines_builds_what_this_machine_can_and_says_why_not_for_the_rest(tmp_
     assert "skipped" in rows["gpt175b_tp8_fp16_dummy"] and "multi-rank (tp=8, pp=1)" in rows["gpt175b_tp8_fp16_dummy"]
     assert "skipped" in rows["huge_dummy"] and re.search(r"GiB of fp16 weights .* exceed", rows["huge_dummy"])
     assert rows["tiny_dummy"].split()[1] == "built"
+    assert re.search(r"parity recorded: max_rel_logits \S+, token_agreement 1", rows["tiny_dummy"])
     (engine,) = engines_in(store)
     assert engine.name.startswith("tiny-dummy-") and (engine / "manifest.json").is_file()
     before = {p.name: p.stat().st_mtime_ns for p in engine.iterdir()}
@@ -70,6 +72,22 @@ def test_engines_builds_what_this_machine_can_and_says_why_not_for_the_rest(tmp_
     assert _rows(out)["tiny_dummy"].split()[1:3] == ["cache", "hit"]
     assert "1 cache hit, 3 skipped" in out
     assert engines_in(store) == [engine] and {p.name: p.stat().st_mtime_ns for p in engine.iterdir()} == before
+
+
+def test_a_dummy_whose_validation_reference_does_not_fit_ram_is_skipped(monkeypatch, tmp_path):
+    from engine_factory import engines as mod
+    from engine_factory import resources
+
+    monkeypatch.setattr(resources, "available_ram", lambda: 20 * 2**30)
+    monkeypatch.setattr(mod, "_has_cuda", lambda: False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=100 * 2**30))
+    cfg = config.compose(["recipe=llama7b_fp16_dummy"])  # 6.7B parameters: 12.6 GiB fp16 + 25 GiB fp32 reference
+    reason = mod.why_not(cfg, tmp_path)
+    assert reason and "fp16 weights (6.74B parameters) and their 25.1 GiB fp32 reference" in reason
+    assert "20.0 GiB of available RAM" in reason
+    assert mod.why_not(config.compose(["recipe=llama7b_fp16_dummy", "validate=none"]), tmp_path) is None
+    monkeypatch.setattr(resources, "available_ram", lambda: 64 * 2**30)
+    assert mod.why_not(cfg, tmp_path) is None
 
 
 def test_engines_fails_when_a_build_fails(tmp_path):

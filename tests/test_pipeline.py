@@ -170,7 +170,7 @@ def test_multirun_builds_one_engine_per_point(tiny_llama, cli, store):
 
 def test_llama7b_dummy_recipe_composes():
     cfg = config.compose(["recipe=llama7b_fp16_dummy"])
-    assert cfg.model.source == "dummy" and cfg.precision.dtype == "fp16" and not cfg.validate.enabled
+    assert cfg.model.source == "dummy" and cfg.precision.dtype == "fp16" and cfg.validate.enabled
     assert cfg.model.config.hidden_size == 4096 and cfg.model.config.num_hidden_layers == 32
 
 

@@ -52,3 +52,22 @@ def test_check_bounds():
                             "task.engine.rouge1": {"min": 29.5}}) == []
     assert check_bounds(v, {"task.engine.rouge1": {"min": 31}}) == ["task.engine.rouge1 = 30.0 (expect min 31)"]
     assert check_bounds(v, {"task.hf.rouge1": {"min": 1}}) == ["task.hf.rouge1 = None (expect min 1)"]
+
+
+def test_a_reference_that_does_not_fit_ram_is_skipped_not_loaded(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine_factory import resources
+    from engine_factory.stages.validate import load_reference
+    from runtime.spec import ModelSpec
+
+    spec = ModelSpec(family="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                     head_dim=0, intermediate_size=11008, max_position_embeddings=4096)
+    engine = SimpleNamespace(spec=spec, device=torch.device("cpu"))
+    monkeypatch.setattr(resources, "available_ram", lambda: 16 * 2**30)
+    ref, why = load_reference(engine, lambda: pytest.fail("loaded a reference that cannot fit"))
+    assert ref is None and "needs ~25.1 GiB of RAM and this machine has 16.0 GiB available" in why
+    monkeypatch.setattr(resources, "available_ram", lambda: 64 * 2**30)
+    assert load_reference(engine, lambda: "the model") == ("the model", "")

@@ -27,6 +27,7 @@ class Source:
     hf_config: dict
     provenance: dict  # recorded in engine.json: path or hub id + revision, sha256 of each file
     canonical: bool = False  # tensors already use canonical names (dummy weights)
+    lazy: bool = False  # tensors are cheap to recompute (dummy weights): converted on demand, not cached
     path: Path | None = None
     tokenizer_dir: Path | None = None
     tokenizer_config: dict = field(default_factory=dict)

@@ -1,7 +1,16 @@
-"""dummy: deterministic random weights for an architecture given in model.config (for perf work)."""
+"""dummy: deterministic random weights for an architecture given in model.config (for perf work).
+
+Where transformers has the architecture, the weights are a checkpoint in its own layout (names and
+shapes from the model class, built on the meta device): they go through the family's conversion like
+any downloaded checkpoint, and validate compares the engine with transformers running the same
+weights. Other architectures get canonical tensors directly and no reference.
+
+Every tensor has its own generator seeded from (seed, name), so the bytes are the same on every machine.
+"""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 from omegaconf import OmegaConf
@@ -12,6 +21,8 @@ from runtime.spec import ModelSpec
 from ..layout import canonical_shapes, is_norm
 from . import Source, register_source
 
+STD = 0.02
+
 
 @register_source(lambda s: s == "dummy")
 def open_dummy(source: str, model_cfg, store) -> Source:
@@ -20,14 +31,64 @@ def open_dummy(source: str, model_cfg, store) -> Source:
         raise UserError("model.source=dummy needs the architecture in model.config (HF config.json fields, e.g. "
                         "'+model.config={architectures:[LlamaForCausalLM],hidden_size:...}'), or a model/ option "
                         "that has it")
-    return Source(kind="dummy", name=f"dummy-{config.get('model_type', 'model')}", hf_config=config,
-                  provenance={"type": "dummy", "seed": model_cfg.seed, "config": config}, canonical=True,
-                  no_reference="dummy weights: no reference checkpoint to compare with")
+    seed, name = model_cfg.seed, f"dummy-{config.get('model_type', 'model')}"
+    shapes = hf_parameter_shapes(config)
+    provenance = {"type": "dummy", "seed": seed, "config": config, "layout": "hf" if shapes else "canonical"}
+    if shapes is None:
+        return Source(kind="dummy", name=name, hf_config=config, provenance=provenance, canonical=True,
+                      no_reference=f"dummy weights of model_type {config.get('model_type')!r}, which transformers "
+                                   "does not implement: no reference to compare with")
+    return Source(kind="dummy", name=name, hf_config=config, provenance=provenance, lazy=True,
+                  _tensors=lambda: ((n, partial(dummy_tensor, seed, n, s)) for n, s in shapes.items()),
+                  _reference=partial(reference_model, config, seed, shapes))
+
+
+def dummy_tensor(seed: int, name: str, shape: tuple[int, ...], norm: bool | None = None) -> torch.Tensor:
+    """N(0, STD) weights and biases; norm scales 1 + N(0, STD) (1-D weights are norm scales)."""
+    g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16))
+    t = torch.randn(shape, generator=g) * STD
+    is_scale = norm if norm is not None else (len(shape) == 1 and name.endswith(".weight"))
+    return t + 1 if is_scale else t
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    rest = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **rest)
+
+
+def _causal_lm_class(config: dict):
+    """transformers' own causal-LM class for this config (never remote code), or None."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        return None
+    hf = _hf_config(config)
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf), None), hf
+
+
+def hf_parameter_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} of the transformers model's parameters (tied ones once), or None without a class."""
+    found = _causal_lm_class(config)
+    if not found or found[0] is None:
+        return None
+    cls, hf = found
+    with torch.device("meta"):
+        model = cls(hf)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def reference_model(config: dict, seed: int, shapes: dict[str, tuple[int, ...]]):
+    """transformers' model in fp32 holding exactly the dummy weights."""
+    cls, hf = _causal_lm_class(config)
+    state = {n: dummy_tensor(seed, n, s) for n, s in shapes.items()}
+    return cls.from_pretrained(None, config=hf, state_dict=state, dtype=torch.float32).eval()
 
 
 class DummyWeights:
-    """A canonical TensorSource whose tensors are N(0, 0.02) (norms: 1, biases: 0), the same bytes
-    on every machine: each tensor has its own generator seeded from (seed, name)."""
+    """Canonical tensors for architectures transformers lacks (a canonical TensorSource)."""
 
     def __init__(self, spec: ModelSpec, seed: int):
         self.shapes = canonical_shapes(spec)
@@ -40,10 +101,4 @@ class DummyWeights:
         return self.shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        shape = self.shapes[name]
-        if name.endswith(".bias"):
-            return torch.zeros(shape)
-        if is_norm(name):
-            return torch.ones(shape)
-        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{self.seed}:{name}".encode()).hexdigest()[:15], 16))
-        return torch.randn(shape, generator=g) * 0.02
+        return dummy_tensor(self.seed, name, self.shapes[name], norm=is_norm(name) and name.endswith(".weight"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,14 +43,32 @@ def _prompt_ids(engine: Engine, vc) -> list[list[int]]:
     return [torch.randint(0, engine.spec.vocab_size, (n,), generator=g).tolist() for n in vc.prompt_token_lengths]
 
 
+def load_reference(engine: Engine, loader) -> tuple[object | None, str]:
+    """transformers' fp32 model, on the engine's GPU when it fits there (it is loaded in RAM first), or
+    (None, why) when it does not fit this machine: a warning and a recorded skip, not an OOM kill."""
+    from ..resources import available, gib, parameter_count
+
+    need = parameter_count(engine.spec) * 4
+    ram = available("cpu")
+    if ram is not None and need > ram:
+        return None, (f"transformers' fp32 reference needs ~{gib(need)} of RAM and this machine has {gib(ram)} "
+                      "available; validate on a larger machine (or set validate=none)")
+    ref = loader()
+    if engine.device.type == "cuda" and need < (available(engine.device) or 0) * 0.9:
+        ref = ref.to(engine.device)
+    return ref, ""
+
+
 @torch.inference_mode()
 def _hf_greedy(ref, ids: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
     """Prompt logits (T, V) and n greedy tokens from the transformers model, EOS not special."""
-    out = ref(input_ids=torch.tensor([ids]), use_cache=True)
-    logits, pkv = out.logits[0].float(), out.past_key_values
+    dev = next(ref.parameters()).device
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    out = ref(input_ids=torch.tensor([ids], device=dev), use_cache=True)
+    logits, pkv = out.logits[0].float().cpu(), out.past_key_values
     toks = [int(logits[-1].argmax())]
     for _ in range(n - 1):
-        out = ref(input_ids=torch.tensor([[toks[-1]]]), past_key_values=pkv, use_cache=True)
+        out = ref(input_ids=torch.tensor([[toks[-1]]], device=dev), past_key_values=pkv, use_cache=True)
         pkv = out.past_key_values
         toks.append(int(out.logits[0, -1].argmax()))
     return logits, toks
@@ -57,7 +76,12 @@ def _hf_greedy(ref, ids: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
 
 def parity(engine: Engine, ref, vc) -> dict:
     prompts = _prompt_ids(engine, vc)
-    n = vc.max_new_tokens
+    lim = engine.limits  # teacher forcing scores prompt + n - 1 tokens at once: keep within max_input_len
+    n = min(vc.max_new_tokens, lim["max_output_len"], lim["max_input_len"] + 1 - max(map(len, prompts)))
+    if n < 1:
+        raise UserError(f"validate.prompts: the longest prompt has {max(map(len, prompts))} tokens, over this "
+                        f"engine's max_input_len {lim['max_input_len']}; shorten validate.prompts or raise "
+                        "limits.max_input_len")
     max_abs, scale, agree, total, exact = 0.0, 0.0, 0, 0, True
     gens = engine.generate(prompts, max_new_tokens=n, ignore_eos=True)
     per_prompt = []
@@ -126,14 +150,14 @@ def validate(engine_dir: Path, source, cfg, name: str | None = None) -> dict:
     failures: list[str] = []
     engine = Engine.load(engine_dir, device=vc.device)
     ref_loader, why_not = source.reference()
-    ref = ref_loader() if ref_loader is not None else None
+    ref, why_not = load_reference(engine, ref_loader) if ref_loader is not None else (None, why_not)
     if ref is None:
         result["parity"] = {"skipped": why_not}
         log.warning("validate: parity skipped: %s", why_not)
     else:
         t0 = time.perf_counter()
         p = parity(engine, ref, vc)
-        p.update(device=str(engine.device), seconds=round(time.perf_counter() - t0, 2))
+        p.update(device=str(engine.device), reference_device=str(next(ref.parameters()).device), seconds=round(time.perf_counter() - t0, 2))
         if p["max_rel_logits"] > rel_bound:
             failures.append(f"max_rel_logits {p['max_rel_logits']:.3g} > {rel_bound}")
         if p["token_agreement"] < agree_bound:
@@ -170,7 +194,7 @@ def report_markdown(name: str, v: dict, failures: list[str]) -> str:
     if "skipped" in p:
         lines.append(f"- parity: skipped ({p['skipped']})")
     elif p:
-        lines.append(f"- parity vs transformers fp32 on {p['device']}: max |Δlogits| {p['max_abs_logits']:.3g} "
+        lines.append(f"- parity on {p['device']} vs transformers fp32 on {p.get('reference_device', 'cpu')}: max |Δlogits| {p['max_abs_logits']:.3g} "
                      f"(relative {p['max_rel_logits']:.3g}), teacher-forced token agreement "
                      f"{p['token_agreement']:.3f}, greedy identical over {p['new_tokens']} tokens: "
                      f"{p['greedy_identical']}")
