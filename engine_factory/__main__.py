@@ -63,16 +63,24 @@ def _job(cfg) -> str | None:
 
 
 def _record(hc, recipe, engine_dir, error, t0: float) -> None:
-    """job.json in the job's output folder: what `python -m engine_factory.report` reads."""
+    """job.json in the job's output folder: what `python -m engine_factory.report` reads, with a copy of the
+    engine's validation.json as this job saw it."""
+    import json
+
+    from runtime.format import VALIDATION_JSON
+
     from .report import JOB_JSON
     from .store import write_json_atomic
+
+    val = Path(engine_dir) / VALIDATION_JSON if engine_dir else None
 
     if error is not None and not isinstance(error, UserError):
         error = f"{type(error).__name__}: {error}"
     write_json_atomic(Path(hc.runtime.output_dir) / JOB_JSON, {
         "overrides": list(hc.overrides.task), "recipe": recipe, "engine": str(engine_dir) if engine_dir else None,
         "status": "ok" if error is None else "failed", "error": None if error is None else str(error),
-        "seconds": round(time.perf_counter() - t0, 2)})
+        "seconds": round(time.perf_counter() - t0, 2),
+        "validation": json.loads(val.read_text()) if val is not None and val.is_file() else None})
 
 
 @user_errors_exit

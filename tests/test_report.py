@@ -63,6 +63,7 @@ def test_each_job_records_itself(sweep):
     for j in jobs:
         assert j["status"] == "ok" and j["error"] is None and j["recipe"] is None
         assert Path(j["engine"]).is_dir() and j["seconds"] > 0
+        assert j["validation"] == json.loads((Path(j["engine"]) / "validation.json").read_text())
 
 
 def test_sweep_ends_with_a_report_of_every_point(sweep):
@@ -151,11 +152,12 @@ def _engine(root: Path, name: str, dtype: str, rank_bytes: int, validation: dict
     return engine
 
 
-def _job(sweep: Path, num: int, overrides: list[str], engine: Path | None, error: str | None = None) -> None:
+def _job(sweep: Path, num: int, overrides: list[str], engine: Path | None, error: str | None = None,
+         validation: dict | None = None) -> None:
     (sweep / str(num)).mkdir(parents=True)
     (sweep / str(num) / "job.json").write_text(json.dumps({
         "overrides": overrides, "recipe": "r", "engine": str(engine) if engine else None,
-        "status": "failed" if error else "ok", "error": error, "seconds": 1.5}))
+        "status": "failed" if error else "ok", "error": error, "seconds": 1.5, "validation": validation}))
 
 
 def _validation(rel: float, rouge1: float | None = None, tok_s: float | None = None) -> dict:
@@ -176,7 +178,8 @@ def test_rouge_deltas_speed_and_unrecorded_jobs(tmp_path):
     other = _engine(store, "o-16", "float16", 2_000_000, _validation(1e-3, rouge1=20.0), source="other")
     _job(sweep, 0, ["precision=fp32", "x=1"], fp32)
     _job(sweep, 1, ["precision=fp16", "x=1"], fp16)
-    _job(sweep, 2, ["precision=bf16", "x=1"], bf16)
+    # the job's copy of validation.json wins over the file, which a later build may have rewritten
+    _job(sweep, 2, ["precision=bf16", "x=1"], bf16, validation=_validation(2e-2))
     _job(sweep, 3, ["precision=fp16", "model=o", "x=1"], other)
     _job(sweep, 4, ["precision=int8", "x=1"], None, error="validation of m failed: token_agreement 0.5 < 0.9")
     (sweep / "5" / ".hydra").mkdir(parents=True)  # started, never recorded (killed)
@@ -191,6 +194,7 @@ def test_rouge_deltas_speed_and_unrecorded_jobs(tmp_path):
     assert by_label["precision=fp16 model=o"]["rouge1_delta_vs_fp32"] is None  # no fp32 of that model
     assert by_label["precision=bf16"]["rouge1"] is None and by_label["precision=bf16"]["decode_tok_s"] is None
     assert by_label["precision=fp16"]["size_bytes"] == 2_000_000  # rank files only
+    assert by_label["precision=bf16"]["max_rel_logits"] == 2e-2
     assert by_label["precision=fp8"]["status"] == "no record"
     rows = {r[0]: r for r in _table(md_path.read_text())}
     assert rows["`precision=fp32`"][2:] == ["float32", "4.000", "0", "1.000", "30.25", "ref", "120.0"]
