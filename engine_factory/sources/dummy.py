@@ -10,6 +10,9 @@ Every tensor has its own generator seeded from (seed, name), so the bytes are th
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -22,6 +25,7 @@ from ..layout import canonical_shapes, is_norm
 from . import Source, register_source
 
 STD = 0.02
+CHUNK = 1 << 22  # normals per generator
 
 
 @register_source(lambda s: s == "dummy")
@@ -45,10 +49,27 @@ def open_dummy(source: str, model_cfg, store) -> Source:
 
 def dummy_tensor(seed: int, name: str, shape: tuple[int, ...], norm: bool | None = None) -> torch.Tensor:
     """N(0, STD) weights and biases; norm scales 1 + N(0, STD) (1-D weights are norm scales)."""
-    g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16))
-    t = torch.randn(shape, generator=g) * STD
+    t = _randn(f"{seed}:{name}", math.prod(shape)).view(shape).mul_(STD)
     is_scale = norm if norm is not None else (len(shape) == 1 and name.endswith(".weight"))
     return t + 1 if is_scale else t
+
+
+def _randn(key: str, n: int) -> torch.Tensor:
+    """n standard normals, CHUNK at a time, each chunk from its own generator seeded by (key, offset): the
+    same values whatever the number of threads, generated in parallel (a 7B model is ~7e9 of them)."""
+    out = torch.empty(n)
+
+    def fill(start: int) -> None:
+        g = torch.Generator().manual_seed(int(hashlib.sha256(f"{key}:{start}".encode()).hexdigest()[:15], 16))
+        torch.randn(min(CHUNK, n - start), generator=g, out=out[start:start + CHUNK])
+
+    starts = range(0, n, CHUNK)
+    if len(starts) == 1:
+        fill(0)
+    else:
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(fill, starts))
+    return out
 
 
 def _hf_config(config: dict):
