@@ -71,3 +71,12 @@ def test_stories260k_on_cuda(tmp_path, dtype):
                               "--input_text", "Once upon a time", "--max_output_len", "196", "--temperature", "0"],
                              capture_output=True, text=True, check=True).stdout
         assert out == (src / "reference_greedy.txt").read_text()
+
+
+def test_dummy_weights_are_validated_with_the_reference_on_the_gpu(tmp_path):
+    arch = ("+model.config={architectures:[LlamaForCausalLM],model_type:llama,vocab_size:512,hidden_size:256,"
+            "intermediate_size:512,num_hidden_layers:2,num_attention_heads:8,num_key_value_heads:4,"
+            "max_position_embeddings:512}")
+    engine_dir = _build(tmp_path, "model.source=dummy", arch, "precision=fp16")
+    v = json.loads(open(f"{engine_dir}/validation.json").read())["parity"]
+    assert v["passed"] and v["device"].startswith("cuda") and v["reference_device"].startswith("cuda"), v
