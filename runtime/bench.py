@@ -50,7 +50,7 @@ def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int
         "total_tok_s": round(batch * output_len / total_s, 1),
         "achieved_weight_GB_s": round(weight_bytes / decode_s / 1e9, 1),
         "peak_mem_GB": round(torch.cuda.max_memory_allocated(dev) / 1e9, 3) if dev.type == "cuda" else None,
-        "cuda_graphs": engine.use_cuda_graphs,
+        "cuda_graphs": engine.use_cuda_graphs, "compiled": engine.compiled,
     }
 
 
@@ -64,11 +64,14 @@ def main(argv=None) -> None:
     p.add_argument("--output_len", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no_cuda_graphs", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles at warm-up)")
     args = p.parse_args(argv)
     setup_logging()
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
+    if args.compile:
+        engine.compile()
     for b in args.batch_size or [1]:
         print(json.dumps(bench(engine, b, args.input_len, args.output_len, args.reps)), flush=True)
 

@@ -33,6 +33,7 @@ def parse_args(argv=None):
                    help="manifest check at load: sha256 of every file (cached), sizes only, or none")
     p.add_argument("--streaming", action="store_true", help="print tokens as they come (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster steps)")
     p.add_argument("--log_level", default=None)
     return p.parse_args(argv)
 
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
     setup_logging(args.log_level)
     engine = Engine.load(args.engine_dir, device=args.device, verify=args.verify,
                          tokenizer_dir=args.tokenizer_dir)
+    if args.compile:
+        engine.compile()
     if args.input_ids:
         prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.input_ids]
     else:

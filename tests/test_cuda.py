@@ -80,3 +80,15 @@ def test_dummy_weights_are_validated_with_the_reference_on_the_gpu(tmp_path):
     engine_dir = _build(tmp_path, "model.source=dummy", arch, "precision=fp16")
     v = json.loads(open(f"{engine_dir}/validation.json").read())["parity"]
     assert v["passed"] and v["device"].startswith("cuda") and v["reference_device"].startswith("cuda"), v
+
+
+def test_compiled_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
+    engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=fp32")
+    prompts = [[5, 6, 7], list(range(10, 40)), [100]]
+    compiled = Engine.load(engine_dir, device="cuda").compile()
+    eager = Engine.load(engine_dir, device="cuda")
+    eager.use_cuda_graphs = False
+    a = compiled.generate(prompts, max_new_tokens=48, ignore_eos=True)
+    b = eager.generate(prompts, max_new_tokens=48, ignore_eos=True)
+    assert compiled._graphs, "the CUDA-graph path was not taken"
+    assert [g.output_ids for g in a] == [g.output_ids for g in b]

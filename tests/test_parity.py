@@ -164,3 +164,15 @@ def test_top_k_samples_only_from_the_reference_top_k(engine_of, reference):
     assert all(tok in top for tok, top in zip(g.output_ids, allowed))
     # at temperature 2 over 3 candidates, 32 draws that never leave the argmax would mean no sampling
     assert g.output_ids != [row[0] for row in allowed]
+
+
+def test_compiled_decode_matches_transformers(engine_of, reference, tmp_path):
+    """Engine.compile() (torch.compile of the decode step, what `--compile` does) changes speed, not
+    tokens: a fresh engine on the same files, compiled, still reproduces transformers' greedy tokens."""
+    engine, folder = engine_of("tiny_llama", "fp32")
+    compiled = Engine.load(engine.engine_dir, device="cpu").compile()
+    prompts = _prompts(engine.spec.vocab_size, lens=[3, 17, 1])
+    outs = compiled.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert compiled.compiled
+    for ids, g in zip(prompts, outs):
+        assert g.output_ids == hf_greedy(reference("tiny_llama"), ids, 12)
