@@ -42,10 +42,12 @@ reproduce: install
 test-cuda: install
 	$(PY) -m pytest -q -ra -m cuda tests
 
-# Speed of the LLaMA-2 7B architecture (dummy weights, fp16) as JSON lines; meant for a GPU machine.
+# Speed of the LLaMA-2 7B architecture (dummy weights, fp16) as JSON lines, CUDA graphs then CUDA graphs
+# + torch.compile; meant for a GPU machine.
 bench: install
 	@engine=$$($(PY) -m engine_factory recipe=llama7b_fp16_dummy | tail -n 1 | sed 's/^engine: //') && \
-	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128
+	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128 && \
+	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128 --compile
 
 clean:
 	rm -rf $(STORE) .pytest_cache
