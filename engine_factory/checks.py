@@ -4,10 +4,11 @@ from __future__ import annotations
 from runtime.errors import UserError
 from runtime.spec import ModelSpec
 
+from .quant import QUANTIZERS
 from .stages.build import DTYPES
 from .stages.calibrate import NEEDS_CALIBRATION
 
-QUANT_MODES = {"none"} | NEEDS_CALIBRATION
+QUANT_MODES = {"none"} | set(QUANTIZERS) | NEEDS_CALIBRATION
 BACKENDS = {"torch"}
 TARGETS = {"any", "cpu", "cuda"}
 

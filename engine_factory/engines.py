@@ -118,6 +118,7 @@ def _too_big(cfg, store: Path) -> str | None:
     from omegaconf import OmegaConf
 
     from . import families
+    from .quant import QUANTIZERS
     from .resources import available_ram, gib, parameter_count
     from .sources.dummy import hf_parameter_shapes
 
@@ -126,9 +127,12 @@ def _too_big(cfg, store: Path) -> str | None:
         spec = families.resolve(hf, cfg.model.family).spec(hf, cfg.model.version)
     except (UserError, KeyError):
         return None  # not a complete architecture: the build says what is wrong
-    params = parameter_count(spec)
+    params, linear = parameter_count(spec), parameter_count(spec, linear_only=True)
     engine = params * DTYPE_BYTES[cfg.precision.dtype]
-    what = f"~{gib(engine)} of {cfg.precision.dtype} weights ({params / 1e9:.2f}B parameters)"
+    if cfg.precision.quant in QUANTIZERS:  # the linear layers' weights in the mode's bits
+        engine -= int(linear * (DTYPE_BYTES[cfg.precision.dtype] - QUANTIZERS[cfg.precision.quant].bits / 8))
+    kind = cfg.precision.dtype + (f" {cfg.precision.quant}" if cfg.precision.quant != "none" else "")
+    what = f"~{gib(engine)} of {kind} weights ({params / 1e9:.2f}B parameters)"
     ram_need, ram_what = engine, what
     on_cpu = cfg.validate.device == "cpu" or not _has_cuda()
     if cfg.validate.enabled and on_cpu and hf_parameter_shapes(hf) is not None:

@@ -10,8 +10,10 @@ from runtime.spec import ModelSpec
 from .layout import canonical_shapes
 
 
-def parameter_count(spec: ModelSpec) -> int:
-    return sum(math.prod(s) for s in canonical_shapes(spec).values())
+def parameter_count(spec: ModelSpec, linear_only: bool = False) -> int:
+    """All parameters, or those of the decoder layers' linear weights (what weight-only quantization stores)."""
+    return sum(math.prod(s) for n, s in canonical_shapes(spec).items()
+               if not linear_only or (n.startswith("layers.") and len(s) == 2))
 
 
 def available_ram() -> int | None:

@@ -26,7 +26,7 @@ class ModelConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
-    quant: str = "none"  # none (weight-only and SmoothQuant modes arrive with quantization)
+    quant: str = "none"  # none | int8_wo (int8 weights, per-channel scales; engine_factory/quant.py)
     kv_cache: str = "auto"  # auto = the activation dtype
 
 

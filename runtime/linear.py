@@ -33,6 +33,26 @@ class DenseLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+@register_linear("int8_wo")
+class Int8WeightOnlyLinear:
+    """int8 weights with one float scale per output channel (engine_factory/quant.py): y = x (s * Wq)^T + b.
+    The int8 matrix is what is read per step (half of fp16). The weight is dequantized before the
+    product, not after (x Wq^T sums int8-sized values and overflows fp16); torch.compile fuses the
+    dequantization into decode's matrix-vector product, eager mode materializes it per call."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str):
+        self.weight = tensors[f"{prefix}.weight"]  # (out, in) int8
+        self.scale = tensors[f"{prefix}.scale"]  # (out,) float dtype
+        self.bias = tensors.get(f"{prefix}.bias")
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None], self.bias)
+
+
 def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
     try:
         cls = LINEARS[mode]

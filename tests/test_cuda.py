@@ -92,3 +92,16 @@ def test_compiled_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
     b = eager.generate(prompts, max_new_tokens=48, ignore_eos=True)
     assert compiled._graphs, "the CUDA-graph path was not taken"
     assert [g.output_ids for g in a] == [g.output_ids for g in b]
+
+
+def test_int8_weight_only_on_cuda_compiled_equals_eager(tiny_models, tmp_path):
+    engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=int8_wo",
+                        "precision.dtype=fp32")
+    assert json.loads(open(f"{engine_dir}/validation.json").read())["parity"]["passed"]
+    prompts = [[5, 6, 7], list(range(10, 40)), [100]]
+    compiled = Engine.load(engine_dir, device="cuda").compile()
+    eager = Engine.load(engine_dir, device="cuda")
+    eager.use_cuda_graphs = False
+    a = compiled.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    b = eager.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert [g.output_ids for g in a] == [g.output_ids for g in b]
