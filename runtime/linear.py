@@ -35,14 +35,17 @@ class DenseLinear:
 
 @register_linear("int8_wo")
 class Int8WeightOnlyLinear:
-    """int8 weights with one float scale per output channel (engine_factory/quant.py): y = x (s * Wq)^T + b.
-    The int8 matrix is what is read per step (half of fp16). The weight is dequantized before the
-    product, not after (x Wq^T sums int8-sized values and overflows fp16); torch.compile fuses the
-    dequantization into decode's matrix-vector product, eager mode materializes it per call."""
+    """int8 weights with one float scale per output channel (engine_factory/quant.py): y = (x Wq^T) s + b.
+    The int8 matrix is what is read per step (half of fp16); under torch.compile the int8-to-float cast
+    runs inside the matrix product (Inductor's mixed-dtype matmul), so the weight is never materialized
+    in fp16. Sums of x times int8-sized values can overflow fp16 (max 65504): x is scaled by 1/128
+    (a power of two: exact) and the scale by 128."""
+
+    PRESCALE = 128.0
 
     def __init__(self, tensors: dict[str, torch.Tensor], prefix: str):
         self.weight = tensors[f"{prefix}.weight"]  # (out, in) int8
-        self.scale = tensors[f"{prefix}.scale"]  # (out,) float dtype
+        self.scale = tensors[f"{prefix}.scale"] * self.PRESCALE  # (out,) float dtype
         self.bias = tensors.get(f"{prefix}.bias")
 
     @property
@@ -50,7 +53,8 @@ class Int8WeightOnlyLinear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None], self.bias)
+        y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
+        return y if self.bias is None else y + self.bias
 
 
 def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
