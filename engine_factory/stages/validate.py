@@ -67,14 +67,15 @@ def load_reference(engine: Engine, loader) -> tuple[object | None, str]:
 def _hf_greedy(ref, ids: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
     """Prompt logits (T, V) and n greedy tokens from the transformers model, EOS not special."""
     dev = next(ref.parameters()).device
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-    out = ref(input_ids=torch.tensor([ids], device=dev), use_cache=True)
-    logits, pkv = out.logits[0].float().cpu(), out.past_key_values
-    toks = [int(logits[-1].argmax())]
-    for _ in range(n - 1):
-        out = ref(input_ids=torch.tensor([[toks[-1]]], device=dev), past_key_values=pkv, use_cache=True)
-        pkv = out.past_key_values
-        toks.append(int(out.logits[0, -1].argmax()))
+    with warnings.catch_warnings():  # transformers 5.2x renames past_key_values; older ones lack the new name
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = ref(input_ids=torch.tensor([ids], device=dev), use_cache=True)
+        logits, pkv = out.logits[0].float().cpu(), out.past_key_values
+        toks = [int(logits[-1].argmax())]
+        for _ in range(n - 1):
+            out = ref(input_ids=torch.tensor([[toks[-1]]], device=dev), past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+            toks.append(int(out.logits[0, -1].argmax()))
     return logits, toks
 
 
