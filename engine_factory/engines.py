@@ -111,8 +111,8 @@ def _reachable(host: str | None, port: int = 443) -> bool:
 
 def _too_big(cfg, store: Path) -> str | None:
     """Dummy weights are built from the architecture alone: count its parameters. The build streams one
-    tensor at a time, but the runtime loads the engine whole, and validation on the CPU loads transformers'
-    fp32 reference beside it: they must fit RAM, and the engine the store's disk."""
+    tensor at a time, but the runtime loads the engine whole (into RAM on a CPU machine), and validation
+    loads transformers' fp32 reference into RAM: they must fit RAM, and the engine the store's disk."""
     if cfg.model.source != "dummy":
         return None
     from omegaconf import OmegaConf
@@ -133,9 +133,9 @@ def _too_big(cfg, store: Path) -> str | None:
         engine -= int(linear * (DTYPE_BYTES[cfg.precision.dtype] - QUANTIZERS[cfg.precision.quant].bits / 8))
     kind = cfg.precision.dtype + (f" {cfg.precision.quant}" if cfg.precision.quant != "none" else "")
     what = f"~{gib(engine)} of {kind} weights ({params / 1e9:.2f}B parameters)"
-    ram_need, ram_what = engine, what
     on_cpu = cfg.validate.device == "cpu" or not _has_cuda()
-    if cfg.validate.enabled and on_cpu and hf_parameter_shapes(hf) is not None:
+    ram_need, ram_what = engine if on_cpu else 0, what  # on a GPU the engine loads into GPU memory
+    if cfg.validate.enabled and hf_parameter_shapes(hf) is not None:  # the reference loads in RAM first
         ram_need += params * 4
         ram_what = f"{what} and their {gib(params * 4)} fp32 reference for validation"
     ram = available_ram()
