@@ -65,8 +65,6 @@ def _job(cfg) -> str | None:
 def _record(hc, recipe, engine_dir, error, t0: float) -> None:
     """job.json in the job's output folder: what `python -m engine_factory.report` reads, with a copy of the
     engine's validation.json as this job saw it."""
-    import json
-
     from runtime.format import VALIDATION_JSON
 
     from .report import JOB_JSON
@@ -80,7 +78,16 @@ def _record(hc, recipe, engine_dir, error, t0: float) -> None:
         "overrides": list(hc.overrides.task), "recipe": recipe, "engine": str(engine_dir) if engine_dir else None,
         "status": "ok" if error is None else "failed", "error": None if error is None else str(error),
         "seconds": round(time.perf_counter() - t0, 2),
-        "validation": json.loads(val.read_text()) if val is not None and val.is_file() else None})
+        "validation": _read_json(val)})
+
+
+def _read_json(path: Path | None):
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 @user_errors_exit

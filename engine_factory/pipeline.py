@@ -16,7 +16,7 @@ from . import __version__, families
 from .checks import check_config, check_model, check_supported
 from .hashing import digest
 from .stages.build import build
-from .stages.calibrate import calibrate
+from .stages.calibrate import NEEDS_CALIBRATION, calibrate
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
 from .stages.validate import ValidationFailed, validate, validate_key
@@ -45,7 +45,8 @@ def engine_identity(cfg, source, spec) -> dict:
         "format_version": FORMAT_VERSION, "convert_version": CONVERT_VERSION, "backend": cfg.backend,
         "target": cfg.target, "source": source.digest, "spec": spec.to_dict(),
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
-        "calibration": OmegaConf.to_container(cfg.calibration, resolve=True) if cfg.precision.quant != "none" else None,
+        "calibration": (OmegaConf.to_container(cfg.calibration, resolve=True)
+                        if cfg.precision.quant in NEEDS_CALIBRATION else None),
         "parallel": OmegaConf.to_container(cfg.parallel, resolve=True), "limits": _limits(cfg, spec),
         "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),
     }

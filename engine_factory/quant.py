@@ -30,7 +30,8 @@ def _int8_per_channel(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Te
     """Symmetric, one scale per output channel: w ≈ q * scale, q in [-127, 127]. The scale is rounded to
     the float dtype first, so the runtime's dequantization uses exactly the scale q was made with."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).to(dtype)
+    smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal: a scale never 0
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=smallest).to(dtype)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return {"weight": q, "scale": scale}
 

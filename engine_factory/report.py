@@ -77,7 +77,7 @@ def _point(job: dict) -> tuple[dict, str | None]:
         row["error"] = f"{engine / ENGINE_JSON} is unreadable or gone"
     info, manifest = info or {}, (_read(engine / MANIFEST_JSON) if engine else None) or {}
     # the job's own copy: a later build of the same engine with other validate settings rewrites the file
-    val = job.get("validation") or (_read(engine / VALIDATION_JSON) if engine else None) or {}
+    val = (job["validation"] if "validation" in job else _read(engine / VALIDATION_JSON) if engine else None) or {}
     parity = val.get("parity") or {}
     files = manifest.get("files") or {}
     row.update({

@@ -188,3 +188,20 @@ def test_dummy_builds_are_deterministic(cli, tmp_path):
     (g,) = engine.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)
     assert len(g.output_ids) == 4
 
+
+
+def test_dummy_values_are_integer_steps_and_independent_of_threads(monkeypatch):
+    import math
+
+    from engine_factory.sources import dummy
+
+    n = 3 * dummy.CHUNK + 5  # several chunks and a short last one
+    many = dummy._uniform("0:layers.0.w", n)
+    monkeypatch.setattr(dummy.os, "cpu_count", lambda: 1)
+    assert torch.equal(dummy._uniform("0:layers.0.w", n), many)
+    step = dummy.STD * math.sqrt(3) / 2**23
+    k = (many.double() / step).round()
+    assert torch.equal(torch.mul(k.float(), step), many) and k.abs().max() <= 2**23  # 24-bit ints x one constant
+    assert abs(float(many.std()) - dummy.STD) < 1e-4 and abs(float(many.mean())) < 1e-4
+    assert dummy._uniform("0:layers.0.w", 0).numel() == 0
+    assert not torch.equal(dummy._uniform("1:layers.0.w", 64), many[:64])  # the seed matters

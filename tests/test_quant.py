@@ -35,6 +35,14 @@ def test_int8_per_channel_rounds_each_weight_to_its_nearest_level():
     assert (err <= scale.float()[:, None] * 0.5 + 1e-6).all()  # nearest level, per row
 
 
+def test_int8_rows_of_zeros_or_tiny_values_stay_finite():
+    w = torch.stack([torch.zeros(16), torch.full((16,), 1e-7), torch.linspace(-1, 1, 16)])
+    out = QUANTIZERS["int8_wo"].quantize(w, torch.float16)
+    deq = out["weight"].float() * out["scale"].float()[:, None]
+    assert (out["scale"] > 0).all() and torch.isfinite(deq).all()
+    assert (deq - w).abs().max() <= out["scale"].float().max() * 0.5 + 1e-6
+
+
 def test_rank_file_holds_int8_linears_that_dequantize_to_the_checkpoint(built, tiny_llama_mha):
     from safetensors.torch import load_file
 

@@ -5,7 +5,8 @@ shapes from the model class, built on the meta device): they go through the fami
 any downloaded checkpoint, and validate compares the engine with transformers running the same
 weights. Other architectures get canonical tensors directly and no reference.
 
-Every tensor has its own generator seeded from (seed, name), so the bytes are the same on every machine.
+Every tensor has its own generators seeded from (seed, name, chunk), so the bytes are the same on every
+machine (GENERATOR names the scheme; it is part of the engine hash).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..layout import canonical_shapes, is_norm
 from . import Source, register_source
 
 STD = 0.02
+GENERATOR = "uniform-int24-v1"  # change when dummy_tensor's values change
 CHUNK = 1 << 22  # normals per generator
 
 
@@ -37,7 +39,8 @@ def open_dummy(source: str, model_cfg, store) -> Source:
                         "that has it")
     seed, name = model_cfg.seed, f"dummy-{config.get('model_type', 'model')}"
     shapes = hf_parameter_shapes(config)
-    provenance = {"type": "dummy", "seed": seed, "config": config, "layout": "hf" if shapes else "canonical"}
+    provenance = {"type": "dummy", "seed": seed, "config": config, "layout": "hf" if shapes else "canonical",
+                  "generator": GENERATOR}
     if shapes is None:
         return Source(kind="dummy", name=name, hf_config=config, provenance=provenance, canonical=True,
                       no_reference=f"dummy weights of model_type {config.get('model_type')!r}, which transformers "
@@ -48,24 +51,30 @@ def open_dummy(source: str, model_cfg, store) -> Source:
 
 
 def dummy_tensor(seed: int, name: str, shape: tuple[int, ...], norm: bool | None = None) -> torch.Tensor:
-    """N(0, STD) weights and biases; norm scales 1 + N(0, STD) (1-D weights are norm scales)."""
-    t = _randn(f"{seed}:{name}", math.prod(shape)).view(shape).mul_(STD)
+    """Weights and biases uniform with standard deviation STD; norm scales 1 + the same (1-D weights are
+    norm scales)."""
+    t = _uniform(f"{seed}:{name}", math.prod(shape)).view(shape)
     is_scale = norm if norm is not None else (len(shape) == 1 and name.endswith(".weight"))
     return t + 1 if is_scale else t
 
 
-def _randn(key: str, n: int) -> torch.Tensor:
-    """n standard normals, CHUNK at a time, each chunk from its own generator seeded by (key, offset): the
-    same values whatever the number of threads, generated in parallel (a 7B model is ~7e9 of them)."""
+def _uniform(key: str, n: int) -> torch.Tensor:
+    """n values uniform in [-STD√3, STD√3) (standard deviation STD), CHUNK at a time, each chunk from its own
+    generator seeded by (key, offset): the same values whatever the number of threads, generated in
+    parallel (a 7B model is ~7e9 of them). Made from 24-bit integers and one float multiply, so every CPU
+    gives the same bits (torch.randn's float kernels differ between AVX2, AVX512 and ARM builds)."""
     out = torch.empty(n)
+    step = STD * math.sqrt(3) / 2**23
 
     def fill(start: int) -> None:
         g = torch.Generator().manual_seed(int(hashlib.sha256(f"{key}:{start}".encode()).hexdigest()[:15], 16))
-        torch.randn(min(CHUNK, n - start), generator=g, out=out[start:start + CHUNK])
+        ints = torch.randint(-2**23, 2**23, (min(CHUNK, n - start),), generator=g, dtype=torch.int32)
+        torch.mul(ints.to(torch.float32), step, out=out[start:start + CHUNK])
 
     starts = range(0, n, CHUNK)
-    if len(starts) == 1:
-        fill(0)
+    if len(starts) <= 1:
+        if n:
+            fill(0)
     else:
         with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
             list(pool.map(fill, starts))
@@ -86,7 +95,11 @@ def _causal_lm_class(config: dict):
 
     if config.get("model_type") not in CONFIG_MAPPING:
         return None
-    hf = _hf_config(config)
+    try:
+        hf = _hf_config(config)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"model.config: not a valid {config['model_type']} config for transformers "
+                        f"({type(e).__name__}: {e}); fix model.config") from None
     return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf), None), hf
 
 
@@ -96,8 +109,12 @@ def hf_parameter_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
     if not found or found[0] is None:
         return None
     cls, hf = found
-    with torch.device("meta"):
-        model = cls(hf)
+    try:
+        with torch.device("meta"):
+            model = cls(hf)
+    except Exception as e:  # noqa: BLE001  (transformers' own checks of the config, any error type)
+        raise UserError(f"model.config: transformers cannot build a {config['model_type']} model from it "
+                        f"({type(e).__name__}: {e}); fix model.config") from None
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 

@@ -93,11 +93,15 @@ def _mapped(source: Source, family: Family, spec: ModelSpec):
                         f"e.g. {unknown[:3]}; is model.family right for this checkpoint?")
 
 
-def _check_shape(source: Source, hf_name: str, t: torch.Tensor, name: str, tensor: torch.Tensor,
-                 expected: dict) -> None:
+def _check_name(source: Source, hf_name: str, name: str, expected: dict) -> None:
     if name not in expected:
         raise UserError(f"{source.name}: tensor {hf_name} maps to {name}, which a model with this config.json "
                         "does not have; check config.json")
+
+
+def _check_shape(source: Source, hf_name: str, t: torch.Tensor, name: str, tensor: torch.Tensor,
+                 expected: dict) -> None:
+    _check_name(source, hf_name, name, expected)
     if tuple(tensor.shape) != expected[name]:
         raise UserError(f"{source.name}: tensor {hf_name} has shape {tuple(t.shape)}, but config.json "
                         f"implies {expected[name]} for {name}; the weights and config.json disagree")
@@ -119,6 +123,7 @@ class LazyConverted:
         self.plan: dict[str, tuple] = {}
         for hf_name, load, transform, targets in _mapped(source, family, spec):
             for i, name in enumerate(targets):
+                _check_name(source, hf_name, name, self.expected)
                 if name in self.plan:
                     raise UserError(f"{source.name}: tensor {name} appears twice in the checkpoint")
                 self.plan[name] = (hf_name, load, transform, targets, i)

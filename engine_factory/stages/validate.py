@@ -82,9 +82,10 @@ def _hf_greedy(ref, ids: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
 def parity(engine: Engine, ref, vc) -> dict:
     prompts = _prompt_ids(engine, vc)
     lim = engine.limits  # teacher forcing scores prompt + n - 1 tokens at once: keep within max_input_len
-    n = min(vc.max_new_tokens, lim["max_output_len"], lim["max_input_len"] + 1 - max(map(len, prompts)))
+    longest = max(map(len, prompts))
+    n = min(vc.max_new_tokens, lim["max_output_len"], lim["max_input_len"] + 1 - longest, lim["max_seq_len"] - longest)
     if n < 1:
-        raise UserError(f"validate.prompts: the longest prompt has {max(map(len, prompts))} tokens, over this "
+        raise UserError(f"validate.prompts: the longest prompt has {longest} tokens, over this "
                         f"engine's max_input_len {lim['max_input_len']}; shorten validate.prompts or raise "
                         "limits.max_input_len")
     max_abs, scale, agree, total, exact = 0.0, 0.0, 0, 0, True
