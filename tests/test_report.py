@@ -155,6 +155,8 @@ def _engine(root: Path, name: str, dtype: str, rank_bytes: int, validation: dict
 def _job(sweep: Path, num: int, overrides: list[str], engine: Path | None, error: str | None = None,
          validation: dict | None = None) -> None:
     (sweep / str(num)).mkdir(parents=True)
+    if validation is None and engine is not None:  # what a job records: the engine's validation.json then
+        validation = json.loads((engine / "validation.json").read_text())
     (sweep / str(num) / "job.json").write_text(json.dumps({
         "overrides": overrides, "recipe": "r", "engine": str(engine) if engine else None,
         "status": "failed" if error else "ok", "error": error, "seconds": 1.5, "validation": validation}))
