@@ -46,16 +46,21 @@ def test_half_precision_parity_on_cuda(tiny_models, tmp_path, model, dtype):
     assert v["passed"] and v["device"].startswith("cuda"), v
 
 
-def test_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
-    engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=fp16")
+def _assert_generates_as_eager(engine_dir: str, fast: Engine, new_tokens: int) -> None:
+    """fast (CUDA graphs, maybe compiled) and a plain eager engine on the same files: the same tokens."""
     prompts = [[5, 6, 7], list(range(10, 40)), [100]]
-    graphed = Engine.load(engine_dir, device="cuda")
     eager = Engine.load(engine_dir, device="cuda")
     eager.use_cuda_graphs = False
-    a = graphed.generate(prompts, max_new_tokens=48, ignore_eos=True)
-    b = eager.generate(prompts, max_new_tokens=48, ignore_eos=True)
-    assert graphed._graphs, "the CUDA-graph path was not taken"
+    a = fast.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    b = eager.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     assert [g.output_ids for g in a] == [g.output_ids for g in b]
+
+
+def test_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
+    engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=fp16")
+    graphed = Engine.load(engine_dir, device="cuda")
+    _assert_generates_as_eager(engine_dir, graphed, 48)
+    assert graphed._graphs, "the CUDA-graph path was not taken"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
@@ -84,24 +89,13 @@ def test_dummy_weights_are_validated_with_the_reference_on_the_gpu(tmp_path):
 
 def test_compiled_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=fp32")
-    prompts = [[5, 6, 7], list(range(10, 40)), [100]]
     compiled = Engine.load(engine_dir, device="cuda").compile()
-    eager = Engine.load(engine_dir, device="cuda")
-    eager.use_cuda_graphs = False
-    a = compiled.generate(prompts, max_new_tokens=48, ignore_eos=True)
-    b = eager.generate(prompts, max_new_tokens=48, ignore_eos=True)
+    _assert_generates_as_eager(engine_dir, compiled, 48)
     assert compiled._graphs, "the CUDA-graph path was not taken"
-    assert [g.output_ids for g in a] == [g.output_ids for g in b]
 
 
 def test_int8_weight_only_on_cuda_compiled_equals_eager(tiny_models, tmp_path):
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=int8_wo",
                         "precision.dtype=fp32")
     assert json.loads(open(f"{engine_dir}/validation.json").read())["parity"]["passed"]
-    prompts = [[5, 6, 7], list(range(10, 40)), [100]]
-    compiled = Engine.load(engine_dir, device="cuda").compile()
-    eager = Engine.load(engine_dir, device="cuda")
-    eager.use_cuda_graphs = False
-    a = compiled.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    b = eager.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    assert [g.output_ids for g in a] == [g.output_ids for g in b]
+    _assert_generates_as_eager(engine_dir, Engine.load(engine_dir, device="cuda").compile(), 32)
