@@ -4,6 +4,11 @@ Tensors are addressed by the runtime layout of a rank file (see engine_factory/s
 embed, pos_embed, embed_norm, layers.{i}.{attn_norm, attn.qkv, attn.o, mlp_norm, mlp.up, mlp.down},
 final_norm, lm_head. The KV cache is static and preallocated: decode() has fixed shapes for a given
 batch size, so it can be captured in a CUDA graph.
+
+One rank of a multi-rank engine is this code with a RankLayout (runtime/parallel.py) and a Comm: its
+heads, KV heads, ALiBi slopes and layers; an all-reduce after the row-parallel attn.o and mlp.down; the
+embedding gathered (hidden split) or summed (vocab split); the vocab-split logits gathered; activations
+sent from stage to stage. Every rank is called with the same arguments and returns the same logits.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import make_linear
+from .parallel import Comm, RankLayout
 from .spec import ModelSpec
 
 _ACTIVATIONS = {
@@ -51,37 +57,64 @@ class _Norm:
         return y.to(x.dtype)
 
 
+class _RowParallel:
+    """A linear whose input features are split across the tp ranks: partial products summed by the
+    all-reduce, then the (whole) bias added once."""
+
+    def __init__(self, quant: str, tensors: dict, prefix: str, comm: Comm):
+        bias = f"{prefix}.bias"
+        self.linear = make_linear(quant, {k: v for k, v in tensors.items() if k.startswith(prefix + ".")
+                                          and k != bias}, prefix)
+        self.bias, self.comm = tensors.get(bias), comm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.comm.all_reduce(self.linear(x))
+        return y if self.bias is None else y + self.bias
+
+
 class _Layer:
-    def __init__(self, spec: ModelSpec, tensors: dict, i: int, quant: str):
+    def __init__(self, spec: ModelSpec, tensors: dict, i: int, quant: str, comm: Comm):
         p = f"layers.{i}"
+        row = (lambda prefix: _RowParallel(quant, tensors, prefix, comm)) if comm.tp > 1 else \
+            (lambda prefix: make_linear(quant, tensors, prefix))
         self.attn_norm = _Norm(spec, tensors, f"{p}.attn_norm")
         self.mlp_norm = _Norm(spec, tensors, f"{p}.mlp_norm")
         self.qkv = make_linear(quant, tensors, f"{p}.attn.qkv")
-        self.o = make_linear(quant, tensors, f"{p}.attn.o")
+        self.o = row(f"{p}.attn.o")
         self.up = make_linear(quant, tensors, f"{p}.mlp.up")
-        self.down = make_linear(quant, tensors, f"{p}.mlp.down")
+        self.down = row(f"{p}.mlp.down")
 
 
 class Decoder:
-    """Weights of one rank + a static KV cache; prefill() for packed prompts, decode() per token."""
+    """Weights of one rank + a static KV cache; prefill() for packed prompts, decode() per token.
+
+    layout/comm None: world 1 (the whole model in this process)."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], quant: str = "none",
-                 tp_size: int = 1):
+                 layout: RankLayout | None = None, comm: Comm | None = None):
         self.spec = spec
-        self.n_heads = spec.num_heads // tp_size
-        self.n_kv = spec.num_kv_heads // tp_size
+        L = self.layout = layout or RankLayout.of(spec, {"tp": 1, "pp": 1}, 0)
+        self.comm = comm or Comm.single()
+        if (self.comm.tp, self.comm.pp, self.comm.rank) != (L.tp, L.pp, L.rank):
+            raise ValueError(f"comm is rank {self.comm.rank} of tp={self.comm.tp} pp={self.comm.pp} but the "
+                             f"layout is rank {L.rank} of tp={L.tp} pp={L.pp}")
+        self.n_heads, self.n_kv = len(L.heads), len(L.kv_heads)
         self.hd = spec.head_dim
         self.act = _ACTIVATIONS[spec.activation]
-        self.embed = tensors["embed.weight"]  # (V, H)
+        self.embedding_split = L.embedding_sharding if L.tp > 1 else "none"
+        self.embed = tensors["embed.weight"] if L.first_stage else None  # (V, H), or this rank's part
         self.pos_embed = tensors.get("pos_embed.weight")  # (P, H) for learned positions
-        self.embed_norm = _Norm(spec, tensors, "embed_norm") if spec.embedding_norm else None
-        self.layers = [_Layer(spec, tensors, i, quant) for i in range(spec.num_layers)]
-        self.final_norm = _Norm(spec, tensors, "final_norm")
-        self.lm_head = tensors["embed.weight"] if spec.tie_word_embeddings else tensors["lm_head.weight"]
-        self.lm_head_bias = tensors.get("lm_head.bias")
-        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self.embed_norm = _Norm(spec, tensors, "embed_norm") if spec.embedding_norm and L.first_stage else None
+        self.layers = [_Layer(spec, tensors, i, quant, self.comm) for i in L.layers]
+        self.final_norm = self.lm_head = self.lm_head_bias = None
+        if L.last_stage:
+            self.final_norm = _Norm(spec, tensors, "final_norm")
+            self.lm_head = tensors["embed.weight" if L.head_uses_embed else "lm_head.weight"]  # (V / tp, H)
+            self.lm_head_bias = tensors.get("lm_head.bias")
+        first = tensors["embed.weight"] if L.first_stage else tensors[f"layers.{L.layers.start}.attn_norm.weight"]
+        self.device, self.dtype = first.device, first.dtype
         self._rope = self._rope_tables() if spec.position == "rope" else None
-        self.slopes = alibi_slopes(spec.num_heads).to(self.device) if spec.position == "alibi" else None
+        self.slopes = L.alibi_slopes().to(self.device) if spec.position == "alibi" else None
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -115,7 +148,15 @@ class Decoder:
         return torch.cat([xr * cos + rot * sin, xp], dim=-1)
 
     def _embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        h = self.embed[tokens]  # (T, H)
+        if self.embedding_split == "vocab":  # rows [start, start + n) here: look up those, sum over ranks
+            n, start = self.embed.shape[0], self.layout.vocab.start
+            local = tokens - start
+            here = (local >= 0) & (local < n)
+            h = self.comm.all_reduce(self.embed[local.clamp(0, n - 1)].masked_fill(~here[:, None], 0))
+        elif self.embedding_split == "hidden":  # (T, H / tp) here
+            h = self.comm.all_gather(self.embed[tokens], dim=-1)
+        else:
+            h = self.embed[tokens]  # (T, H)
         if self.pos_embed is not None:
             h = h + self.pos_embed[pos]
         if self.embed_norm is not None:
@@ -149,8 +190,25 @@ class Decoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
-        logits = F.linear(h, self.lm_head, self.lm_head_bias)
+        logits = F.linear(h, self.lm_head, self.lm_head_bias)  # (N, V / tp), vocab padded to tp
+        if self.layout.tp > 1:
+            logits = self.comm.all_gather(logits, dim=-1)[:, :self.spec.vocab_size]
         return logits.float()
+
+    def _stage_input(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.layout.first_stage:
+            return self._embed(tokens, pos)
+        return self.comm.recv_prev((tokens.shape[0], self.spec.hidden_size), self.dtype, self.device)
+
+    def _stage_output(self, h: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's logits (of the rows `pick`, or all) on every rank; other stages pass h on."""
+        n = h.shape[0] if pick is None else pick.shape[0]
+        logits = None
+        if not self.layout.last_stage:
+            self.comm.send_next(h)
+        else:
+            logits = self._logits(h if pick is None else h[pick])
+        return self.comm.from_last_stage(logits, (n, self.spec.vocab_size), torch.float32, self.device)
 
     # ---- forward passes ---------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, lengths: list[int], slots: list[int] | None = None,
@@ -165,7 +223,7 @@ class Decoder:
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
-        h = self._embed(tokens, pos)
+        h = self._stage_input(tokens, pos)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, pos)
             outs = []
@@ -189,9 +247,7 @@ class Decoder:
                 outs.append(o[0].transpose(0, 1).reshape(n, -1))
             h = h + layer.o(torch.cat(outs, dim=0))
             h = h + self._mlp(layer, h)
-        if not all_logits:
-            h = h[torch.tensor(starts[1:], device=self.device) - 1]
-        return self._logits(h)
+        return self._stage_output(h, None if all_logits else torch.tensor(starts[1:], device=self.device) - 1)
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per cache slot 0..B-1: tokens (B,), pos (B,) its position. Returns (B, V).
@@ -200,7 +256,7 @@ class Decoder:
         """
         B = tokens.shape[0]
         S = self.k_cache[0].shape[2]
-        h = self._embed(tokens, pos)  # (B, H)
+        h = self._stage_input(tokens, pos)  # (B, H)
         bidx = torch.arange(B, device=self.device)
         valid = torch.arange(S, device=self.device)[None, :] <= pos[:, None]  # (B, S)
         if self.slopes is None:
@@ -218,4 +274,4 @@ class Decoder:
                                                enable_gqa=self.n_kv != self.n_heads)  # (B, nh, 1, hd)
             h = h + layer.o(o.reshape(B, -1))
             h = h + self._mlp(layer, h)
-        return self._logits(h)
+        return self._stage_output(h, None)
