@@ -5,6 +5,7 @@ from runtime.errors import UserError
 from runtime.spec import ModelSpec
 
 from .quant import QUANTIZERS
+from .store import check_name
 from .stages.build import DTYPES
 from .stages.calibrate import NEEDS_CALIBRATION
 
@@ -25,6 +26,9 @@ def check_config(cfg) -> None:
     _one_of("precision.kv_cache", cfg.precision.kv_cache, {"auto"})
     _one_of("backend", cfg.backend, BACKENDS)
     _one_of("target", cfg.target, TARGETS)
+    _one_of("verify", cfg.verify, {"size", "full"})
+    if cfg.model.name is not None:
+        check_name("model.name", cfg.model.name)
     for key in ("tp", "pp"):
         if cfg.parallel[key] < 1:
             raise UserError(f"parallel.{key}={cfg.parallel[key]} must be at least 1")

@@ -1,7 +1,10 @@
 """Hydra set-up: schemas, resolvers, recipes as the `recipe` group, and composition with one-line errors."""
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -25,11 +28,24 @@ def setup() -> None:
     register_schema()
     OmegaConf.register_new_resolver("ef.shared", lambda rel="": str(shared_dir() / rel), replace=True)
     OmegaConf.register_new_resolver("ef.default_store", default_store, replace=True)
+    OmegaConf.register_new_resolver("ef.job_root", job_root, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ef.pid", os.getpid, replace=True)
     cs = ConfigStore.instance()
     for name in recipe_names():
         cs.store(group="recipe", name=name, node=OmegaConf.load(recipes_dir() / f"{name}.yaml"),
                  package="_global_")
     _done = True
+
+
+def job_root(store: str, kind: str) -> str:
+    """Where Hydra keeps a run's or a sweep's logs: `<store>/<kind>`, or, when the store is read-only (a cache
+    hit needs no writes), a folder in the system's temporary directory."""
+    from .store import Store
+
+    root = Store(store)
+    if root.writable:
+        return str(root.root / kind)
+    return str(Path(tempfile.gettempdir()) / f"engine-factory-{os.getuid()}" / kind)
 
 
 def _one_line(e: BaseException) -> str:
@@ -103,9 +119,24 @@ def compose(overrides: list[str]):
 
 
 def precheck(overrides: list[str]) -> None:
-    """Compose every point of the command line and check it, before Hydra starts any job."""
-    from .checks import check_config
+    """Compose every point of the command line and check it (config, and the model's shape where the source's
+    config can be read without fetching), before Hydra starts any job or creates any folder."""
+    from .pipeline import check_before_work
 
+    _check_hydra_paths(overrides)
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     for point in _points(user):
-        check_config(compose(point))
+        check_before_work(compose(point))
+
+
+def _check_hydra_paths(overrides: list[str]) -> None:
+    """Hydra's folders are the user's to move (like store=), but a sweep's job folder is a name, and no path
+    climbs out of where it points with '..'."""
+    from .store import check_name
+
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra.sweep.subdir" and "${" not in value:
+            check_name(key, value)
+        elif key in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir") and ".." in Path(value).parts:
+            raise UserError(f"{key}={value}: no '..' in Hydra's folders; give a path without it")

@@ -3,24 +3,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runtime.errors import UserError
-from runtime.format import FORMAT_VERSION, VALIDATION_JSON
+from runtime.errors import EngineError, UserError
+from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_manifest
 
 from . import __version__, families
 from .checks import check_config, check_model, check_supported
 from .hashing import digest
+from .sources import peek_config
 from .stages.build import build
 from .stages.calibrate import NEEDS_CALIBRATION, calibrate
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
 from .stages.validate import ValidationFailed, validate, validate_key
-from .store import Store, is_complete_engine
+from .layout import canonical_shapes
+from .stages.build import DTYPES
+from .store import Store, check_name, is_complete_engine, no_space, safe_name
 from .tokenizers import tokenizer_saver
 
 log = logging.getLogger(__name__)
@@ -61,16 +65,35 @@ def _toolchain() -> dict:
             "safetensors": safetensors.__version__}
 
 
-def _spec(cfg, source):
-    family = families.resolve(source.hf_config, cfg.model.family, where=f"model.source={cfg.model.source}")
+def _spec(cfg, hf_config: dict, tokenizer_config: dict | None = None):
+    family = families.resolve(hf_config, cfg.model.family, where=f"model.source={cfg.model.source}")
     try:
-        spec = family.spec(source.hf_config, cfg.model.version)
+        spec = family.spec(hf_config, cfg.model.version)
     except KeyError as e:
         raise UserError(f"model.source={cfg.model.source}: config.json lacks {e} that a {family.model_type} "
                         "model needs") from None
-    if "add_bos_token" in source.tokenizer_config:
-        spec = dataclasses.replace(spec, add_bos_token=bool(source.tokenizer_config["add_bos_token"]))
+    if tokenizer_config and "add_bos_token" in tokenizer_config:
+        spec = dataclasses.replace(spec, add_bos_token=bool(tokenizer_config["add_bos_token"]))
     return family, spec
+
+
+def check_before_work(cfg) -> None:
+    """Every check that needs no more than the source's config (config.json, a GGUF header, model.config):
+    what a sweep runs for all of its points before the first one builds. Sources that only fetching can read
+    (the hub) are checked when they are fetched."""
+    from omegaconf import OmegaConf
+
+    check_config(cfg)
+    if OmegaConf.is_missing(cfg.model, "source") or not cfg.model.source:
+        return  # fetch says what to pass
+    hf_config = peek_config(str(cfg.model.source), cfg.model)
+    if hf_config is None:
+        return
+    if cfg.model.config:
+        hf_config = {**hf_config, **OmegaConf.to_container(cfg.model.config, resolve=True)}
+    _, spec = _spec(cfg, hf_config)
+    check_model(cfg, spec)
+    check_supported(cfg)
 
 
 def run(cfg, recipe: str | None = None) -> Path:
@@ -79,20 +102,29 @@ def run(cfg, recipe: str | None = None) -> Path:
     check_config(cfg)
     store = Store(cfg.store)
     source = fetch(cfg.model, store)
-    family, spec = _spec(cfg, source)
+    family, spec = _spec(cfg, source.hf_config, source.tokenizer_config)
     check_model(cfg, spec)
     check_supported(cfg)
     identity = engine_identity(cfg, source, spec)
     h = digest(identity)
-    name = cfg.model.name or recipe or source.name
-    engine_dir = store.root / f"{name}-{h[:12]}"
+    name = cfg.model.name or (check_name("recipe", recipe) if recipe else safe_name(source.name))
+    engine_dir = store.engine_dir(name, h)
     if is_complete_engine(engine_dir) and not cfg.force:
-        log.info("cache hit: %s", engine_dir)
-        _revalidate_if_needed(engine_dir, source, cfg)
-        return engine_dir
-    with store.lock(h):
-        if is_complete_engine(engine_dir) and not cfg.force:
+        damage = _damage(engine_dir, cfg.verify)
+        if damage is None:
+            log.info("cache hit: %s", engine_dir)
+            _revalidate_if_needed(engine_dir, source, cfg, store)
             return engine_dir
+        log.warning("the engine in the store is damaged, rebuilding it: %s", damage)
+    needed = estimate_engine_bytes(spec, cfg)
+    store.prepare(f"building {engine_dir.name}")
+    store.remove_stale_staging()
+    free = shutil.disk_usage(store.root).free
+    if free < needed:
+        raise no_space(store.root, needed)
+    with store.lock(h):
+        if is_complete_engine(engine_dir) and not cfg.force and _damage(engine_dir, cfg.verify) is None:
+            return engine_dir  # another process built it while this one waited for the lock
         tensors = convert(source, family, spec, store)
         calibrate(cfg, tensors, spec, store)
         engine_json = {
@@ -105,7 +137,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             "toolchain": _toolchain(), "target": {"device": cfg.target, "sm": None}, "backend": cfg.backend,
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
         }
-        with store.staging(engine_dir) as tmp:
+        with store.staging(engine_dir, needed) as tmp:
             build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg))
             if cfg.validate.enabled:
                 try:
@@ -119,7 +151,25 @@ def run(cfg, recipe: str | None = None) -> Path:
     return engine_dir
 
 
-def _revalidate_if_needed(engine_dir: Path, source, cfg) -> None:
+def estimate_engine_bytes(spec, cfg) -> int:
+    """Bytes of the rank files, from the shapes alone: every parameter in the float dtype (an upper bound for
+    quantized engines), plus the lm_head copy that sharded tied embeddings may need."""
+    n = sum(math.prod(s) for s in canonical_shapes(spec).values())
+    if spec.tie_word_embeddings and cfg.parallel.tp * cfg.parallel.pp > 1:
+        n += spec.vocab_size * spec.hidden_size
+    return n * DTYPES[cfg.precision.dtype].itemsize
+
+
+def _damage(engine_dir: Path, mode: str) -> str | None:
+    """None for an intact engine (sizes, or sha256 with mode=full), else what is wrong with it."""
+    try:
+        verify_manifest(engine_dir, mode)
+    except EngineError as e:
+        return str(e)
+    return None
+
+
+def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store) -> None:
     import json
 
     if not cfg.validate.enabled:
@@ -130,6 +180,10 @@ def _revalidate_if_needed(engine_dir: Path, source, cfg) -> None:
             return
     except (OSError, ValueError):
         pass
+    if not store.writable:
+        log.warning("validate: %s has no validation for these validate.* settings, and the store is read-only: "
+                    "not validated again", engine_dir.name)
+        return
     validate(engine_dir, source, cfg)
 
 

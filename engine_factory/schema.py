@@ -97,6 +97,7 @@ class EngineFactoryConfig:
     store: str = MISSING
     expect: Dict[str, Any] = field(default_factory=dict)  # published results a recipe records
     force: bool = False  # rebuild even when the engine is in the store
+    verify: str = "size"  # size | full: how a cache hit checks the engine in the store (full: sha256 of every file)
     log_level: str = "INFO"
 
 

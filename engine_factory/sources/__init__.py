@@ -50,30 +50,45 @@ class Source:
         return self._tensors()
 
 
-# Readers by the form of model.source, tried in order: (matches(source_string), open(...)).
-SOURCES: list[tuple[Callable[[str], bool], Callable[..., Source]]] = []
+# Readers by the form of model.source, tried in order: (matches(source_string), open(...), peek(...) or None).
+# peek(source_string, model_cfg) returns the HF config fields alone, cheaply (no weights read, nothing written):
+# what the checks before any work need, e.g. for every point of a sweep before the first one builds.
+SOURCES: list[tuple[Callable[[str], bool], Callable[..., Source], Callable[..., dict] | None]] = []
 
 
-def register_source(matches: Callable[[str], bool], first: bool = False):
+def register_source(matches: Callable[[str], bool], first: bool = False, peek: Callable[..., dict] | None = None):
     """first: try before the readers registered so far (a specific folder layout before any folder)."""
     def deco(fn):
-        SOURCES.insert(0 if first else len(SOURCES), (matches, fn))
+        SOURCES.insert(0 if first else len(SOURCES), (matches, fn, peek))
         return fn
     return deco
 
 
-def open_source(source: str, model_cfg, store) -> Source:
+def _register_all() -> None:
     from . import dummy, hf_folder, hub, meta, nemo, pypi  # noqa: F401  (register themselves)
     try:
         from . import gguf  # noqa: F401
     except ImportError:
         pass
-    for matches, fn in SOURCES:
+
+
+def open_source(source: str, model_cfg, store) -> Source:
+    _register_all()
+    for matches, fn, _ in SOURCES:
         if matches(source):
             return fn(source, model_cfg, store)
     raise UserError(f"model.source={source}: no such file or folder; pass a local Hugging Face folder "
                     "(config.json + weights), hf://org/name@revision, a Meta checkpoint folder (params.json + "
                     "consolidated.*.pth), a .nemo file, a .gguf file, or dummy")
+
+
+def peek_config(source: str, model_cfg) -> dict | None:
+    """The source's HF config without reading weights, or None where only fetching can tell (the hub)."""
+    _register_all()
+    for matches, _, peek in SOURCES:
+        if matches(source):
+            return peek(source, model_cfg) if peek else None
+    return None
 
 
 def read_json(path: Path, what: str) -> dict:

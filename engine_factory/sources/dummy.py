@@ -30,13 +30,18 @@ GENERATOR = "uniform-int24-v1"  # change when dummy_tensor's values change
 CHUNK = 1 << 22  # normals per generator
 
 
-@register_source(lambda s: s == "dummy")
-def open_dummy(source: str, model_cfg, store) -> Source:
+def _config(model_cfg) -> dict:
     config = OmegaConf.to_container(model_cfg.config, resolve=True) if model_cfg.config else {}
     if not config:
         raise UserError("model.source=dummy needs the architecture in model.config (HF config.json fields, e.g. "
                         "'+model.config={architectures:[LlamaForCausalLM],hidden_size:...}'), or a model/ option "
                         "that has it")
+    return config
+
+
+@register_source(lambda s: s == "dummy", peek=lambda s, model_cfg: _config(model_cfg))
+def open_dummy(source: str, model_cfg, store) -> Source:
+    config = _config(model_cfg)
     seed, name = model_cfg.seed, f"dummy-{config.get('model_type', 'model')}"
     shapes = hf_parameter_shapes(config)
     provenance = {"type": "dummy", "seed": seed, "config": config, "layout": "hf" if shapes else "canonical",

@@ -110,15 +110,24 @@ def _reference(path: Path):
     return load
 
 
-@register_source(lambda s: s.lower().endswith(".gguf") and Path(s).expanduser().is_file())
-def open_gguf(source: str, model_cfg, store) -> Source:
+def _reader(path: Path):
     from gguf import GGUFReader
 
-    path = Path(source).expanduser().resolve()
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))  # memory-mapped: tensors are read when used
     except Exception as e:  # gguf raises ValueError / struct errors / OSError for bad files
         raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
+
+
+def _peek(source: str, model_cfg) -> dict:
+    path = Path(source).expanduser().resolve()
+    return _hf_config(_reader(path), path)
+
+
+@register_source(lambda s: s.lower().endswith(".gguf") and Path(s).expanduser().is_file(), peek=_peek)
+def open_gguf(source: str, model_cfg, store) -> Source:
+    path = Path(source).expanduser().resolve()
+    reader = _reader(path)
     cfg = _hf_config(reader, path)
     # llama.cpp's flag says whether the model expects BOS (absent: SentencePiece vocabularies do, BPE ones
     # don't). The llama family's default (True) would put <|im_start|>, SmolLM2's BOS, before every prompt.

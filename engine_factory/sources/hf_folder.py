@@ -99,6 +99,11 @@ def _hf_reference(path: Path, hf_config: dict):
     return load
 
 
-@register_source(lambda s: Path(s).expanduser().is_dir())
+def _peek(source: str, model_cfg) -> dict | None:
+    cfg = Path(source).expanduser() / "config.json"
+    return read_json(cfg, "the model config") if cfg.is_file() else None
+
+
+@register_source(lambda s: Path(s).expanduser().is_dir(), peek=_peek)
 def open_local(source: str, model_cfg, store) -> Source:
     return open_folder(Path(source).expanduser().resolve(), store)

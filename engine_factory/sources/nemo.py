@@ -34,6 +34,7 @@ def _weights_file(path: Path, sha: str, store) -> Path:
     """model_weights.ckpt extracted into the store (torch.load's mmap needs a file of its own)."""
     out = store.cache_dir("nemo", sha)
     if not (out / WEIGHTS).is_file():
+        store.prepare(f"extracting {WEIGHTS} from {path.name}")
         with store.lock(f"nemo-{sha}"):
             if not (out / WEIGHTS).is_file():
                 with store.staging(out) as tmp, tarfile.open(path) as tar, open(tmp / WEIGHTS, "wb") as f:

