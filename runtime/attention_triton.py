@@ -1,0 +1,157 @@
+"""Split-K flash-decoding in Triton: the "triton" entry of runtime/attention.py.
+
+Stage 1, grid (B, nkv, splits): program (b, g, s) takes the s-th of `splits` equal chunks of sequence
+b's live positions 0..pos[b] (chunk = ceil(L / splits) rounded up to BLOCK_N) and runs online softmax
+over it for the whole query group of KV head g (each K/V block is read once for its G = nh / nkv
+query heads, as rows of one tl.dot). Chunks past L exit at once: the cost follows the live length
+while the grid depends only on shapes, so it is the same launch on every step (CUDA graphs).
+Stage 2, grid (B, nh): combines the splits' partial outputs with their log-sum-exp. When one split
+is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not launched.
+
+Softmax runs in base 2 (scores pre-multiplied by log2 e); ALiBi adds slope * (j - pos) in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                  stride_ob, stride_oh, qk_scale,
+                  NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  IEEE: tl.constexpr, DIRECT: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    last = tl.load(POS + b).to(tl.int32)  # attend to 0..last
+    L = last + 1
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, L)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HD)
+    n = tl.arange(0, BLOCK_N)
+    heads = kvh * G + g  # (BLOCK_G,) rows past G are padding for tl.dot's 16-row minimum
+    gmask = g < G
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q = q.to(K.dtype.element_ty)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HD], tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + n
+        nmask = offs < end
+        k = tl.load(k_base + offs[:, None] * stride_ks + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
+        if HAS_ALIBI:
+            qk += slope[:, None] * (offs - last).to(tl.float32)[None, :]
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs[:, None] * stride_vs + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    nonempty = l > 0  # a chunk past L has no positions: weight 0 in the combine, no 0/0
+    o = acc / tl.where(nonempty, l, 1.0)[:, None]
+    if DIRECT:
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    else:
+        row = (b * NH + heads) * SPLITS + split  # partials are (B, nh, SPLITS[, HD]), contiguous
+        tl.store(O_PART + row[:, None] * HD + d[None, :], o, mask=gmask[:, None])
+        tl.store(LSE_PART + row, tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
+                 mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh,
+                    NH: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_P2)
+    d = tl.arange(0, HD)
+    smask = s < SPLITS
+    row = (b * NH + h) * SPLITS + s
+    lse = tl.load(LSE_PART + row, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    o = tl.load(O_PART + row[:, None] * HD + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.device) -> dict:
+    """Launch shape from static sizes only (the same launch every step)."""
+    block_n = 64 if hd <= 128 else 32
+    # enough programs for ~4 waves of the GPU's multiprocessors, never more splits than blocks in S
+    splits = max(1, min(math.ceil(4 * _sm_count(device) / (B * nkv)), triton.cdiv(S, block_n), 64))
+    return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 2}
+
+
+def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, *, block_n: int, splits: int,
+           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it)."""
+    B, nh, hd = q.shape
+    nkv, S = k_cache.shape[1], k_cache.shape[2]
+    G = nh // nkv
+    assert nh == G * nkv and k_cache.shape == v_cache.shape and k_cache.shape[0] >= B and k_cache.shape[3] == hd
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    out = torch.empty((B, nh, hd), dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    part_o = torch.empty((B, nh, splits, hd) if not direct else (1,), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((B, nh, splits) if not direct else (1,), dtype=torch.float32, device=q.device)
+    slopes = alibi_slopes if alibi_slopes is not None else pos  # an unread pointer when HAS_ALIBI is False
+    wrap_triton(_split_kernel)[(B, nkv, splits)](
+        q, k_cache, v_cache, pos, slopes, part_o, part_lse, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        scale * _LOG2E,
+        NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n, SPLITS=splits,
+        HAS_ALIBI=alibi_slopes is not None, IEEE=k_cache.dtype == torch.float32, DIRECT=direct,
+        num_warps=num_warps, num_stages=num_stages)
+    if not direct:
+        wrap_triton(_combine_kernel)[(B, nh)](
+            part_o, part_lse, out, out.stride(0), out.stride(1),
+            NH=nh, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+@triton_op("engine_factory::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float, alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    """q (B, nh, hd), caches (>=B, nkv, S, hd) as stored, pos (B,) int64 -> (B, nh, hd) in q's dtype.
+
+    A triton_op: torch.compile(fullgraph=True) traces into both kernels, and CUDA graphs capture them.
+    """
+    B, nh, hd = q.shape
+    cfg = default_config(B, nh, k_cache.shape[1], k_cache.shape[2], hd, q.device)
+    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, **cfg)

@@ -1,0 +1,161 @@
+"""Decode attention entries (runtime/attention.py) against a plain float64 softmax written here.
+
+The Triton kernel runs on the GPU (marker cuda, through the device tool) and, where the triton
+package is installed, on CPU through Triton's interpreter (TRITON_INTERPRET=1; no bf16 there: the
+interpreter stores bf16 as integers and its tl.dot does not convert them). Without triton these skip.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from runtime.attention import DECODE_ATTENTION, decode_attention, select_decode_attention
+from runtime.errors import UserError
+from runtime.model import alibi_slopes
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # max abs error; outputs are O(1)
+
+# (B, nh, nkv, S, hd, alibi): MHA, GQA 4 and 8, MQA, ALiBi, head dims 16..128, S not a multiple of blocks
+CASES = {
+    "b1_mha": (1, 4, 4, 40, 32, False),
+    "b3_gqa4": (3, 8, 2, 100, 16, False),
+    "b2_gqa8_alibi": (2, 16, 2, 75, 64, True),
+    "b5_mqa": (5, 8, 1, 130, 16, False),
+    "b8_mha_alibi": (8, 4, 4, 33, 128, True),
+    "b4_gqa4_hd128": (4, 8, 2, 257, 128, False),
+}
+
+
+def reference(q, k_cache, v_cache, pos, scale, slopes):
+    """float64 softmax over j = 0..pos[b] of scale q.k + slope (j - pos); KV head h // G for head h."""
+    B, nh, _ = q.shape
+    G, S = nh // k_cache.shape[1], k_cache.shape[2]
+    k = k_cache[:B].double().repeat_interleave(G, dim=1)  # (B, nh, S, hd)
+    v = v_cache[:B].double().repeat_interleave(G, dim=1)
+    s = torch.einsum("bhd,bhsd->bhs", q.double(), k) * scale
+    j = torch.arange(S, device=q.device)
+    if slopes is not None:
+        s = s + slopes.double()[None, :, None] * (j[None, None, :] - pos[:, None, None])
+    s = s.masked_fill(j[None, None, :] > pos[:, None, None], float("-inf"))
+    return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)
+
+
+def make_inputs(case, dtype, seed, poison=True, spare_rows=1):
+    """Random q and caches (with spare_rows unused cache rows, as the decoder's max_batch cache has),
+    positions 0..S-1 different per row, including 0 and S-1, and the reference output. With poison,
+    cache entries past pos hold NaN, which a kernel that reads past the live length would spread."""
+    B, nh, nkv, S, hd, alibi = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, hd, generator=g)
+    k = torch.randn(B + spare_rows, nkv, S, hd, generator=g)
+    v = torch.randn(B + spare_rows, nkv, S, hd, generator=g)
+    pos = torch.randint(0, S, (B,), generator=g)
+    pos[0] = S - 1
+    if B > 1:
+        pos[1] = 0
+    slopes = alibi_slopes(nh) if alibi else None
+    ref = reference(q.to(dtype), k.to(dtype), v.to(dtype), pos, hd ** -0.5, slopes)
+    dead = torch.arange(S)[None, :] > pos[:, None] if poison else torch.zeros(B, S, dtype=torch.bool)
+    k[:B][dead[:, None, :].expand(B, nkv, S)] = float("nan")
+    v[:B][dead[:, None, :].expand(B, nkv, S)] = float("nan")
+    put = lambda t: None if t is None else t.to(DEV)
+    return (q.to(DEV, dtype), k.to(DEV, dtype), v.to(DEV, dtype), pos.to(DEV), put(slopes)), ref
+
+
+def assert_close(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == dtype
+    err = (out.double().cpu() - ref).abs().max().item()
+    assert err <= TOL[dtype], f"max abs error {err} > {TOL[dtype]}"
+
+
+# ---- the torch entry (the reference the decoder has always computed) ------------------------------
+@pytest.mark.parametrize("name", CASES)
+def test_torch_entry_matches_plain_softmax(name, one_thread):
+    (q, k, v, pos, slopes), ref = make_inputs(CASES[name], torch.float32, seed=1, poison=False)  # SDPA masks
+    B = q.shape[0]
+    assert_close(decode_attention(q, k[:B], v[:B], pos, alibi_slopes=slopes, impl="torch"), ref, torch.float32)
+
+
+# ---- the triton entry --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kernels():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            mp.setenv("TRITON_INTERPRET", "1")  # read as triton is imported and the kernels decorated
+        import runtime.attention_triton as kernels
+        yield kernels
+
+
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="no bf16 dot in Triton's interpreter"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_triton_op_matches_reference(kernels, name, dtype, one_thread):
+    (q, k, v, pos, slopes), ref = make_inputs(CASES[name], dtype, seed=2)
+    assert_close(kernels.decode_attention(q, k, v, pos, q.shape[-1] ** -0.5, slopes), ref, dtype)
+
+
+@pytest.mark.parametrize("splits,block_n", [(1, 16), (3, 16), (7, 32), (64, 16)])
+def test_triton_any_split_count(kernels, splits, block_n, one_thread):
+    """Direct (one split) and combined outputs alike, also with more splits than live blocks (empty ones)."""
+    (q, k, v, pos, slopes), ref = make_inputs(CASES["b2_gqa8_alibi"], torch.float32, seed=3)
+    assert_close(kernels.launch(q, k, v, pos, q.shape[-1] ** -0.5, slopes, splits=splits, block_n=block_n),
+                 ref, torch.float32)
+
+
+def test_triton_scale_and_activation_dtype(kernels, one_thread):
+    """A non-default scale, and fp32 queries against an fp16 cache: output in the queries' dtype."""
+    (q, k, v, pos, _), _ = make_inputs(CASES["b3_gqa4"], torch.float16, seed=4, poison=False)
+    q = q.float() + 1e-3 * torch.randn_like(q, dtype=torch.float32)  # not representable in fp16
+    ref = reference(q.half().cpu(), k.cpu(), v.cpu(), pos.cpu(), 0.3, None)  # the kernel reads q as the cache's dtype
+    out = DECODE_ATTENTION["triton"].attend(q, k, v, pos, None, 0.3)
+    assert out.dtype == torch.float32
+    assert (out.double().cpu() - ref).abs().max().item() <= TOL[torch.float16]
+
+
+# ---- selection ----------------------------------------------------------------------------------
+def test_selection_is_a_setting_with_one_line_errors(monkeypatch):
+    monkeypatch.delenv("EF_DECODE_ATTENTION", raising=False)
+    assert select_decode_attention(torch.device("cpu"), 64).name == "torch"  # auto: torch on CPU
+    assert select_decode_attention(torch.device("cuda"), 80).name == "torch"  # no kernel for head_dim 80
+    monkeypatch.setenv("EF_DECODE_ATTENTION", "torch")
+    assert select_decode_attention(torch.device("cuda"), 128).name == "torch"
+    monkeypatch.setenv("EF_DECODE_ATTENTION", "flash9")
+    with pytest.raises(UserError, match="decode attention 'flash9'.*unknown; use auto or one of torch, triton"):
+        select_decode_attention(torch.device("cpu"), 64)
+    with pytest.raises(UserError, match="'triton' cannot run here: .*(not installed|not a power of two)"):
+        select_decode_attention(DEV, 80, name="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run via the device tool)")
+def test_triton_compiles_fullgraph_and_replays_in_a_cuda_graph(kernels):
+    """One capture, then replays with other positions: the grid is static, the live length is read on the GPU."""
+    case = CASES["b4_gqa4_hd128"]
+    (q, k, v, pos, slopes), _ = make_inputs(case, torch.bfloat16, seed=5, poison=False)
+    step = torch.compile(lambda q, pos: DECODE_ATTENTION["triton"].attend(q, k, v, pos, None), fullgraph=True)
+    static_q, static_pos = q.clone(), pos.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(static_q, static_pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(static_q, static_pos)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        static_q.copy_(torch.randn(q.shape, generator=g).to(q))
+        static_pos.copy_(torch.randint(0, case[3], pos.shape, generator=g).to(pos))
+        graph.replay()
+        ref = reference(static_q.cpu(), k.cpu(), v.cpu(), static_pos.cpu(), q.shape[-1] ** -0.5, None)
+        assert_close(out, ref, torch.bfloat16)
