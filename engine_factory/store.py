@@ -64,10 +64,14 @@ def _writable(path: Path) -> bool:
         return False
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def no_space(path: Path | str, needed: int | None = None) -> UserError:
     free = shutil.disk_usage(_existing(Path(path))).free
-    need = f"; the engine needs about {needed / 1e9:.2f} GB" if needed else ""
-    return UserError(f"no space left on the device of {path} ({free / 1e9:.2f} GB free{need}); free some space or "
+    need = f"; the engine needs about {_size(needed)}" if needed else ""
+    return UserError(f"no space left on the device of {path} ({_size(free)} free{need}); free some space or "
                      "pass store=<a folder on a disk with room>")
 
 
