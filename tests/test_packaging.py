@@ -1,0 +1,31 @@
+"""Packaging: `pip install .` ships conf/ and recipes/ and prints no warnings of our own packaging."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+from helpers import ROOT
+
+
+def test_every_conf_folder_is_a_listed_package():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {f"engine_factory.conf.{p.name}" for p in (ROOT / "conf").iterdir() if p.is_dir()}
+    assert folders <= set(packages), f"add to [tool.setuptools] packages: {sorted(folders - set(packages))}"
+
+
+def test_wheel_builds_quietly_and_holds_every_config(tmp_path):
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__"))
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    noise = [line for line in (p.stdout + p.stderr).splitlines() if "warn" in line.lower().replace(str(tmp_path).lower(), "")]
+    assert not noise, "\n".join(noise[:20])
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"engine_factory/conf/{f.relative_to(ROOT / 'conf').as_posix()}" for f in (ROOT / "conf").rglob("*.yaml")}
+    want |= {f"engine_factory/recipes/{f.name}" for f in (ROOT / "recipes").glob("*.yaml")}
+    assert want <= names, sorted(want - names)[:5]
