@@ -45,6 +45,13 @@ def _job(cfg) -> str | None:
     hc = HydraConfig.get()
     recipe = hc.runtime.choices.get("recipe")
     t0 = time.perf_counter()
+    if cfg.plan:
+        try:
+            pipeline.print_plan(cfg)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return None
     try:
         engine_dir = pipeline.run(cfg, recipe=recipe)
     except Exception as e:

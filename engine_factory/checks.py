@@ -4,6 +4,7 @@ from __future__ import annotations
 from runtime.errors import UserError
 from runtime.spec import ModelSpec
 
+from .plan import GPUS
 from .quant import QUANTIZERS
 from .store import check_name
 from .stages.build import DTYPES
@@ -27,9 +28,12 @@ def check_config(cfg) -> None:
     _one_of("backend", cfg.backend, BACKENDS)
     _one_of("target", cfg.target, TARGETS)
     _one_of("verify", cfg.verify, {"size", "full"})
+    _one_of("target_gpu", cfg.target_gpu, GPUS)
+    if cfg.target_gpu_memory_gb is not None and not cfg.target_gpu_memory_gb > 0:
+        raise UserError(f"target_gpu_memory_gb={cfg.target_gpu_memory_gb} must be a positive number of GB")
     if cfg.model.name is not None:
         check_name("model.name", cfg.model.name)
-    for key in ("tp", "pp"):
+    for key in ("tp", "pp", "build_workers"):
         if cfg.parallel[key] < 1:
             raise UserError(f"parallel.{key}={cfg.parallel[key]} must be at least 1")
     _one_of("parallel.embedding_sharding", cfg.parallel.embedding_sharding, {"none", "vocab", "hidden"})
@@ -48,13 +52,22 @@ def check_model(cfg, spec: ModelSpec) -> None:
     for what, n in (("num_attention_heads", spec.num_heads), ("intermediate_size", spec.intermediate_size),
                     ("num_key_value_heads", spec.num_kv_heads)):
         if what == "num_key_value_heads" and n < tp and tp % n == 0:
-            continue  # fewer KV heads than ranks (MQA, GQA): each rank keeps a copy of its KV head
+            continue  # fewer KV heads than ranks (MQA, GQA): the ranks of one KV head each keep a copy
         if n % tp:
+            also = f", or a multiple of {n}" if what == "num_key_value_heads" else ""
             raise UserError(f"parallel.tp={tp} does not divide the model's {what}={n}; choose a tp that "
-                            f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)})")
+                            f"divides it ({', '.join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)}"
+                            f"{also})")
+    sharding = cfg.parallel.embedding_sharding
+    if sharding == "hidden" and spec.hidden_size % tp:
+        raise UserError(f"parallel.embedding_sharding=hidden: parallel.tp={tp} does not divide hidden_size="
+                        f"{spec.hidden_size}; use embedding_sharding=vocab")
     if cfg.parallel.share_embedding and not spec.tie_word_embeddings:
         raise UserError("parallel.share_embedding=true needs a model with tied embeddings "
                         "(tie_word_embeddings); this one has a separate lm_head: drop it")
+    if cfg.parallel.share_embedding and sharding != "vocab":
+        raise UserError(f"parallel.share_embedding=true needs parallel.embedding_sharding=vocab (the lm_head's "
+                        f"vocab slice is the embedding's), not {sharding}; set embedding_sharding=vocab")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
 

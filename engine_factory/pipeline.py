@@ -16,31 +16,20 @@ from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_manifest
 from . import __version__, families
 from .checks import check_config, check_model, check_supported
 from .hashing import digest
+from .layout import canonical_shapes
+from .plan import check_fits, describe, engine_limits, plan
 from .sources import peek_config
-from .stages.build import build
+from .stages.build import DTYPES, build
 from .stages.calibrate import NEEDS_CALIBRATION, calibrate
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
 from .stages.validate import ValidationFailed, validate, validate_key
-from .layout import canonical_shapes
-from .stages.build import DTYPES
 from .store import Store, check_name, is_complete_engine, no_space, safe_name
 from .tokenizers import tokenizer_saver
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _limits(cfg, spec) -> dict:
-    lim = OmegaConf.to_container(cfg.limits, resolve=True)
-    seq = lim["max_input_len"] + lim["max_output_len"]
-    if spec.position != "alibi" and seq > spec.max_position_embeddings:
-        log.info("limits: max_seq_len capped at the model's %d positions", spec.max_position_embeddings)
-        seq = spec.max_position_embeddings
-    lim["max_seq_len"] = seq
-    lim["max_input_len"] = min(lim["max_input_len"], seq)
-    return lim
 
 
 def engine_identity(cfg, source, spec) -> dict:
@@ -51,7 +40,8 @@ def engine_identity(cfg, source, spec) -> dict:
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
         "calibration": (OmegaConf.to_container(cfg.calibration, resolve=True)
                         if cfg.precision.quant in NEEDS_CALIBRATION else None),
-        "parallel": OmegaConf.to_container(cfg.parallel, resolve=True), "limits": _limits(cfg, spec),
+        "parallel": {k: v for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
+                     if k != "build_workers"}, "limits": engine_limits(cfg, spec),
         "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),
     }
 
@@ -77,23 +67,40 @@ def _spec(cfg, hf_config: dict, tokenizer_config: dict | None = None):
     return family, spec
 
 
-def check_before_work(cfg) -> None:
+def check_before_work(cfg):
     """Every check that needs no more than the source's config (config.json, a GGUF header, model.config):
-    what a sweep runs for all of its points before the first one builds. Sources that only fetching can read
-    (the hub) are checked when they are fetched."""
-    from omegaconf import OmegaConf
-
+    what a sweep runs for all of its points before the first one builds. Returns the model spec, or None for
+    sources that only fetching can read, which are checked once fetched."""
     check_config(cfg)
+    spec = peek_spec(cfg)
+    if spec is not None:
+        check_model(cfg, spec)
+        if not cfg.plan:
+            check_supported(cfg)
+            check_fits(cfg, spec)
+    return spec
+
+
+def peek_spec(cfg):
+    """The model spec from the source's config alone, or None where only fetching can read it."""
     if OmegaConf.is_missing(cfg.model, "source") or not cfg.model.source:
-        return  # fetch says what to pass
+        return None  # fetch says what to pass
     hf_config = peek_config(str(cfg.model.source), cfg.model)
     if hf_config is None:
-        return
+        return None
     if cfg.model.config:
         hf_config = {**hf_config, **OmegaConf.to_container(cfg.model.config, resolve=True)}
-    _, spec = _spec(cfg, hf_config)
-    check_model(cfg, spec)
-    check_supported(cfg)
+    return _spec(cfg, hf_config)[1]
+
+
+def print_plan(cfg) -> None:
+    """`plan=true`: the memory plan per rank, from the model's config alone; nothing fetched or built."""
+    spec = check_before_work(cfg)
+    if spec is None:
+        raise UserError(f"plan=true: model.source={cfg.model.source} gives its config only when fetched; pass a "
+                        "local folder, a .gguf file or dummy with model.config")
+    for line in describe(cfg, plan(cfg, spec)):
+        print(line, flush=True)
 
 
 def run(cfg, recipe: str | None = None) -> Path:
@@ -105,6 +112,7 @@ def run(cfg, recipe: str | None = None) -> Path:
     family, spec = _spec(cfg, source.hf_config, source.tokenizer_config)
     check_model(cfg, spec)
     check_supported(cfg)
+    check_fits(cfg, spec)
     identity = engine_identity(cfg, source, spec)
     h = digest(identity)
     name = cfg.model.name or (check_name("recipe", recipe) if recipe else safe_name(source.name))
@@ -132,7 +140,9 @@ def run(cfg, recipe: str | None = None) -> Path:
             "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
             "dtype": TORCH_DTYPE_NAMES[cfg.precision.dtype],
             "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache},
-            "mapping": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": cfg.parallel.tp * cfg.parallel.pp},
+            "mapping": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": cfg.parallel.tp * cfg.parallel.pp,
+                        "embedding_sharding": cfg.parallel.embedding_sharding,
+                        "share_embedding": cfg.parallel.share_embedding},
             "limits": identity["limits"], "source": source.provenance, "family": family.model_type,
             "toolchain": _toolchain(), "target": {"device": cfg.target, "sm": None}, "backend": cfg.backend,
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},

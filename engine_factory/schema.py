@@ -36,6 +36,7 @@ class ParallelConfig:
     pp: int = 1
     embedding_sharding: str = "none"  # none | vocab | hidden: split the embedding table across tp ranks
     share_embedding: bool = False  # lm_head reuses the (sharded) embedding table (tied models)
+    build_workers: int = 1  # processes writing rank files at once (not in the hash: same bytes for any count)
 
 
 @dataclass
@@ -97,6 +98,9 @@ class EngineFactoryConfig:
     store: str = MISSING
     expect: Dict[str, Any] = field(default_factory=dict)  # published results a recipe records
     force: bool = False  # rebuild even when the engine is in the store
+    plan: bool = False  # print the memory plan per rank (from the model's config alone) and stop
+    target_gpu: str = "h100"  # the GPU the plan is checked against (engine_factory/plan.py GPUS)
+    target_gpu_memory_gb: Optional[float] = None  # its memory, for a GPU not in that table
     verify: str = "size"  # size | full: how a cache hit checks the engine in the store (full: sha256 of every file)
     log_level: str = "INFO"
 

@@ -1,0 +1,61 @@
+"""`plan=true`: memory per rank from the model's config alone; a build whose plan does not fit stops before work."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import LIMITS, assert_one_clear_line, build_in_process, engines_in
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _plan(result) -> dict:
+    rc, out, err = result
+    assert rc == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_plan_needs_only_the_config(cli, store, tiny_llama, tmp_path):
+    only_config = tmp_path / "config-only"
+    only_config.mkdir()
+    shutil.copy(tiny_llama / "config.json", only_config)  # no weights at all: the plan reads none
+    p = _plan(cli(f"model.source={only_config}", f"store={store}", "plan=true", "precision=fp32", *LIMITS))
+    (rank,) = p["ranks"]
+    assert set(rank) == {"rank", "params", "weight_bytes", "kv_cache_bytes", "activation_bytes", "total_bytes"}
+    assert p["fits"] and p["gpu_memory_bytes"] == 80e9
+    # 2 layers x K and V x 2 KV heads x head_dim 8 x 128 positions x fp32, for 4 sequences
+    assert rank["kv_cache_bytes"] == 4 * 2 * 2 * 2 * 8 * 128 * 4
+    assert not engines_in(store)
+
+
+@pytest.mark.parametrize("parallel", [[], ["parallel.tp=2"], ["parallel.pp=2"]])
+def test_plan_weight_bytes_are_the_rank_files_sizes(parallel, cli, tmp_path, tiny_llama, monkeypatch):
+    from engine_factory import pipeline
+
+    monkeypatch.setattr(pipeline, "check_supported", lambda cfg: None)  # the build, whatever this version runs
+    store = tmp_path / "store"
+    p = _plan(cli(f"model.source={tiny_llama}", f"store={store}", "plan=true", "precision=fp16", *parallel, *LIMITS))
+    engine = build_in_process(tiny_llama, store, "precision=fp16", "validate.enabled=false", *parallel)
+    for rank in p["ranks"]:
+        size = (engine / f"rank{rank['rank']}.safetensors").stat().st_size
+        assert abs(rank["weight_bytes"] - size) <= 0.01 * size, (rank, size)
+
+
+def test_a_build_whose_plan_does_not_fit_stops_before_any_work(cli, store, tiny_llama):
+    err = assert_one_clear_line(cli(f"model.source={tiny_llama}", f"store={store}", "target_gpu_memory_gb=0.001",
+                                    *LIMITS), "the plan does not fit", "rank 0 needs", "plan=true")
+    assert "limits.max_batch_size" in err or "parallel.tp" in err
+    assert not engines_in(store)
+    # the same plan, printed, says so too
+    p = _plan(cli(f"model.source={tiny_llama}", f"store={store}", "target_gpu_memory_gb=0.001", "plan=true", *LIMITS))
+    assert not p["fits"] and p["max_batch_size_that_fits"] == 0
+
+
+def test_the_product_cards_70b_plan_fits_an_h100_per_rank(cli, store):
+    p = _plan(cli("recipe=llama70b_tp8_fp16", "model.source=dummy", f"store={store}", "plan=true"))
+    assert len(p["ranks"]) == 8 and p["fits"]
+    # 69.0 B parameters in fp16 over 8 ranks, the embedding replicated on each
+    total = sum(r["params"] for r in p["ranks"]) - 7 * 32000 * 8192
+    assert abs(total - 68_976_648_192) < 0.001 * total
