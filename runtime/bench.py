@@ -5,14 +5,15 @@ per decode step over its time), peak GPU memory. Benchmarks live here, never in 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from . import params
 from .cli import setup_logging, user_errors_exit
 from .engine import Engine
+from .errors import UserError
 from .format import rank_file
 
 
@@ -56,18 +57,23 @@ def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int
 
 @user_errors_exit
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m runtime.bench", description=__doc__)
+    count = params.flag("count")
+    p = params.ArgumentParser(prog="python -m runtime.bench", description=__doc__)
     p.add_argument("--engine_dir", required=True)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch_size", type=int, action="append", help="repeatable (default 1)")
-    p.add_argument("--input_len", type=int, default=128)
-    p.add_argument("--output_len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="auto", type=params.device_flag, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch_size", type=count, action="append", help=">= 1; repeatable (default 1)")
+    p.add_argument("--input_len", type=count, default=128, help="prompt tokens (>= 1)")
+    p.add_argument("--output_len", type=count, default=128, help="new tokens (>= 1)")
+    p.add_argument("--reps", type=count, default=3, help=">= 1")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles at warm-up)")
     args = p.parse_args(argv)
     setup_logging()
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
+    lim = engine.limits
+    if args.input_len > lim["max_input_len"] or args.input_len + args.output_len > lim["max_seq_len"]:
+        raise UserError(f"--input_len {args.input_len} --output_len {args.output_len}: this engine takes at most "
+                        f"{lim['max_input_len']} input and {lim['max_seq_len']} input + output tokens")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
     if args.compile:

@@ -12,6 +12,8 @@ import torch
 from .errors import EngineError, UserError
 from .format import ENGINE_JSON, FORMAT_VERSION, TOKENIZER_DIR, rank_file, verify_manifest
 from .model import Decoder
+from .params import (check_device, check_sampling, check_stop_strings, check_token_ids, is_one_prompt, short,
+                     utf8_problem)
 from .sampling import sample
 from .spec import ModelSpec
 
@@ -30,10 +32,10 @@ class Generation:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N (N below the visible GPUs) -> torch.device; anything else a UserError."""
+    device = check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} but no CUDA GPU is visible to torch; use device=cpu")
     return torch.device(device)
 
 
@@ -125,6 +127,11 @@ class Engine:
 
     # ---- text helpers -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise UserError(f"encode takes a str, not {type(text).__name__}")
+        why = utf8_problem(text)
+        if why:
+            raise UserError(f"text is {why}; pass UTF-8 text, or token ids")
         if self.tokenizer is None:
             raise UserError(f"engine {self.engine_dir} has no tokenizer/; pass token ids, or a "
                             "tokenizer folder (--tokenizer_dir / Engine.load(tokenizer_dir=...))")
@@ -138,16 +145,26 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _as_ids(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """A str, a list of token ids, or a list of those -> one list of ids per prompt (checked)."""
+        if is_one_prompt(prompts):
             prompts = [prompts]
-        out = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        for i, ids in enumerate(out):
-            if not ids:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise UserError(f"prompts={short(prompts)}: give a str, a list of token ids, or a non-empty list "
+                            "of those")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                why = utf8_problem(p)
+                if why:
+                    raise UserError(f"prompt {i} is {why}; pass UTF-8 text, or token ids")
+                # a tokenizer folder passed by hand may know more ids than the model
+                out.append(check_token_ids(self.encode(p), self.spec.vocab_size, f"prompt {i}"))
+            elif isinstance(p, (list, tuple)):
+                out.append(check_token_ids(p, self.spec.vocab_size, f"prompt {i}"))
+            else:
+                raise UserError(f"prompt {i} ({short(p)}) is neither text nor a list of token ids")
+            if not out[-1]:
                 raise UserError(f"prompt {i} is empty; give at least one token")
-            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-            if bad:
-                raise UserError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
-                                f"(0..{self.spec.vocab_size - 1})")
         return out
 
     def _ensure_cache(self, batch: int) -> None:
@@ -160,7 +177,7 @@ class Engine:
     @torch.inference_mode()
     def score(self, token_ids) -> torch.Tensor | list[torch.Tensor]:
         """Logits (T, V) float32 at every position, as a transformers forward would give."""
-        single = token_ids and isinstance(token_ids[0], int)
+        single = is_one_prompt(token_ids)
         seqs = self._as_ids(token_ids)
         self._check_lengths(seqs, 0)
         logits = self.model.prefill(torch.tensor(sum(seqs, []), device=self.device),
@@ -177,7 +194,8 @@ class Engine:
                                 f"{len(s)}")
             if len(s) + max_new_tokens > lim["max_seq_len"]:
                 raise UserError(f"prompt {i}: {len(s)} tokens + {max_new_tokens} new exceed max_seq_len "
-                                f"{lim['max_seq_len']}; lower max_new_tokens or rebuild with larger limits")
+                                f"{lim['max_seq_len']}; lower max_new_tokens (--max_output_len) to at most "
+                                f"{lim['max_seq_len'] - len(s)} or rebuild with larger limits")
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -188,8 +206,20 @@ class Engine:
         """Generate for a batch of prompts (texts or token-id lists) of any lengths.
 
         Stops a sequence at an EOS / stop token (unless ignore_eos) or a stop string. streamer(i, token)
-        is called for each new token of prompt i as it is produced.
+        is called for each new token of prompt i as it is produced. Valid ranges: runtime/params.py.
         """
+        max_new_tokens, temperature, top_k, top_p, seed = check_sampling(max_new_tokens, temperature, top_k,
+                                                                         top_p, seed)
+        stop = check_stop_strings(stop)
+        if stop and self.tokenizer is None:
+            raise UserError(f"stop={short(stop)}: stop strings need a tokenizer and this engine has none; pass "
+                            "stop_token_ids, or a tokenizer folder (--tokenizer_dir)")
+        if stop_token_ids is not None:
+            stop_token_ids = check_token_ids(stop_token_ids, self.spec.vocab_size, "stop_token_ids")
+        if not isinstance(ignore_eos, bool):
+            raise UserError(f"ignore_eos={short(ignore_eos)}: must be True or False")
+        if streamer is not None and not callable(streamer):
+            raise UserError(f"streamer={short(streamer)}: must be a function (i, token) or None")
         seqs = self._as_ids(prompts)
         self._check_lengths(seqs, max_new_tokens)
         stops = set(stop_token_ids or ())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import params
 from .cli import setup_logging, user_errors_exit
 from .engine import Engine
 from .errors import UserError
@@ -32,8 +33,9 @@ HUB_CONFIGS = {"cnn_dailymail": "3.0.0", "abisee/cnn_dailymail": "3.0.0"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runtime.summarize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = params.flag("count")
+    p = params.ArgumentParser(prog="python -m runtime.summarize", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine_dir", required=True)
     p.add_argument("--hf_model_dir", default=None, help="HF folder or .gguf file for --test_hf "
                    "(default: the engine's source, when it is a local path)")
@@ -42,24 +44,22 @@ def parse_args(argv=None):
     p.add_argument("--dataset_config", default=None, help="hub datasets only (cnn_dailymail: 3.0.0)")
     p.add_argument("--article_key", default="article")
     p.add_argument("--summary_key", default="highlights")
-    p.add_argument("--max_articles", type=int, default=20, help="the first N articles (the seeds: 20)")
-    p.add_argument("--batch_size", type=int, default=None, help="default: the engine's max_batch_size")
-    p.add_argument("--max_input_len", type=int, default=None, help="prompt tokens; default: all that fit")
-    p.add_argument("--output_len", type=int, default=100, help="new tokens at most")
+    p.add_argument("--max_articles", type=count, default=20, help="the first N articles (the seeds: 20)")
+    p.add_argument("--batch_size", type=count, default=None, help="default: the engine's max_batch_size")
+    p.add_argument("--max_input_len", type=count, default=None, help="prompt tokens; default: all that fit")
+    p.add_argument("--output_len", type=count, default=100, help="new tokens at most (>= 1)")
     p.add_argument("--test_engine", action="store_true")
     p.add_argument("--test_hf", action="store_true")
     p.add_argument("--check_accuracy", action="store_true", help="fail when a ROUGE-1 is below the threshold")
-    p.add_argument("--rouge1_threshold", type=float, default=15.0)
+    p.add_argument("--rouge1_threshold", type=params.flag("threshold"), default=15.0, help="percent (>= 0)")
     p.add_argument("--prompt_style", default="auto", choices=["auto", "tldr", "chat"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (both systems)")
+    p.add_argument("--device", default="auto", type=params.device_flag,
+                   help="auto | cpu | cuda | cuda:N (both systems)")
     p.add_argument("--tokenizer_dir", default=None, help="tokenizer folder for engines built without one")
     p.add_argument("--verify", default="full", choices=["full", "size", "none"])
     p.add_argument("--json_out", default=None, help="write scores, settings and every summary here")
-    p.add_argument("--log_level", default=None)
+    p.add_argument("--log_level", default=None, type=str.upper, choices=params.LOG_LEVELS)
     args = p.parse_args(argv)
-    for name in ("max_articles", "batch_size", "max_input_len", "output_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
     if not (args.test_engine or args.test_hf):
         args.test_engine = True
     return args

@@ -66,10 +66,28 @@ def run_module(module: str, *args, cwd: Path | None = None, env: dict | None = N
     # tiny models: one thread (see conftest.one_thread) unless the caller's environment says otherwise
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                 **(env or {})}
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+    # bytes pass through as they are (argv that is not UTF-8); anything else as str
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    p = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True,
                        cwd=str(cwd or ROOT), env=full_env, timeout=timeout)
     out = p.stdout if raw else p.stdout.decode()
     return p.returncode, out, p.stderr.decode(errors="replace")
+
+
+def assert_one_clear_line(result, *fragments: str) -> str:
+    """(rc, stdout, stderr) of a command that must fail with one clear line: rc != 0, no traceback, exactly
+    one stderr line starting with "error:", last, containing every fragment; that line."""
+    rc, out, err = result
+    assert rc != 0, f"expected a failure, got rc=0:\n{out[-1000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert "HYDRA_FULL_ERROR" not in err, err[-3000:]
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, f"want one error line, got {errors}:\n{err[-3000:]}"
+    assert lines[-1] == errors[0], f"the error line is not last:\n{err[-3000:]}"
+    for f in fragments:
+        assert f in errors[0], f"{f!r} not in: {errors[0]}"
+    return errors[0]
 
 
 def engine_path(result: tuple[int, str, str]) -> Path:

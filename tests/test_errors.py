@@ -10,23 +10,9 @@ import shutil
 
 import pytest
 
-from helpers import LIMITS, assert_store_clean, build_in_process, engines_in
+from helpers import LIMITS, assert_one_clear_line, assert_store_clean, build_in_process, engines_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def assert_one_clear_line(result, *fragments: str) -> str:
-    rc, out, err = result
-    assert rc != 0, f"expected a failure, got rc=0:\n{out[-1000:]}"
-    assert "Traceback" not in err, err[-3000:]
-    assert "HYDRA_FULL_ERROR" not in err, err[-3000:]
-    lines = [line.strip() for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, f"want one error line, got {errors}:\n{err[-3000:]}"
-    assert lines[-1] == errors[0], f"the error line is not last:\n{err[-3000:]}"
-    for f in fragments:
-        assert f in errors[0], f"{f!r} not in: {errors[0]}"
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
