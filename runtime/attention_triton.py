@@ -25,11 +25,11 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  stride_ob, stride_oh, qk_scale,
+                  stride_ob, stride_oh, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   IEEE: tl.constexpr, DIRECT: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * stride_kb can pass 2**31
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     last = tl.load(POS + b).to(tl.int32)  # attend to 0..last
@@ -45,6 +45,7 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
     gmask = g < G
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     q = q.to(K.dtype.element_ty)
+    scale2 = tl.cast(qk_scale, tl.float32)  # Inductor may pass a Python float as fp64: keep the loop in fp32
     if HAS_ALIBI:
         slope = tl.load(SLOPES + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
 
@@ -61,7 +62,7 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
+        qk = qk * scale2  # (BLOCK_G, BLOCK_N), log2 units
         if HAS_ALIBI:
             qk += slope[:, None] * (offs - last).to(tl.float32)[None, :]
         qk = tl.where(nmask[None, :], qk, float("-inf"))
@@ -90,9 +91,9 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
 
 
 @triton.jit
-def _combine_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh,
-                    NH: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    b = tl.program_id(0)
+def _combine_kernel(O_PART, LSE_PART, OUT, stride_ob, stride_oh, SPLITS,
+                    NH: tl.constexpr, HD: tl.constexpr, SPLITS_P2: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, HD)
@@ -134,14 +135,14 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, *, block_n
         q, k_cache, v_cache, pos, slopes, part_o, part_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        scale * _LOG2E,
-        NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n, SPLITS=splits,
+        scale * _LOG2E, splits,
+        NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, IEEE=k_cache.dtype == torch.float32, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         wrap_triton(_combine_kernel)[(B, nh)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            NH=nh, HD=hd, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
+            part_o, part_lse, out, out.stride(0), out.stride(1), splits,
+            NH=nh, HD=hd, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .attention import select_decode_attention
 from .linear import make_linear
 from .parallel import Comm, RankLayout
 from .spec import ModelSpec
@@ -115,6 +116,7 @@ class Decoder:
         self.device, self.dtype = first.device, first.dtype
         self._rope = self._rope_tables() if spec.position == "rope" else None
         self.slopes = L.alibi_slopes().to(self.device) if spec.position == "alibi" else None
+        self.decode_attention = select_decode_attention(self.device, self.hd)  # $EF_DECODE_ATTENTION, else auto
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -258,20 +260,14 @@ class Decoder:
         S = self.k_cache[0].shape[2]
         h = self._stage_input(tokens, pos)  # (B, H)
         bidx = torch.arange(B, device=self.device)
-        valid = torch.arange(S, device=self.device)[None, :] <= pos[:, None]  # (B, S)
-        if self.slopes is None:
-            mask = valid[:, None, None, :]  # (B, 1, 1, S)
-        else:
-            rel = (torch.arange(S, device=self.device)[None, :] - pos[:, None]).float()  # (B, S)
-            bias = self.slopes[None, :, None] * rel[:, None, :]  # (B, nh, S)
-            mask = bias.masked_fill(~valid[:, None, :], float("-inf"))[:, :, None, :].to(h.dtype)
+        attn = self.decode_attention  # runtime/attention.py: "torch" masks the whole cache, "triton" reads live K/V
+        state = attn.prepare(pos, S, self.slopes, h.dtype)  # shared by every layer (the torch entry's mask)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, pos)  # (B, n, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[bidx, :, pos] = k.to(kc.dtype)
             vc[bidx, :, pos] = v.to(vc.dtype)
-            o = F.scaled_dot_product_attention(q[:, :, None, :], kc[:B], vc[:B], attn_mask=mask,
-                                               enable_gqa=self.n_kv != self.n_heads)  # (B, nh, 1, hd)
+            o = attn.attend(q, kc[:B], vc[:B], pos, state)  # (B, nh, hd)
             h = h + layer.o(o.reshape(B, -1))
             h = h + self._mlp(layer, h)
         return self._stage_output(h, None)
