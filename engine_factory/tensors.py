@@ -28,3 +28,8 @@ class ShardedCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self.index[name]["file"]].get_tensor(name)
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Elements start:stop of dim, read from the file alone (a rank's part of a tensor)."""
+        sl = self._handles[self.index[name]["file"]].get_slice(name)
+        return sl[(slice(None),) * dim + (slice(start, stop),)]

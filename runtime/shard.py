@@ -121,13 +121,15 @@ def shard_tensor(name: str, full: Sliceable, layout: RankLayout) -> torch.Tensor
     if cut is None:
         return full if isinstance(full, torch.Tensor) else full.narrow(0, 0, shape[0])
     dim, spans = cut
-    parts = []
+    parts, pads = [], []
     for a, b, pad in spans:
         if b > a:
             parts.append(full.narrow(dim, a, b - a))
         if pad:
-            like = full.narrow(dim, 0, 0)
-            parts.append(torch.zeros(shape[:dim] + (pad,) + shape[dim + 1:], dtype=like.dtype, device=like.device))
+            pads.append((len(parts) + len(pads), pad))
+    like = parts[0] if parts else full.narrow(dim, 0, 0)  # the padding's dtype, without reading more
+    for at, pad in pads:
+        parts.insert(at, torch.zeros(shape[:dim] + (pad,) + shape[dim + 1:], dtype=like.dtype, device=like.device))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 

@@ -87,6 +87,7 @@ def test_tp2_rank_plan_shards_reassemble_to_tp1(tiny_llama, tmp_path):
     from engine_factory import families
     from engine_factory.sources.hf_folder import open_folder
     from engine_factory.stages.build import rank_plan
+    from runtime.parallel import RankLayout
     from engine_factory.stages.convert import convert
     from engine_factory.store import Store
 
@@ -95,8 +96,9 @@ def test_tp2_rank_plan_shards_reassemble_to_tp1(tiny_llama, tmp_path):
     family = families.resolve(source.hf_config)
     spec = family.to_spec(source.hf_config)
     tensors = convert(source, family, spec, store)
-    full = {n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, 1, 0).items()}
-    shards = [{n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, 2, r).items()} for r in range(2)]
+    full = {n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, RankLayout.of(spec, {"tp": 1}, 0)).items()}
+    shards = [{n: p[2]() for n, p in rank_plan(tensors, spec, torch.float32, RankLayout.of(spec, {"tp": 2}, r)).items()}
+              for r in range(2)]
     q, kv = spec.q_size, spec.kv_size
     for name, t in full.items():
         a, b = shards[0][name], shards[1][name]

@@ -1,14 +1,18 @@
-"""build: cast, shard per rank and fuse canonical tensors into rank files (runtime layout), add the
-tokenizer and engine.json, and write the manifest last."""
+"""build: fuse canonical tensors into the runtime layout, quantize, shard per rank by the one shard plan
+(runtime/shard.py) and cast into rank files, add the tokenizer and engine.json, and write the manifest last."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from runtime.errors import UserError
 from runtime.format import ENGINE_JSON, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file
+from runtime.parallel import RankLayout
+from runtime.shard import rank_tensor_names, shard_shape, shard_tensor, style_of
 from runtime.spec import ModelSpec
 
 from ..quant import QUANTIZERS
@@ -20,67 +24,141 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _slice(t, how: str, rank: int, tp: int):
-    """This rank's part: rows (column-parallel), columns (row-parallel; a 1-D bias stays whole), or all."""
-    if how == "row":
-        return t.chunk(tp, dim=0)[rank]
-    if how == "col" and t.dim() == 2:
-        return t.chunk(tp, dim=-1)[rank]
-    return t
+class _Fused:
+    """A world-1 runtime tensor fused along dim 0 from canonical parts (q|k|v, gate|up), read through
+    narrow() so that a rank reads only its slices (safetensors get_slice where the source has it)."""
+
+    def __init__(self, tensors, parts: list[str]):
+        self.tensors, self.parts = tensors, parts
+        shapes = [tuple(tensors.shape(n)) for n in parts]
+        self.sizes = [s[0] for s in shapes]
+        self.shape = (sum(self.sizes),) + shapes[0][1:]
+
+    def _read(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        if hasattr(self.tensors, "get_slice"):
+            return self.tensors.get_slice(name, dim, start, start + length)
+        return self.tensors.get(name).narrow(dim, start, length)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim != 0:
+            pieces = [self._read(n, dim, start, length) for n in self.parts]
+        else:
+            pieces, offset = [], 0
+            for n, size in zip(self.parts, self.sizes):
+                a, b = max(start, offset), min(start + length, offset + size)
+                if b > a:
+                    pieces.append(self._read(n, 0, a - offset, b - a))
+                offset += size
+            if not pieces:
+                return self._read(self.parts[0], 0, 0, 0)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def whole(self) -> torch.Tensor:
+        return self.narrow(0, 0, self.shape[0])
 
 
-def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, tp: int, rank: int, quant: str = "none") -> dict:
-    """name -> (shape, dtype, produce) of rank `rank`: q/k/v fused into attn.qkv and gate/up into
-    mlp.up (column-parallel: each rank holds its heads / its slice), attn.o and mlp.down split by
-    columns (row-parallel), everything else replicated. With a quant mode, the weights of those four
-    linears are stored as the mode's tensors (e.g. int8 weight + per-channel scale), made from this
-    rank's slice."""
-    plan = {}
-    quantizer = QUANTIZERS[quant] if quant != "none" else None
-
-    def put(name, how, parts):
-        # parts: canonical names fused along dim 0 after taking this rank's slice of each
-        shapes = [_slice(torch.empty(tensors.shape(n), device="meta"), how, rank, tp).shape for n in parts]
-        shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
-
-        def fused():
-            return torch.cat([_slice(tensors.get(n), how, rank, tp) for n in parts], dim=0)
-
-        if quantizer is None or how not in ("row", "col") or not name.endswith(".weight"):
-            plan[name] = (shape, dtype, lambda: fused().to(dtype).contiguous())
-            return
-        memo: dict = {}  # the quantized tensors of this weight, made once for all of its stored parts
-
-        def part(suffix):
-            if not memo:
-                memo.update(quantizer.quantize(fused(), dtype))
-            return memo.pop(suffix).contiguous()
-        base = name[:-len("weight")]
-        for suffix, (qshape, qdtype) in quantizer.shapes(shape, dtype).items():
-            plan[base + suffix] = (qshape, qdtype, lambda s=suffix: part(s))
-
-    for name in tensors.keys():
+def runtime_parts(spec: ModelSpec, canonical_names) -> dict[str, list[str]]:
+    """World-1 runtime name -> the canonical tensors fused into it along dim 0: q/k/v into attn.qkv,
+    gate/up into mlp.up, the rest as they are; a tied model's lm_head.weight (stored by ranks whose lm_head
+    is not their embedding table, runtime/shard.py rank_tensor_names) is the embedding."""
+    out: dict[str, list[str]] = {}
+    for name in canonical_names:
         if ".attn.q." in name:
-            put(name.replace(".attn.q.", ".attn.qkv."), "row",
-                [name, name.replace(".q.", ".k."), name.replace(".q.", ".v.")])
+            out[name.replace(".attn.q.", ".attn.qkv.")] = [name, name.replace(".q.", ".k."), name.replace(".q.", ".v.")]
         elif ".attn.k." in name or ".attn.v." in name or ".mlp.gate." in name:
             continue  # fused with their q / up partner
         elif ".mlp.up." in name:
-            put(name, "row", ([name.replace(".up.", ".gate.")] if spec.mlp == "gated" else []) + [name])
-        elif ".attn.o." in name or ".mlp.down." in name:
-            put(name, "col", [name])
+            out[name] = ([name.replace(".up.", ".gate.")] if spec.mlp == "gated" else []) + [name]
         else:
-            put(name, "all", [name])
-    return plan
+            out[name] = [name]
+    if spec.tie_word_embeddings and "lm_head.weight" not in out:
+        out["lm_head.weight"] = ["embed.weight"]
+    return out
+
+
+def _quantized(name: str) -> bool:
+    return name.endswith(".weight") and style_of(name) in ("column_qkv", "column_up", "row")
+
+
+def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none") -> dict:
+    """name -> (shape, dtype, produce) of one rank: the tensors runtime/shard.py gives it, each cut from
+    the world-1 runtime tensor (fused from canonical parts) by the shard plan. With a quant mode, the four
+    linears of a layer are stored as the mode's tensors (e.g. int8 weight + per-channel scale): the whole
+    weight is quantized, then each stored tensor is sharded by the weight's rule, so the shards of every
+    rank put together are the world-1 engine's tensors."""
+    quantizer = QUANTIZERS[quant] if quant != "none" else None
+    sources = {name: _Fused(tensors, p) for name, p in runtime_parts(spec, tensors.keys()).items()}
+    stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix)
+    for name, source in sources.items():
+        if quantizer is not None and _quantized(name):
+            base = name[:-len("weight")]
+            for suffix, (qshape, qdtype) in quantizer.shapes(source.shape, dtype).items():
+                stored[base + suffix] = (qshape, qdtype, name, suffix)
+        else:
+            stored[name] = (source.shape, dtype, name, None)
+    virtual = {"lm_head.weight"} if spec.tie_word_embeddings else set()  # not in the world-1 engine
+    names = rank_tensor_names(layout, [n for n in stored if n not in virtual])
+    memo: dict = {}  # the quantized tensors of one weight, made once for all of its stored parts
+
+    def produce(name: str) -> torch.Tensor:
+        _, _, src, suffix = stored[name]
+        if suffix is None:
+            return shard_tensor(name, sources[src], layout).to(dtype).contiguous()
+        if memo.get("src") != src:
+            memo.clear()
+            memo.update(src=src, q=quantizer.quantize(sources[src].whole(), dtype))
+        return shard_tensor(name, memo["q"][suffix], layout).contiguous()
+
+    return {n: (shard_shape(n, stored[n][0], layout), stored[n][1], lambda n=n: produce(n)) for n in names}
+
+
+def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, rank: int,
+                progress: bool = True) -> None:
+    plan = rank_plan(tensors, spec, dtype, RankLayout.of(spec, mapping, rank), quant)
+    with tqdm(total=len(plan), desc=f"build rank{rank}", unit="tensor", leave=False, disable=not progress) as bar:
+        write_streaming(tmp / rank_file(rank), plan, metadata={"format": "engine-factory"}, progress=bar)
+
+
+_JOB: tuple = ()  # what forked build workers inherit (the tensor source holds open files: not pickled)
+
+
+def _write_rank_in_worker(rank: int, threads: int) -> int:
+    torch.set_num_threads(threads)
+    _write_rank(*_JOB, rank, progress=False)
+    return rank
+
+
+def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, workers: int) -> None:
+    """Each rank's file by one process of `workers` (forked: they share the source's mapped pages);
+    every file depends on its rank only, so the bytes are the same for any worker count."""
+    global _JOB
+    world = mapping["world_size"]
+    workers = max(1, min(workers, world))
+    if workers == 1:
+        for rank in range(world):
+            _write_rank(tmp, tensors, spec, dtype, mapping, quant, rank)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    _JOB = (tmp, tensors, spec, dtype, mapping, quant)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            for rank in pool.map(_write_rank_in_worker, range(world), [threads] * world):
+                log.info("build: rank %d written", rank)
+    except BrokenProcessPool:
+        raise UserError(f"a build worker died (out of memory?) while writing {world} rank files with "
+                        f"parallel.build_workers={workers}; retry with fewer workers") from None
+    finally:
+        _JOB = ()
 
 
 def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer_save) -> None:
-    dtype = DTYPES[cfg.precision.dtype]
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    for rank in range(tp * pp):
-        plan = rank_plan(tensors, spec, dtype, tp, rank % tp, cfg.precision.quant)
-        with tqdm(total=len(plan), desc=f"build rank{rank}", unit="tensor", leave=False) as bar:
-            write_streaming(tmp / rank_file(rank), plan, metadata={"format": "engine-factory"}, progress=bar)
+    mapping = engine_json["mapping"]
+    _write_ranks(tmp, tensors, spec, DTYPES[cfg.precision.dtype], mapping, cfg.precision.quant,
+                 int(cfg.parallel.get("build_workers", 1)))
     if tokenizer_save is not None:
         tokenizer_save(tmp / TOKENIZER_DIR)
     write_json_atomic(tmp / ENGINE_JSON, engine_json)
