@@ -19,7 +19,8 @@ def parse_args(argv=None):
     p.add_argument("--engine_dir", required=True, help="engine directory (the path that the build printed)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--input_text", action="append", default=None, type=params.text_flag,
-                        help="prompt text; repeat for a batch (default: 'Born in north-east France, Soyer trained as a')")
+                        help="prompt text; repeat for a batch "
+                             "(default: 'Born in north-east France, Soyer trained as a')")
     prompt.add_argument("--input_ids", action="append", default=None, type=params.ids_flag,
                         help="comma-separated token ids instead of text; repeat for a batch")
     p.add_argument("--max_output_len", type=params.flag("max_new_tokens"), default=32,

@@ -115,7 +115,8 @@ ROWS = [
     ("input_text-no-tokenizer", "run", "llama", ["--input_text", "hello"], 2, ["--input_text", "no tokenizer"]),
     ("stop-empty", "run", "llama", ["--stop", ""], 2, ["--stop ''", "must not be empty"]),
     ("stop-not-utf8", "run", "llama", ["--stop", "\udcff"], 2, ["--stop", "not valid UTF-8"]),
-    ("stop-without-tokenizer", "run", "llama", ["--stop", "."], 2, ["--stop needs a tokenizer", "--tokenizer_dir"]),
+    ("stop-without-tokenizer", "run", "llama", ["--stop", "."], 2,
+     ["--stop needs a tokenizer", "--tokenizer_dir"]),
     ("verify-unknown", "run", "llama", ["--verify", "some"], 2, ["--verify", "invalid choice", "full"]),
     ("log_level-unknown", "run", "llama", ["--log_level", "loud"], 2, ["--log_level", "invalid choice", "DEBUG"]),
     ("unknown-flag", "run", "llama", ["--beam_width", "4"], 2, ["unrecognized arguments: --beam_width 4"]),
@@ -319,8 +320,8 @@ def test_check_sampling_property(data, hostile):
 
 
 @SETTINGS
-@given(temperature=st.floats(0, 1e300) | st.sampled_from([5e-324, 1e-45, 1e-38, 3.5e38]), top_k=st.integers(0, 600),
-       top_p=st.floats(5e-324, 1.0), seed=st.integers(0, 2**63 - 1))
+@given(temperature=st.floats(0, 1e300) | st.sampled_from([5e-324, 1e-45, 1e-38, 3.5e38]),
+       top_k=st.integers(0, 600), top_p=st.floats(5e-324, 1.0), seed=st.integers(0, 2**63 - 1))
 def test_sample_property(temperature, top_k, top_p, seed):
     """Valid settings never give nan probabilities: each row's token is in range and, at top_k 1, the argmax."""
     logits = torch.randn(3, LLAMA_VOCAB, generator=torch.Generator().manual_seed(seed % 2**32)) * 30
