@@ -1,7 +1,6 @@
 """Engine: load an engine directory and generate with it."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import EngineError, UserError
-from .format import ENGINE_JSON, FORMAT_VERSION, TOKENIZER_DIR, rank_file, verify_manifest
+from .format import TOKENIZER_DIR, rank_file, verify_engine, world_size
 from .model import Decoder
 from .params import (check_device, check_sampling, check_stop_strings, check_token_ids, is_one_prompt, short,
                      utf8_problem)
@@ -97,11 +96,9 @@ class Engine:
         if not engine_dir.is_dir():
             raise UserError(f"engine folder {engine_dir} does not exist; build one with "
                             "`python -m engine_factory model.source=...` and pass the path it prints")
-        verify_manifest(engine_dir, verify)
-        config = json.loads((engine_dir / ENGINE_JSON).read_text())
-        if config.get("format_version") != FORMAT_VERSION:
-            raise EngineError(f"{engine_dir}: engine format {config.get('format_version')} but this runtime "
-                              f"reads format {FORMAT_VERSION}; rebuild the engine with this version")
+        _, config = verify_engine(engine_dir, verify)  # engine.json checked; only listed files are read
+        if not (isinstance(rank, int) and 0 <= rank < world_size(config)):
+            raise UserError(f"rank={rank!r}: this engine has ranks 0..{world_size(config) - 1}")
         dev = resolve_device(device)
         _check_target(engine_dir, config.get("target", {}), dev)
         mapping = config["mapping"]

@@ -10,6 +10,8 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str | Path):
+    """A transformers tokenizer from the files in `path` alone: never the hub, never remote code. (An
+    engine's own tokenizer/ is checked by runtime.format.verify_engine first: it holds only listed files.)"""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"tokenizer folder {path} does not exist; pass --tokenizer_dir with a folder "
@@ -17,7 +19,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable folders
         raise UserError(f"tokenizer folder {path} could not be loaded ({type(e).__name__}: {e}); "
                         "pass --tokenizer_dir with a Hugging Face tokenizer folder") from None

@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from runtime.errors import UserError
-from runtime.format import ENGINE_JSON, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file
+from runtime.format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file,
+                            verify_engine)
 from runtime.parallel import RankLayout
 from runtime.shard import rank_tensor_names, shard_shape, shard_tensor, style_of
 from runtime.spec import ModelSpec
@@ -166,7 +167,8 @@ def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer
 
 
 def write_manifest(engine_dir: Path) -> None:
-    from runtime.format import FORMAT_VERSION
-
+    """sha256 + size of engine.json, the mapping's rank files and every tokenizer file, then the check that a
+    load makes of the layout (runtime.format.verify_engine), before the manifest's presence commits the build."""
     write_json_atomic(engine_dir / MANIFEST_JSON,
                       {"format_version": FORMAT_VERSION, "files": manifest_entries(engine_dir)})
+    verify_engine(engine_dir, "none")
