@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STORE  ?= $(CURDIR)/.store
 export EF_STORE := $(STORE)
 
-.PHONY: install demo test test-cuda bench engines reproduce clean
+.PHONY: install mpi demo test test-cuda bench engines reproduce clean
 
 install: $(VENV)/.installed
 
@@ -15,8 +15,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	@$(MAKE) -s mpi
 	$(PY) -m pip install -q -e '.[test,launchers]'
+	$(PY) -m pip install -q -e '.[mpi]' || echo "make install: mpi4py did not install; the mpirun tests will skip"
 	touch $@
+
+# Open MPI for the multi-rank tests (mpirun): from Debian's packages when it is absent and we are root.
+mpi:
+	@if command -v mpirun >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make install: installing Open MPI from Debian's packages (openmpi-bin) for the multi-rank tests"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      openmpi-bin libopenmpi-dev; } >/dev/null 2>&1 \
+	    || echo "make install: apt-get could not install Open MPI; the mpirun tests will skip"; \
+	else echo "make install: no mpirun, and no apt-get as root to install it: the mpirun tests will skip"; fi
 
 # The main job on the built-in default: SmolLM2-135M-Instruct (GGUF from PyPI) -> fp16 engine -> generate.
 demo: install

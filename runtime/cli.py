@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+import traceback
 
 from .errors import UserError
 
@@ -19,13 +20,39 @@ def user_errors_exit(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        quiet = _quiet_unless_rank0()
         try:
-            return fn(*args, **kwargs)
+            return _traced(fn, quiet, *args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if not quiet:
+                print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            if not quiet:
+                print("error: interrupted", file=sys.stderr)
             sys.exit(130)
 
     return wrapper
+
+
+def _quiet_unless_rank0() -> bool:
+    """Under a launcher every rank runs the command; ranks other than 0 print nothing (no stdout, no
+    warnings, no error line: rank 0 prints the same one), except the traceback of a crash of their own."""
+    from .dist import launcher_rank
+
+    if launcher_rank() == 0:
+        return False
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    logging.disable(logging.WARNING)
+    return True
+
+
+def _traced(fn, quiet: bool, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (UserError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        if quiet:
+            traceback.print_exc(file=sys.__stderr__)
+        raise

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .dist import lockstep
 from .errors import EngineError, UserError
 from .format import TOKENIZER_DIR, rank_file, verify_engine, world_size
 from .model import Decoder
@@ -78,7 +79,14 @@ class Engine:
         self._graphs: dict[int, _DecodeGraph] = {}
         self._step = model.decode
         self.compiled = False
+        self.ranks = None  # runtime.dist.Ranks of a multi-rank engine: this process's rank among them
 
+    def close(self) -> None:
+        """A multi-rank engine: stop the local ranks that it started, leave the process group (also at exit)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    @lockstep
     def compile(self) -> "Engine":
         """Compile the decode step with torch.compile (Inductor fuses the norms, rotary, cache writes and
         masks of each layer). The first decode of each batch size compiles (tens of seconds for a 7B
@@ -102,9 +110,15 @@ class Engine:
         dev = resolve_device(device)
         _check_target(engine_dir, config.get("target", {}), dev)
         mapping = config["mapping"]
-        if mapping["tp"] * mapping["pp"] != 1:
-            raise UserError(f"{engine_dir}: built for tp={mapping['tp']} pp={mapping['pp']}; multi-rank "
-                            "engines need the parallel runtime (not in this version); rebuild with parallel=tp1")
+        if mapping["tp"] * mapping["pp"] != 1:  # this process's rank: under a launcher, or driving local ranks
+            from .dist import load_engine
+            return load_engine(cls, engine_dir, config, dev, verify, tokenizer_dir)
+        return cls._from_rank(engine_dir, config, dev, rank, tokenizer_dir)
+
+    @classmethod
+    def _from_rank(cls, engine_dir: Path, config: dict, dev: torch.device, rank: int, tokenizer_dir,
+                   layout=None, comm=None) -> "Engine":
+        """The Engine of one rank file (layout/comm: its place among the ranks of a multi-rank engine)."""
         from safetensors.torch import load_file
 
         try:
@@ -113,7 +127,7 @@ class Engine:
             raise EngineError(f"{engine_dir / rank_file(rank)}: not a readable rank file ({e}); "
                               "rebuild the engine") from None
         spec = ModelSpec.from_dict(config["spec"])
-        model = Decoder(spec, tensors, quant=config["quant"]["mode"])
+        model = Decoder(spec, tensors, quant=config["quant"]["mode"], layout=layout, comm=comm)
         tok = None
         tdir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
         if tokenizer_dir or tdir.is_dir():
@@ -171,6 +185,7 @@ class Engine:
             self._graphs.clear()
 
     # ---- scoring ------------------------------------------------------------------------------
+    @lockstep
     @torch.inference_mode()
     def score(self, token_ids) -> torch.Tensor | list[torch.Tensor]:
         """Logits (T, V) float32 at every position, as a transformers forward would give."""
@@ -195,6 +210,7 @@ class Engine:
                                 f"{lim['max_seq_len'] - len(s)} or rebuild with larger limits")
 
     # ---- generation ---------------------------------------------------------------------------
+    @lockstep
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,

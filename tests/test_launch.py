@@ -1,0 +1,184 @@
+"""Multi-rank engines launched three ways (mpirun, torchrun, no launcher) give the tp1 engine's tokens;
+a world size that does not fit is one line; a rank that dies ends the others with one line, quickly.
+
+CPU, gloo. One tp1, one tp2 and one tp2 x pp2 engine of the tiny LLaMA (GQA: 8 heads, 2 KV heads) are
+built once; every multi-process run costs interpreter start + torch import per rank, so runs are few.
+mpirun as root needs OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1 (set below); --oversubscribe lets 3-4 ranks
+share a 2-core machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, assert_one_clear_line, build_in_process, run_module
+
+NEW_TOKENS = 32
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                  reason="mpirun is absent (make install puts Open MPI on Debian machines)")
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 40)]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory, tiny_llama):
+    """tp1, tp2 and tp2 x pp2 fp32 engines of the same checkpoint."""
+    from engine_factory import pipeline
+
+    store = tmp_path_factory.mktemp("launch-store")
+    with pytest.MonkeyPatch.context() as mp:  # the lead lifts the multi-rank refusal separately
+        mp.setattr(pipeline, "check_supported", lambda cfg: None)
+        build = lambda *o: build_in_process(tiny_llama, store, "precision=fp32", "validate.enabled=false", *o)
+        return {"tp1": build(), "tp2": build("parallel.tp=2"), "tp2pp2": build("parallel.tp=2", "parallel.pp=2")}
+
+
+@pytest.fixture(scope="module")
+def reference(engines):
+    """The tp1 engine's greedy tokens for the prompts (EOS is an ordinary token here)."""
+    from runtime.engine import Engine
+
+    eng = Engine.load(engines["tp1"], device="cpu")
+    return [g.output_ids for g in eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)]
+
+
+def _run_args(engine_dir: Path) -> list[str]:
+    args = ["--engine_dir", str(engine_dir), "--device", "cpu", "--json", "--ignore_eos",
+            "--max_output_len", str(NEW_TOKENS)]
+    for p in _prompts():
+        args += ["--input_ids", ",".join(map(str, p))]
+    return args
+
+
+def _launch(launcher: str, n: int, engine_dir: Path, timeout: float = 240) -> tuple[int, str, str]:
+    """python -m runtime.run under a launcher of n processes ("none": plain python)."""
+    if launcher == "none":
+        return run_module("runtime.run", *_run_args(engine_dir), timeout=timeout)
+    if launcher == "mpirun":
+        cmd = ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, "-m", "runtime.run"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "runtime.run"]
+    env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(cmd + _run_args(engine_dir), capture_output=True, cwd=str(ROOT), env=env, timeout=timeout)
+    return p.returncode, p.stdout.decode(), p.stderr.decode(errors="replace")
+
+
+def _output_ids(result) -> list[list[int]]:
+    rc, out, err = result
+    assert rc == 0, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == len(_prompts()), f"only rank 0 prints, once per prompt:\n{out[-2000:]}"
+    assert [r["prompt_ids"] for r in rows] == _prompts()
+    return [r["output_ids"] for r in rows]
+
+
+@pytest.mark.parametrize("launcher, engine, n", [
+    ("none", "tp2", 2),
+    pytest.param("mpirun", "tp2", 2, marks=needs_mpirun),
+    ("torchrun", "tp2", 2),
+    pytest.param("mpirun", "tp2pp2", 4, marks=needs_mpirun),
+    pytest.param("none", "tp2pp2", 4, marks=pytest.mark.slow),
+])
+def test_launchers_give_tp1_tokens(engines, reference, launcher, engine, n):
+    assert _output_ids(_launch(launcher, n, engines[engine])) == reference
+
+
+@needs_mpirun
+def test_world_size_that_does_not_fit_is_one_line(engines):
+    rc, out, err = _launch("mpirun", 3, engines["tp2"], timeout=120)
+    assert rc != 0 and not out.strip()
+    assert "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, f"only rank 0 prints the error:\n{err[-3000:]}"
+    for fragment in ("built for 2 ranks", "started 3 processes", "`mpirun -n 2 python -m runtime.run",
+                     "no launcher"):
+        assert fragment in errors[0], errors[0]
+
+
+def test_engine_load_drives_local_ranks(engines, reference, one_thread):
+    """Engine.load of a tp2 engine in this process: rank 0 drives a spawned worker; tokens and logits
+    of tp1; close() stops the worker."""
+    from runtime.engine import Engine
+
+    tp1 = Engine.load(engines["tp1"], device="cpu")
+    eng = Engine.load(engines["tp2"], device="cpu")
+    try:
+        assert (eng.ranks.rank, eng.ranks.size, eng.ranks.backend) == (0, 2, "gloo")
+        worker = eng.ranks.procs[0]
+        assert worker.poll() is None
+        gens = eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert [g.output_ids for g in gens] == reference
+        for ours, want in zip(eng.score(_prompts()), tp1.score(_prompts())):
+            assert (ours - want).abs().max().item() <= 1e-4
+        with pytest.raises(Exception, match="prompt 0"):  # a bad call fails on every rank alike...
+            eng.generate([[10**6]])
+        assert eng.generate([[5, 6]], max_new_tokens=3)[0].output_ids == \
+            tp1.generate([[5, 6]], max_new_tokens=3)[0].output_ids  # ...and the ranks go on together
+    finally:
+        eng.close()
+    assert worker.wait(timeout=15) == 0
+
+
+def test_killed_rank_ends_the_call_with_one_line(engines, one_thread):
+    from runtime.engine import Engine
+    from runtime.errors import EngineError
+
+    eng = Engine.load(engines["tp2"], device="cpu")
+    worker = eng.ranks.procs[0]
+
+    def kill_worker(i, token):  # rank 0 streams; the worker dies between two decode steps
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+    t0 = time.monotonic()
+    with pytest.raises(EngineError) as e:
+        eng.generate([[5, 6, 7]], max_new_tokens=NEW_TOKENS, ignore_eos=True, streamer=kill_worker)
+    assert time.monotonic() - t0 < 30
+    line = str(e.value)
+    assert "\n" not in line and "rank 1" in line and f"pid {worker.pid}" in line and "signal 9" in line, line
+    with pytest.raises(EngineError, match="closed"):
+        eng.generate([[5]])
+
+
+def _workers_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"runtime.worker" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker")
+def test_killed_worker_ends_the_cli_with_one_line(engines):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "EF_DIST_TIMEOUT": "20"}
+    p = subprocess.Popen([sys.executable, "-m", "runtime.run", *_run_args(engines["tp2"])], cwd=str(ROOT),
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (workers := _workers_of(p.pid)) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers, "the driver started no worker"
+    os.kill(workers[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    line = assert_one_clear_line((p.returncode, out.decode(), err.decode()), "rank 1", f"pid {workers[0]}",
+                                 "signal 9")
+    assert "load the engine again" in line
