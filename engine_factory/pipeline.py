@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from runtime.errors import EngineError, UserError
-from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_manifest
+from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_engine
 
 from . import __version__, families
 from .checks import check_config, check_model, check_supported
@@ -173,7 +173,7 @@ def estimate_engine_bytes(spec, cfg) -> int:
 def _damage(engine_dir: Path, mode: str) -> str | None:
     """None for an intact engine (sizes, or sha256 with mode=full), else what is wrong with it."""
     try:
-        verify_manifest(engine_dir, mode)
+        verify_engine(engine_dir, mode)
     except EngineError as e:
         return str(e)
     return None

@@ -336,11 +336,6 @@ def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool
     return manifest, config
 
 
-def verify_manifest(engine_dir: Path, mode: str = "full") -> dict:
-    """The manifest of a verified engine (verify_engine without engine.json); kept for older callers."""
-    return verify_engine(engine_dir, mode)[0]
-
-
 def manifest_entries(engine_dir: Path) -> dict[str, dict]:
     """sha256 and size of the files a manifest lists: engine.json, the rank files of its mapping, and
     every file under tokenizer/ (refused if any is a link: a load would refuse the engine)."""
