@@ -250,7 +250,8 @@ def test_text_that_is_not_utf8(gpt2):
 
 # ---- properties: any value works or is one UserError line ------------------------------------------------
 INTS = st.one_of(st.integers(-3, 6), st.integers(), st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63), 10**400]))
-FLOATS = st.one_of(st.floats(), st.floats(0, 2), st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e300, 1.0, 1.5]))
+FLOATS = st.one_of(st.floats(), st.floats(0, 2),
+                   st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e300, 1.0, 1.5, -1.0, math.nan, math.inf, -math.inf]))
 JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(0, 9), max_size=2),
                  st.just(object()))
 GOOD_IDS = st.lists(st.integers(0, LLAMA_VOCAB - 1), min_size=1, max_size=6)
@@ -284,6 +285,15 @@ SETTINGS = settings(max_examples=100, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+def _which(names: list[str]) -> list:
+    """Parametrizations: no hostile argument, each one alone (every bad value met on its own), all of them."""
+    return [(), *[(n,) for n in names], tuple(names)]
+
+
+def _ids(cases) -> list[str]:
+    return ["+".join(c) if c else "valid" for c in cases]
+
+
 def _draw(data, names: list[str], hostile: set[str]) -> dict:
     return {k: data.draw((HOSTILE if k in hostile else VALID)[k], label=k) for k in names}
 
@@ -293,17 +303,26 @@ def _one_line(e: UserError) -> None:
     assert msg and "\n" not in msg and "\r" not in msg, repr(msg)
 
 
+def _real(v) -> float | None:
+    """v as a float when it is a Python int or float that a float can hold, else None."""
+    if type(v) not in (int, float):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
 def _documented(n, t, k, p, s) -> bool:
     """The README's ranges, written out again (independently of runtime/params.py)."""
-    def number(v):
-        return type(v) in (int, float) and (type(v) is float or abs(v) < 2**1000)
-
-    return (type(n) is int and n >= 1 and number(t) and math.isfinite(t) and t >= 0 and type(k) is int and k >= 0
-            and number(p) and 0 < p <= 1 and (s is None or (type(s) is int and 0 <= s < 2**63)))
+    t, p = _real(t), _real(p)
+    return (type(n) is int and n >= 1 and t is not None and math.isfinite(t) and t >= 0 and type(k) is int
+            and k >= 0 and p is not None and 0 < p <= 1 and (s is None or (type(s) is int and 0 <= s < 2**63)))
 
 
-@SETTINGS
-@given(data=st.data(), hostile=st.sets(st.sampled_from(SAMPLING), max_size=len(SAMPLING)))
+@pytest.mark.parametrize("hostile", _which(SAMPLING), ids=_ids(_which(SAMPLING)))
+@settings(SETTINGS, max_examples=50)
+@given(data=st.data())
 def test_check_sampling_property(data, hostile):
     """check_sampling accepts exactly the documented ranges; everything else is one UserError line."""
     values = [_draw(data, SAMPLING, hostile)[k] for k in SAMPLING]
@@ -315,7 +334,8 @@ def test_check_sampling_property(data, hostile):
         event("UserError")
         return
     assert _documented(*values)
-    assert checked == tuple(values) and [type(v) for v in checked[1:4]] == [float, int, float]
+    n, t, k, p, seed = values
+    assert checked == (n, float(t), k, float(p), seed) and [type(v) for v in checked[1:4]] == [float, int, float]
     event("works")
 
 
@@ -331,8 +351,9 @@ def test_sample_property(temperature, top_k, top_p, seed):
         assert torch.equal(toks, logits.argmax(-1))
 
 
-@SETTINGS
-@given(data=st.data(), hostile=st.sets(st.sampled_from(sorted(VALID)), max_size=3))
+@pytest.mark.parametrize("hostile", _which(sorted(VALID)), ids=_ids(_which(sorted(VALID))))
+@settings(SETTINGS, max_examples=40)
+@given(data=st.data())
 def test_generate_property(llama, data, hostile):
     """Valid arguments always generate; any hostile one is a one-line UserError (never another exception)."""
     kw = _draw(data, sorted(VALID), hostile)
@@ -343,6 +364,7 @@ def test_generate_property(llama, data, hostile):
         assert hostile, f"valid arguments refused: {e}"
         event("UserError")
         return
+    assert _documented(*(kw[k] for k in SAMPLING)), "a value outside the documented ranges was accepted"
     prompts = kw["prompts"]
     assert len(gens) == (1 if isinstance(prompts[0], int) else len(prompts))
     for g in gens:
@@ -351,8 +373,9 @@ def test_generate_property(llama, data, hostile):
     event("works")
 
 
-@SETTINGS
-@given(data=st.data(), hostile=st.sets(st.sampled_from(["prompts", "stop"]), max_size=2))
+@pytest.mark.parametrize("hostile", _which(["prompts", "stop"]), ids=_ids(_which(["prompts", "stop"])))
+@settings(SETTINGS, max_examples=40)
+@given(data=st.data())
 def test_text_generate_property(gpt2, data, hostile):
     """Text (lone surrogates included: hypothesis draws them), stop strings and their junk, with a tokenizer."""
     valid = {"prompts": st.one_of(st.text(min_size=1, max_size=12), st.lists(st.text(min_size=1, max_size=8),
