@@ -69,12 +69,10 @@ def check(rule_name: str, value, name: str | None = None):
     return value
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p, seed, names: dict[str, str] | None = None):
-    """The checked (max_new_tokens, temperature, top_k, top_p, seed); names maps a setting to the word that
-    messages use for it (a command line's flag)."""
-    names = names or {}
+def check_sampling(max_new_tokens, temperature, top_k, top_p, seed) -> tuple:
+    """The checked (max_new_tokens, temperature, top_k, top_p, seed): ints as int, numbers as float."""
     values = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return tuple(check(k, v, names.get(k)) for k, v in values.items())
+    return tuple(check(k, v) for k, v in values.items())
 
 
 def utf8_problem(text: str) -> str | None:

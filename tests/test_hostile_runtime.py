@@ -250,8 +250,8 @@ def test_text_that_is_not_utf8(gpt2):
 
 # ---- properties: any value works or is one UserError line ------------------------------------------------
 INTS = st.one_of(st.integers(-3, 6), st.integers(), st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63), 10**400]))
-FLOATS = st.one_of(st.floats(), st.floats(0, 2),
-                   st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e300, 1.0, 1.5, -1.0, math.nan, math.inf, -math.inf]))
+FLOATS = st.one_of(st.floats(), st.floats(0, 2), st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e300, 1.0, 1.5, -1.0,
+                                                                  math.nan, math.inf, -math.inf]))
 JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(st.integers(0, 9), max_size=2),
                  st.just(object()))
 GOOD_IDS = st.lists(st.integers(0, LLAMA_VOCAB - 1), min_size=1, max_size=6)
