@@ -7,6 +7,7 @@ Python start); test_cli_process runs a few rows as real processes through run_en
 not UTF-8 included. The property tests throw hypothesis' values at the same checks."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -391,3 +392,13 @@ def test_text_generate_property(gpt2, data, hostile):
         return
     assert all(isinstance(g.text, str) and 1 <= len(g.output_ids) <= 3 for g in gens)
     event("works")
+
+
+def test_bench_accepts_its_smallest_values(request, capsys):
+    """The checks refuse nothing valid: 1 is every count's smallest value; batch 5 > max_batch_size is chunked."""
+    rc, out, err = _in_process(capsys, "bench", ["--engine_dir", str(request.getfixturevalue("llama_dir")),
+                                                 "--device", "cpu", "--batch_size", "1", "--batch_size", "5",
+                                                 "--input_len", "1", "--output_len", "1", "--reps", "1"])
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["batch"], r["input_len"], r["output_len"]) for r in rows] == [(1, 1, 1), (5, 1, 1)]
