@@ -38,7 +38,7 @@ def user_errors_exit(fn):
 def _quiet_unless_rank0() -> bool:
     """Under a launcher every rank runs the command; ranks other than 0 print nothing (no stdout, no
     warnings, no error line: rank 0 prints the same one), except the traceback of a crash of their own."""
-    from .dist import launcher_rank
+    from .launch import launcher_rank
 
     if launcher_rank() == 0:
         return False

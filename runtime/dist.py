@@ -1,14 +1,12 @@
-"""The ranks of a multi-rank engine: which launcher started them, their process group, the driver.
+"""The ranks of a multi-rank engine: their process group, the driver and its workers.
 
-An engine built for tp*pp = N ranks runs as N processes in lockstep, started one of three ways:
-- `mpirun -n N python -m runtime.run …` (Open MPI; MPICH's mpiexec; `srun --mpi=pmix`): rank and size
-  from the MPI environment; rank 0 hosts the rendezvous store and tells the others where it is through
-  mpi4py (without mpi4py: MASTER_ADDR/MASTER_PORT, or on one node a port derived from the job id).
-- `torchrun --nproc-per-node N -m runtime.run …`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
-- no launcher: the process that opens the engine becomes rank 0, the driver. It spawns N-1 local
-  workers (`python -m runtime.worker`), sends them each lockstep call (generate, score, compile) as
-  JSON over a gloo group, and runs the call with them; only the driver returns results. Workers exit
-  when the driver closes the engine, and on their own when the driver dies.
+An engine built for tp*pp = N ranks runs as N processes in lockstep. Under a launcher (runtime/launch.py:
+mpirun, mpiexec, srun, torchrun) every rank runs the same program and Engine.load joins the launcher's
+world. With no launcher the process that opens the engine becomes rank 0, the driver: it spawns N-1
+local workers (`python -m runtime.worker`), sends each lockstep call (generate, score, compile) to them
+as JSON over a gloo group, and runs it with them; only the driver returns results. Workers exit when the
+driver closes the engine, and on their own when the driver dies.
+
 gloo on CPU; NCCL on CUDA with one GPU per local rank (`cuda:{local_rank % device_count}`), gloo when
 several ranks share a GPU (NCCL refuses two ranks on one device). Settings, from the environment:
   EF_DIST_TIMEOUT       seconds (60): rendezvous and every collective. A rank that dies or stops
@@ -25,13 +23,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,134 +35,14 @@ import torch
 import torch.distributed as dist
 
 from .errors import EngineError, UserError
+from .launch import LAUNCH_ENV, World, check_world, detect_world, launcher_store, seconds
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.02  # store polling while waiting for ranks to start or load
 
 
-def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UserError(f"{name}={raw!r}: want a positive number of seconds (default {default:g})")
-    return value
-
-
-# ---- launchers ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Launcher:
-    name: str
-    rank: str  # environment variables that it sets in every rank
-    size: str
-    local_rank: str
-    local_size: str
-    line: str  # a launch line for n ranks of a module
-
-    def command(self, n: int, module: str) -> str:
-        return self.line.format(n=n, module=module)
-
-
-LAUNCHERS = (  # the first whose rank and size variables are set wins
-    Launcher("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-             "torchrun --nproc-per-node {n} -m {module} …"),
-    Launcher("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-             "OMPI_COMM_WORLD_LOCAL_SIZE", "mpirun -n {n} python -m {module} …"),
-    Launcher("mpiexec", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-             "mpiexec -n {n} python -m {module} …"),
-    Launcher("srun", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS_PER_NODE",
-             "srun -n {n} --mpi=pmix python -m {module} …"),
-)
-# Variables that make a process think a launcher started it: spawned workers do not inherit them.
-_LAUNCH_ENV = {v for ln in LAUNCHERS for v in (ln.rank, ln.size, ln.local_rank, ln.local_size)} | {
-    "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
-
-
-@dataclass(frozen=True)
-class World:
-    launcher: Launcher | None  # None: the driver and the workers it spawned
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-
-
-def detect_world() -> World | None:
-    """The world that a launcher started this process in; None without a launcher."""
-    env = os.environ
-    for ln in LAUNCHERS:
-        if ln.rank in env and ln.size in env:
-            try:
-                rank, size = int(env[ln.rank]), int(env[ln.size])
-                local_rank = int(env.get(ln.local_rank, rank))
-                local_size = int(env.get(ln.local_size, size))
-            except ValueError:
-                continue  # e.g. srun's "2(x3)" per-node counts: not a launcher we read
-            return World(ln, rank, size, local_rank, local_size)
-    return None
-
-
-def launcher_rank() -> int:
-    """This process's rank under a launcher (0 without one): the CLIs print only on rank 0."""
-    world = detect_world()
-    return world.rank if world else 0
-
-
-def _main_module() -> str:
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return spec.name if spec is not None and spec.name else "runtime.run"
-
-
-def check_world(engine_dir: Path, mapping: dict, world: World) -> None:
-    n = mapping["tp"] * mapping["pp"]
-    if world.size != n:
-        module = _main_module()
-        raise UserError(
-            f"engine {engine_dir} is built for {n} ranks (tp={mapping['tp']} pp={mapping['pp']}) but "
-            f"{world.launcher.name} started {world.size} processes; launch it with "
-            f"`{world.launcher.command(n, module)}`, or with no launcher (`python -m {module} …` starts "
-            f"its {n} ranks itself)")
-
-
-# ---- rendezvous and process group --------------------------------------------------------------------
-def _mpi_world():
-    try:
-        from mpi4py import MPI
-    except Exception:  # not installed, or built for an MPI library that is not here
-        return None
-    return MPI.COMM_WORLD
-
-
-def _launcher_store(world: World, timeout: timedelta):
-    """The TCPStore that every rank meets at: torchrun's, or one that rank 0 hosts for MPI launchers."""
-    if world.launcher.name == "torchrun":  # (its agent's store outlives restarts: keys of this attempt only)
-        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-        return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not (addr and port):
-        comm = _mpi_world()
-        if comm is not None:  # rank 0 binds a free port and broadcasts where it is (as the seeds do)
-            store = None
-            if world.rank == 0:
-                store = dist.TCPStore("127.0.0.1", 0, world.size, True, timeout, wait_for_workers=False)
-                here = "127.0.0.1" if world.local_size == world.size else socket.gethostname()
-                where = comm.bcast((here, store.port), root=0)
-            else:
-                where = comm.bcast(None, root=0)
-            return store or dist.TCPStore(where[0], where[1], world.size, False, timeout)
-        job = next((os.environ[k] for k in ("PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri", "PMI_KVSNAME")
-                    if k in os.environ), None)
-        if world.local_size != world.size or job is None:
-            raise UserError(f"{world.launcher.name} started {world.size} ranks but they cannot agree on a "
-                            "meeting point: install mpi4py (pip install 'engine-factory[mpi]') or set "
-                            "MASTER_ADDR and MASTER_PORT")
-        addr, port = "127.0.0.1", str(20000 + zlib.crc32(job.encode()) % 20000)  # one node, one port per job
-    return dist.TCPStore(addr, int(port), world.size, world.rank == 0, timeout)
-
-
+# ---- process group ---------------------------------------------------------------------------------------
 def _rank_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type != "cuda":
         return device
@@ -216,7 +91,7 @@ class Ranks:
         self.procs: list[subprocess.Popen] = list(procs)  # the driver's workers: rank i+1
         self.logs: list[str] = list(logs)
         self.is_driver = world.launcher is None and world.rank == 0
-        self.timeout = _seconds("EF_DIST_TIMEOUT", 60)
+        self.timeout = seconds("EF_DIST_TIMEOUT", 60)
         self.backend = _backend(self.device, world)
         self.control = None  # driver <-> workers: the calls, as JSON bytes
         self.closed = False
@@ -237,7 +112,7 @@ class Ranks:
             ranks = cls(_SPAWNED["world"], device, _SPAWNED["store"])
         elif world is not None and world.size > 1:
             check_world(engine_dir, mapping, world)
-            ranks = cls(world, device, _launcher_store(world, timedelta(seconds=_seconds("EF_DIST_TIMEOUT", 60))))
+            ranks = cls(world, device, launcher_store(world, timedelta(seconds=seconds("EF_DIST_TIMEOUT", 60))))
         else:
             ranks = cls._spawn(engine_dir, mapping["tp"] * mapping["pp"], device, verify, tokenizer_dir)
         try:
@@ -249,9 +124,9 @@ class Ranks:
 
     @classmethod
     def _spawn(cls, engine_dir, n, device, verify, tokenizer_dir) -> "Ranks":
-        timeout = _seconds("EF_DIST_TIMEOUT", 60)
+        timeout = seconds("EF_DIST_TIMEOUT", 60)
         store = dist.TCPStore("127.0.0.1", 0, n, True, timedelta(seconds=timeout), wait_for_workers=False)
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
         root = str(Path(__file__).resolve().parents[1])  # so that `-m runtime.worker` finds this runtime
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         procs, logs = [], []
@@ -289,7 +164,7 @@ class Ranks:
 
     def wait_all(self, what: str, during: str) -> None:
         """Wait until every rank reported `what`; a rank that failed or died is one EngineError."""
-        deadline = time.monotonic() + _seconds("EF_DIST_LOAD_TIMEOUT", 1800)
+        deadline = time.monotonic() + seconds("EF_DIST_LOAD_TIMEOUT", 1800)
         pending = [r for r in range(self.size) if r != self.rank]
         while pending:
             for r in list(pending):
@@ -303,7 +178,7 @@ class Ranks:
                 raise EngineError(dead)
             if pending and time.monotonic() > deadline:
                 raise EngineError(f"ranks {pending} did not {during} within EF_DIST_LOAD_TIMEOUT "
-                                  f"({_seconds('EF_DIST_LOAD_TIMEOUT', 1800):g} s)")
+                                  f"({seconds('EF_DIST_LOAD_TIMEOUT', 1800):g} s)")
             if pending:
                 time.sleep(_POLL_S)
 
@@ -394,7 +269,7 @@ class Ranks:
 
     def _failure(self, call: str, e: BaseException) -> str | None:
         """One line for a call that failed because of another rank; None for rank 0's own error."""
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e))):
             return None
         for _ in range(50):  # a peer's closed socket can reach us before its exit status does
             dead = self._dead_worker(call)
@@ -403,10 +278,8 @@ class Ranks:
             time.sleep(0.05)
         if dead:
             return dead
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _is_comm_error(e)):
-            return (f"rank {self.rank}: {call} stopped in a collective ({_one_line(e)[:200]}); another rank "
-                    f"died or did not answer within EF_DIST_TIMEOUT ({self.timeout:g} s)")
-        return None
+        return (f"rank {self.rank}: {call} stopped in a collective ({_one_line(e)[:200]}); another rank "
+                f"died or did not answer within EF_DIST_TIMEOUT ({self.timeout:g} s)")
 
     # ---- closing ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -429,6 +302,9 @@ class Ranks:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if grace and all(p.returncode == 0 for p in self.procs):  # failures keep the logs they name
+            for log_path in self.logs:
+                Path(log_path).unlink(missing_ok=True)
         if self._owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     import torch.distributed as tdist
 
     from . import dist
+    from .launch import seconds
     from .cli import setup_logging
     from .engine import Engine
     from .errors import UserError
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     setup_logging()
     rank, n = args["rank"], args["world"]
     store = tdist.TCPStore("127.0.0.1", args["port"], n, False,
-                           timedelta(seconds=dist._seconds("EF_DIST_TIMEOUT", 60)))
+                           timedelta(seconds=seconds("EF_DIST_TIMEOUT", 60)))
     dist._SPAWNED = {"world": dist.World(None, rank, n, rank, n), "store": store}
     try:
         engine = Engine.load(args["engine_dir"], device=args["device"], verify=args["verify"],
