@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -372,4 +373,5 @@ def load_engine(cls, engine_dir: Path, config: dict, device: torch.device, verif
     if ranks.backend == "gloo" and ranks.device.type == "cuda":
         engine.use_cuda_graphs = False  # gloo's collectives go through the host: no CUDA graph captures them
     engine.ranks = ranks
+    weakref.finalize(engine, ranks.close)  # an engine dropped without close() still stops its workers
     return engine

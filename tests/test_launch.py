@@ -154,6 +154,22 @@ def test_killed_rank_ends_the_call_with_one_line(engines, one_thread):
         eng.generate([[5]])
 
 
+def test_dropped_engine_stops_its_worker(engines, one_thread):
+    """An engine that goes away without close() stops its workers and leaves the process group, so the
+    next multi-rank engine can be opened in this process."""
+    import gc
+
+    import torch.distributed as dist
+
+    from runtime.engine import Engine
+
+    eng = Engine.load(engines["tp2"], device="cpu")
+    worker = eng.ranks.procs[0]
+    del eng
+    gc.collect()
+    assert worker.wait(timeout=15) == 0 and not dist.is_initialized()
+
+
 def _workers_of(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
