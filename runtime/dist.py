@@ -64,6 +64,7 @@ def _backend(device: torch.device, world: World) -> str:
 # ---- the ranks of one engine -------------------------------------------------------------------------
 _LOCKSTEP: dict[str, callable] = {}  # Engine methods that every rank runs together, by name
 _SPAWNED: dict | None = None  # set by runtime.worker: how this worker reaches its driver
+_OURS: list = []  # the Ranks whose process group this process initialized (at most one)
 
 
 def lockstep(fn):
@@ -85,15 +86,16 @@ def lockstep(fn):
 class Ranks:
     """The process group of a multi-rank engine as one rank sees it; the driver also owns its workers."""
 
-    def __init__(self, world: World, device: torch.device, store, procs=(), logs=()):
+    def __init__(self, world: World, device: torch.device, store, procs=(), logs=(), spawned: bool = False):
         self.world, self.rank, self.size = world, world.rank, world.size
         self.device = _rank_device(device, world.local_rank)
-        self.store = store
+        self.store = store  # None in a process group that the caller initialized
         self.procs: list[subprocess.Popen] = list(procs)  # the driver's workers: rank i+1
         self.logs: list[str] = list(logs)
-        self.is_driver = world.launcher is None and world.rank == 0
+        self.is_driver = bool(self.procs)
+        self.spawned = spawned  # a worker of a driver
         self.timeout = seconds("EF_DIST_TIMEOUT", 60)
-        self.backend = _backend(self.device, world)
+        self.backend = dist.get_backend() if store is None else _backend(self.device, world)
         self.control = None  # driver <-> workers: the calls, as JSON bytes
         self.closed = False
         self.serving = False  # the driver: every rank loaded and waits for calls
@@ -106,11 +108,13 @@ class Ranks:
         """Join the ranks of a multi-rank engine as a launcher's rank or a spawned worker, or become the
         driver and spawn the workers (no launcher, or a launcher that started one process)."""
         if dist.is_initialized():
-            raise UserError("this process already belongs to a torch.distributed group; open one multi-rank "
-                            "engine per process (close() the other engine first)")
+            if _OURS:
+                raise UserError("another multi-rank engine is open in this process and holds its process "
+                                "group; close() it first (one multi-rank engine per process)")
+            return cls._joined(engine_dir, mapping, device)
         world = None if _SPAWNED else detect_world()
         if _SPAWNED:
-            ranks = cls(_SPAWNED["world"], device, _SPAWNED["store"])
+            ranks = cls(_SPAWNED["world"], device, _SPAWNED["store"], spawned=True)
         elif world is not None and world.size > 1:
             check_world(engine_dir, mapping, world)
             ranks = cls(world, device, launcher_store(world, timedelta(seconds=seconds("EF_DIST_TIMEOUT", 60))))
@@ -145,6 +149,19 @@ class Ranks:
         log.info("started %d local ranks for %s: pids %s", n - 1, engine_dir.name, [p.pid for p in procs])
         return cls(World(None, 0, n, 0, n), device, store, procs, logs)
 
+    @classmethod
+    def _joined(cls, engine_dir: Path, mapping: dict, device: torch.device) -> "Ranks":
+        """The caller's own torch.distributed group (a script that called init_process_group): every rank
+        calls Engine.load and then each method itself, as under a launcher."""
+        n, size = mapping["tp"] * mapping["pp"], dist.get_world_size()
+        if size != n:
+            raise UserError(f"engine {engine_dir} is built for {n} ranks (tp={mapping['tp']} pp={mapping['pp']}) "
+                            f"but this process's torch.distributed group has {size}; run {n} processes, or "
+                            f"open the engine from one process without a group (it starts its {n} ranks)")
+        world = detect_world()
+        local = (world.local_rank, world.local_size) if world else (dist.get_rank(), size)
+        return cls(World(world.launcher if world else None, dist.get_rank(), size, *local), device, None)
+
     def _init(self) -> None:
         self.store.set(f"ef/joining/{self.rank}", "1")
         if self.is_driver:  # every worker is about to join (or one died or failed to open the engine)
@@ -154,14 +171,20 @@ class Ranks:
         dist.init_process_group(self.backend, store=dist.PrefixStore("pg", self.store), rank=self.rank,
                                 world_size=self.size, timeout=timedelta(seconds=self.timeout))
         self._owns_group = True
-        if self.world.launcher is None:  # workers wait on it between calls for as long as the driver lives
+        _OURS.append(self)
+        if self.is_driver or self.spawned:  # workers wait on it between calls for as long as the driver lives
             self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         log.info("rank %d/%d on %s (%s)", self.rank, self.size, self.device, self.backend)
 
     def report(self, what: str, error: BaseException | str | None = None) -> None:
         """Tell the other ranks that this rank reached `what` (or failed on the way there)."""
+        if self.store is None:
+            return
         msg = "ok" if error is None else (error if isinstance(error, str) else _one_line(error))
-        self.store.set(f"ef/{what}/{self.rank}", msg)
+        try:
+            self.store.set(f"ef/{what}/{self.rank}", msg)
+        except Exception:  # the store's host is gone: the others learn of this rank from its exit
+            pass
 
     def wait_all(self, what: str, during: str) -> None:
         """Wait until every rank reported `what`; a rank that failed or died is one EngineError."""
@@ -188,6 +211,8 @@ class Ranks:
         return self.store.get(key).decode() if self.store.check([key]) else None
 
     def loaded(self) -> None:
+        if self.store is None:
+            return  # the caller's group: each rank raises its own errors
         self.report("loaded")
         self.wait_all("loaded", "load its weights")
         self.serving = self.is_driver
@@ -311,6 +336,8 @@ class Ranks:
                 dist.destroy_process_group()
             except Exception:
                 pass
+        if self in _OURS:
+            _OURS.remove(self)
         self.store = None
 
 
