@@ -69,7 +69,9 @@ def _launch(launcher: str, n: int, engine_dir: Path, timeout: float = 240) -> tu
     if launcher == "mpirun":
         cmd = ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, "-m", "runtime.run"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "-m", "runtime.run"]
+        # --standalone: a free rendezvous port, not 29500 (other test runs may share this machine)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               "-m", "runtime.run"]
     env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.run(cmd + _run_args(engine_dir), capture_output=True, cwd=str(ROOT), env=env, timeout=timeout)
     return p.returncode, p.stdout.decode(), p.stderr.decode(errors="replace")
