@@ -302,13 +302,14 @@ def main(argv=None) -> None:
     batch = args.batch_size or lim["max_batch_size"]
     hf_source = _hf_source(args.hf_model_dir, engine) if args.test_hf else None  # before any long run
 
-    hf_model = load_hf(hf_source, engine.device) if args.test_hf else None
+    lead = engine.ranks is None or engine.ranks.rank == 0  # other ranks of a launch only run the engine
+    hf_model = load_hf(hf_source, engine.device) if args.test_hf and lead else None
     result = summarize(engine, data, style, max_len, args.output_len, batch,
                        test_engine=args.test_engine, hf_model=hf_model)
     scores, seconds, texts, refs = result["scores"], result["seconds"], result["texts"], result["references"]
     print(f"{len(data)} articles, {style} prompts of <= {max_len} tokens, <= {args.output_len} new tokens\n"
           + _table(scores, seconds), file=sys.stderr)
-    if args.json_out:
+    if args.json_out and lead:
         Path(args.json_out).write_text(json.dumps({
             "settings": {**vars(args), "prompt_style": style, "max_input_len": max_len, "batch_size": batch},
             "scores": scores, "seconds": seconds,
