@@ -229,8 +229,8 @@ class Ranks:
             raise UserError(f"{fn.__name__}(): an argument cannot be sent to the engine's other ranks "
                             f"({e}); pass plain lists, numbers and strings") from None
         self.serving = False  # until the call returns: a failure in it leaves workers in collectives
-        self._send(payload)
         try:
+            self._send(payload)
             result = fn(engine, **kwargs)
         except UserError:
             self.serving = True
@@ -245,8 +245,12 @@ class Ranks:
         return result
 
     def _send(self, payload: bytes) -> None:
-        dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), 0, group=self.control)
-        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, group=self.control)
+        """To every worker, within EF_DIST_TIMEOUT: the control group waits for as long as the driver lives
+        (workers idle in it between calls), but a worker that does not take a call is a failure."""
+        within = timedelta(seconds=self.timeout)
+        for t in (torch.tensor([len(payload)], dtype=torch.int64),
+                  torch.frombuffer(bytearray(payload), dtype=torch.uint8)):
+            dist.broadcast(t, 0, group=self.control, async_op=True).wait(within)
 
     def _recv(self) -> dict:
         n = torch.zeros(1, dtype=torch.int64)
@@ -385,7 +389,7 @@ def load_engine(cls, engine_dir: Path, config: dict, device: torch.device, verif
     ranks = Ranks.start(engine_dir, mapping, device, verify, tokenizer_dir)
     try:
         layout = RankLayout.of(ModelSpec.from_dict(config["spec"]), mapping, ranks.rank)
-        comm = Comm(mapping["tp"], mapping["pp"])
+        comm = Comm(mapping["tp"], mapping["pp"], timeout=timedelta(seconds=ranks.timeout))
         engine = cls._from_rank(engine_dir, config, ranks.device, ranks.rank, tokenizer_dir,
                                 layout=layout, comm=comm)
     except BaseException as e:

@@ -7,6 +7,7 @@ holds exactly what the decoder of that rank uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -95,7 +96,9 @@ class Comm:
     (Comm.single(): world 1, every op returns its input). tp: the ranks of one pipeline stage; pp: the
     ranks of one tensor-parallel position across stages."""
 
-    def __init__(self, tp: int, pp: int = 1):
+    def __init__(self, tp: int, pp: int = 1, timeout: timedelta | None = None):
+        """timeout: of every collective in the tp and pp groups (torch's default for subgroups is 30
+        minutes, whatever the default group's): a rank that stops answering ends the others' calls then."""
         import torch.distributed as dist
 
         world = dist.get_world_size()
@@ -105,22 +108,25 @@ class Comm:
         self.tp, self.pp, self.rank = tp, pp, dist.get_rank()
         self.tp_rank, self.pp_rank = self.rank % tp, self.rank // tp
         self.tp_group = self.pp_group = None
+        # gloo's send/recv read and write host memory: CUDA tensors go through a host copy (several ranks
+        # on one GPU run gloo, as NCCL refuses two ranks on one device)
+        self._host_p2p = dist.get_backend() == "gloo"
         # new_group is collective: every rank creates every group, in the same order.
         if tp > 1:
             for p in range(pp):
-                g = dist.new_group([p * tp + t for t in range(tp)])
+                g = dist.new_group([p * tp + t for t in range(tp)], timeout=timeout)
                 if p == self.pp_rank:
                     self.tp_group = g
         if pp > 1:
             for t in range(tp):
-                g = dist.new_group([p * tp + t for p in range(pp)])
+                g = dist.new_group([p * tp + t for p in range(pp)], timeout=timeout)
                 if t == self.tp_rank:
                     self.pp_group = g
 
     @classmethod
     def single(cls) -> "Comm":
         c = cls.__new__(cls)
-        c._dist, c.tp, c.pp, c.rank, c.tp_rank, c.pp_rank = None, 1, 1, 0, 0, 0
+        c._dist, c.tp, c.pp, c.rank, c.tp_rank, c.pp_rank, c._host_p2p = None, 1, 1, 0, 0, 0, False
         c.tp_group = c.pp_group = None
         return c
 
@@ -145,12 +151,15 @@ class Comm:
 
     def send_next(self, x: torch.Tensor) -> None:
         """To the same tp position of the next pipeline stage."""
-        self._dist.send(x.contiguous(), dst=self.rank + self.tp)
+        x = x.contiguous()
+        self._dist.send(x.cpu() if self._host_p2p else x, dst=self.rank + self.tp)
 
     def recv_prev(self, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        device = torch.device(device or "cpu")
+        host = self._host_p2p and device.type != "cpu"
+        buf = torch.empty(shape, dtype=dtype, device="cpu" if host else device)
         self._dist.recv(buf, src=self.rank - self.tp)
-        return buf
+        return buf.to(device) if host else buf
 
     def from_last_stage(self, x: torch.Tensor | None, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
         """The last stage's x on every stage (broadcast over the pp group); x is None elsewhere."""

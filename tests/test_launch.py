@@ -156,6 +156,43 @@ def test_killed_rank_ends_the_call_with_one_line(engines, one_thread):
         eng.generate([[5]])
 
 
+@pytest.mark.parametrize("when", ["between calls", "during a call"])
+def test_stopped_rank_ends_the_call_within_the_timeout(engines, one_thread, monkeypatch, when):
+    """A rank that stops answering (SIGSTOP: alive, silent) ends the driver's call within EF_DIST_TIMEOUT:
+    before the call (the driver's call to it) and inside it (the tp group's all-reduce, which torch
+    would give 30 minutes unless told otherwise); close() then kills it."""
+    from runtime.engine import Engine
+    from runtime.errors import EngineError
+
+    timeout = 6
+    monkeypatch.setenv("EF_DIST_TIMEOUT", str(timeout))
+    eng = Engine.load(engines["tp2"], device="cpu")
+    worker, log = eng.ranks.procs[0], Path(eng.ranks.logs[0])
+    stopped = []
+
+    def stop_worker(i, token):  # rank 0 streams: the worker stops between two decode steps
+        if not stopped:
+            os.kill(worker.pid, signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+    try:
+        if when == "between calls":
+            stop_worker(0, 0)
+        with pytest.raises(EngineError) as e:
+            eng.generate([[5, 6, 7]], max_new_tokens=NEW_TOKENS, ignore_eos=True, streamer=stop_worker)
+        took = time.monotonic() - stopped[0]
+        line = str(e.value)
+        assert "\n" not in line and "stopped in a collective" in line and f"EF_DIST_TIMEOUT ({timeout} s)" in line
+        assert timeout - 1 < took < timeout + 15, took
+        assert worker.wait(timeout=15) == -signal.SIGKILL
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        eng.close()
+        log.unlink(missing_ok=True)
+
+
 def test_dropped_engine_stops_its_worker(engines, one_thread):
     """An engine that goes away without close() stops its workers and leaves the process group, so the
     next multi-rank engine can be opened in this process."""
