@@ -9,6 +9,9 @@ they are stored (B, nkv, S, hd); a quantized KV format is a new entry that also 
 "torch" is masked SDPA over the whole cache: the reference, the CPU path, and exactly the
 computation the decoder always did (recorded CPU outputs depend on it). "triton" is split-K
 flash-decoding (runtime/attention_triton.py): its cost follows each sequence's live length.
+
+Prefill attention kernels (PREFILL_ATTENTION, below) take packed prompts of different lengths, T tokens
+in all, in one call per layer: causal attention inside each prompt, none across prompts.
 """
 from __future__ import annotations
 
@@ -83,23 +86,30 @@ DECODE_ATTENTION: dict[str, DecodeAttention] = {
 _AUTO_ORDER = {"cuda": ["triton", "torch"]}  # device type -> preference; every other device: torch
 
 
+def _select(kind: str, registry: dict, env_var: str, order: dict, reference: str, name: str | None,
+            device: torch.device, *needs):
+    """`name`, else $env_var, else "auto": the first entry of order[device type] whose unsupported(device,
+    *needs) is None, else the reference entry."""
+    name = name or os.environ.get(env_var) or "auto"
+    if name == "auto":
+        for cand in order.get(device.type, [reference]):
+            why = registry[cand].unsupported(device, *needs)
+            if why is None:
+                return registry[cand]
+            log.info("%s attention: not %s (%s)", kind, cand, why)
+        return registry[reference]
+    if name not in registry:
+        raise UserError(f"{kind} attention {name!r} (from {env_var} or the caller) is unknown; "
+                        f"use auto or one of {', '.join(registry)}")
+    why = registry[name].unsupported(device, *needs)
+    if why is not None:
+        raise UserError(f"{kind} attention {name!r} cannot run here: {why}; use {env_var}=auto or {reference}")
+    return registry[name]
+
+
 def select_decode_attention(device: torch.device, head_dim: int, name: str | None = None) -> DecodeAttention:
     """The entry to use: `name`, else $EF_DECODE_ATTENTION, else "auto" (the first that runs here)."""
-    name = name or os.environ.get(ENV_VAR) or "auto"
-    if name == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ["torch"]):
-            why = DECODE_ATTENTION[cand].unsupported(device, head_dim)
-            if why is None:
-                return DECODE_ATTENTION[cand]
-            log.info("decode attention: not %s (%s)", cand, why)
-        return DECODE_ATTENTION["torch"]
-    if name not in DECODE_ATTENTION:
-        raise UserError(f"decode attention {name!r} (from {ENV_VAR} or the caller) is unknown; "
-                        f"use auto or one of {', '.join(DECODE_ATTENTION)}")
-    why = DECODE_ATTENTION[name].unsupported(device, head_dim)
-    if why is not None:
-        raise UserError(f"decode attention {name!r} cannot run here: {why}; use {ENV_VAR}=auto or torch")
-    return DECODE_ATTENTION[name]
+    return _select("decode", DECODE_ATTENTION, ENV_VAR, _AUTO_ORDER, "torch", name, device, head_dim)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -109,3 +119,109 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     entry = DECODE_ATTENTION[impl]
     state = entry.prepare(pos, k_cache.shape[2], alibi_slopes, q.dtype)
     return entry.attend(q, k_cache, v_cache, pos, state, scale)
+
+
+# ---- prefill ---------------------------------------------------------------------------------------
+PREFILL_ENV_VAR = "EF_PREFILL_ATTENTION"  # auto | padded | flash_varlen
+
+
+@dataclass
+class Packed:
+    """B prompts of different lengths concatenated into T tokens (no padding), as index tensors on the
+    device, made once per prefill and read by every layer. Sizes are tensor shapes, never Python ints,
+    so that a compiled prefill takes every batch with one compilation."""
+    pos: torch.Tensor  # (T,) each token's position in its prompt
+    slot: torch.Tensor  # (T,) the KV-cache slot of each token's prompt
+    pad: torch.Tensor  # (T,) each token's row in the padded (B * max_len) layout: b * max_len + pos
+    gather: torch.Tensor  # (B, max_len) the token at each padded place; T (one past the last) in the padding
+    cu: torch.Tensor  # (B + 1,) int32: where each prompt starts, then T
+    last: torch.Tensor  # (B,) each prompt's last token
+    steps: torch.Tensor  # (max_len,) 0..max_len-1: the longest prompt's positions (an entry that reads no
+    #                      (B, max_len) tensor takes max_len from here, and B never specialises it)
+
+    @property
+    def max_len(self):
+        return self.steps.shape[0]
+
+    def dynamic(self) -> tuple[tuple[torch.Tensor, int], ...]:
+        """(tensor, dim) of every size that changes from batch to batch."""
+        return ((self.pos, 0), (self.slot, 0), (self.pad, 0), (self.gather, 0), (self.gather, 1), (self.cu, 0),
+                (self.steps, 0))
+
+
+def pack(lengths: list[int], slots: list[int] | None, device: torch.device) -> Packed:
+    """The Packed of prompts of `lengths` (each >= 1) that go to cache slots `slots` (default 0..B-1):
+    computed on the host, sent in one copy."""
+    n = torch.tensor(lengths, dtype=torch.long)
+    B, T, L = len(lengths), int(n.sum()), int(n.max())
+    seq = torch.repeat_interleave(torch.arange(B), n)  # (T,) each token's prompt
+    ends = n.cumsum(0)
+    pos = torch.arange(T) - (ends - n)[seq]
+    slot = (torch.arange(B) if slots is None else torch.tensor(slots, dtype=torch.long))[seq]
+    gather = torch.full((B, L), T)
+    gather[seq, pos] = torch.arange(T)
+    host = torch.cat([pos, slot, seq * L + pos, torch.cat([ends.new_zeros(1), ends]), ends - 1, torch.arange(L),
+                      gather.view(-1)])
+    pos, slot, pad, cu, last, steps, gather = host.to(device).split([T, T, T, B + 1, B, L, B * L])
+    return Packed(pos, slot, pad, gather.view(B, L), cu.to(torch.int32), last, steps)
+
+
+@dataclass(frozen=True)
+class PrefillAttention:
+    name: str
+    # attend(q (T, nh, hd), k (T, nkv, hd), v, packed, alibi_slopes (nh,) | None, scale | None) -> (T, nh, hd)
+    attend: Callable[..., torch.Tensor]
+    # unsupported(device, dtype, head_dim, alibi) -> why not (a string), or None when it can run
+    unsupported: Callable[[torch.device, torch.dtype, int, bool], str | None]
+
+
+def _padded_attend(q, k, v, p: Packed, slopes, scale=None):
+    """SDPA over the prompts padded to the longest, (B, n, max_len, hd). Padding goes at the end of each
+    prompt, so causal masking alone keeps it from every real query; the padded queries' rows are dropped."""
+    (B, L), (nh, hd) = p.gather.shape, q.shape[1:]
+
+    def padded(x):  # (T, n, hd) -> (B, n, L, hd), zeros in the padding
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[p.gather].transpose(1, 2)
+
+    mask = None
+    if slopes is not None:  # ALiBi: slope * (j - i), -inf above the diagonal; the same for every prompt
+        rel = (p.steps[None, :] - p.steps[:, None]).float()  # (L, L)
+        mask = (slopes[:, None, None] * rel[None]).masked_fill(rel[None] > 0, float("-inf")).to(q.dtype)[None]
+    o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, is_causal=mask is None,
+                                       scale=scale, enable_gqa=k.shape[1] != nh)  # (B, nh, L, hd)
+    return o.transpose(1, 2).reshape(B * L, nh, hd)[p.pad]
+
+
+def _flash_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool) -> str | None:
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not fp16/bf16"
+    if head_dim % 8 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    if alibi:
+        return "ALiBi needs a bias, which this entry does not take"
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return f"torch {torch.__version__} has no FlashAttention op"
+    return None
+
+
+def _flash_attend(q, k, v, p: Packed, slopes, scale=None):
+    """FlashAttention-2 varlen over the packed tokens: what torch.nn.attention.varlen.varlen_attn calls
+    (its Python signature changed between torch 2.10 and 2.11; this op's did not). GQA/MQA natively."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, p.cu, p.cu, p.max_len, p.max_len, 0.0, True, False,
+                                                   scale=scale)[0]
+
+
+PREFILL_ATTENTION: dict[str, PrefillAttention] = {
+    "padded": PrefillAttention("padded", _padded_attend, lambda device, dtype, head_dim, alibi: None),
+    "flash_varlen": PrefillAttention("flash_varlen", _flash_attend, _flash_unsupported),
+}
+_PREFILL_AUTO_ORDER = {"cuda": ["flash_varlen", "padded"]}
+
+
+def select_prefill_attention(device: torch.device, dtype: torch.dtype, head_dim: int, alibi: bool,
+                             name: str | None = None) -> PrefillAttention:
+    """The entry to use: `name`, else $EF_PREFILL_ATTENTION, else "auto" (the first that runs here)."""
+    return _select("prefill", PREFILL_ATTENTION, PREFILL_ENV_VAR, _PREFILL_AUTO_ORDER, "padded", name, device,
+                   dtype, head_dim, alibi)

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .attention import select_decode_attention
+from .attention import Packed, pack, select_decode_attention, select_prefill_attention
 from .linear import make_linear
 from .parallel import Comm, RankLayout
 from .spec import ModelSpec
@@ -117,6 +117,9 @@ class Decoder:
         self._rope = self._rope_tables() if spec.position == "rope" else None
         self.slopes = L.alibi_slopes().to(self.device) if spec.position == "alibi" else None
         self.decode_attention = select_decode_attention(self.device, self.hd)  # $EF_DECODE_ATTENTION, else auto
+        self.prefill_attention = select_prefill_attention(self.device, self.dtype, self.hd,  # $EF_PREFILL_ATTENTION
+                                                          self.slopes is not None)
+        self.prefill_layers = self._prefill_layers  # compile_prefill() puts the compiled one here
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -185,11 +188,6 @@ class Decoder:
             h = self.act(h)
         return layer.down(h)
 
-    def _alibi_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        # (nh, Tq, Tk): slope * (j - i); the causal/validity mask is added by the caller
-        rel = (k_pos[None, :] - q_pos[:, None]).float()
-        return self.slopes[:, None, None] * rel[None]
-
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
         logits = F.linear(h, self.lm_head, self.lm_head_bias)  # (N, V / tp), vocab padded to tp
@@ -220,36 +218,38 @@ class Decoder:
         Writes K/V of sequence b at cache slot slots[b], positions 0..len-1. Returns the logits of
         every token (T, V) when all_logits, else of each sequence's last token (B, V).
         """
-        slots = list(range(len(lengths))) if slots is None else slots
-        pos = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        h = self._stage_input(tokens, pos)
+        packed = pack(lengths, slots, self.device)
+        h = self.prefill_layers(self._stage_input(tokens, packed.pos), packed)
+        return self._stage_output(h, None if all_logits else packed.last)
+
+    def _prefill_layers(self, h: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """This stage's layers over packed tokens h (T, H): one attention call and one indexed K/V write
+        per layer for all prompts."""
+        T = h.shape[0]
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, pos)
-            outs = []
-            for b, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
-                n = e - s
-                if self.k_cache:
-                    self.k_cache[li][slots[b], :, :n] = k[s:e].transpose(0, 1)
-                    self.v_cache[li][slots[b], :, :n] = v[s:e].transpose(0, 1)
-                qb = q[s:e].transpose(0, 1)[None]  # (1, nh, n, hd)
-                kb = k[s:e].transpose(0, 1)[None]  # (1, nkv, n, hd)
-                vb = v[s:e].transpose(0, 1)[None]
-                if self.slopes is None:
-                    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True,
-                                                       enable_gqa=self.n_kv != self.n_heads)
-                else:
-                    p = pos[s:e]
-                    causal = p[None, :] <= p[:, None]
-                    bias = self._alibi_bias(p, p).masked_fill(~causal, float("-inf"))
-                    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[None].to(qb.dtype),
-                                                       enable_gqa=self.n_kv != self.n_heads)
-                outs.append(o[0].transpose(0, 1).reshape(n, -1))
-            h = h + layer.o(torch.cat(outs, dim=0))
+            q, k, v = self._qkv(layer, h, packed.pos)  # (T, n, hd)
+            if self.k_cache:
+                kc, vc = self.k_cache[li], self.v_cache[li]  # (Bmax, nkv, S, hd)
+                kc[packed.slot, :, packed.pos] = k.to(kc.dtype)
+                vc[packed.slot, :, packed.pos] = v.to(vc.dtype)
+            o = self.prefill_attention.attend(q, k, v, packed, self.slopes)  # (T, nh, hd)
+            h = h + layer.o(o.reshape(T, -1))
             h = h + self._mlp(layer, h)
-        return self._stage_output(h, None if all_logits else torch.tensor(starts[1:], device=self.device) - 1)
+        return h
+
+    def compile_prefill(self, **options) -> None:
+        """torch.compile the layers of prefill (Inductor fuses the norms, rotary, K/V writes and activations)
+        with the token count and batch size dynamic from the first call: one compilation serves every
+        batch of prompts. Head counts and widths stay static."""
+        compiled = torch.compile(self._prefill_layers, **options)
+
+        def prefill_layers(h: torch.Tensor, packed: Packed) -> torch.Tensor:
+            for t, dim in ((h, 0), *packed.dynamic()):
+                if t.shape[dim] > 1:  # a dimension of 1 is specialised anyway
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            return compiled(h, packed)
+
+        self.prefill_layers = prefill_layers
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per cache slot 0..B-1: tokens (B,), pos (B,) its position. Returns (B, V).

@@ -41,6 +41,37 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return toks
 
 
+# ---- random decoders -------------------------------------------------------------------------------
+# (position, heads, kv heads): LLaMA-like GQA with rope, BLOOM-like ALiBi over 6 heads, BigCode-like MQA
+DECODERS = {"rope_gqa": ("rope", 8, 2), "alibi_6_heads": ("alibi", 6, 6), "learned_mqa": ("learned", 8, 1)}
+
+
+def random_decoder(kind: str, dtype, device, cache: tuple[int, int] = (4, 40)):
+    """A 2-layer runtime Decoder of DECODERS[kind] with random weights in the runtime layout, head_dim 16,
+    vocab 97, its cache allocated (max batch, max seq len); its attention entries chosen as usual."""
+    from runtime.model import Decoder
+    from runtime.spec import ModelSpec
+
+    position, nh, nkv = DECODERS[kind]
+    spec = ModelSpec(family="test", vocab_size=97, hidden_size=16 * nh, num_layers=2, num_heads=nh, num_kv_heads=nkv,
+                     intermediate_size=80, max_position_embeddings=64, position=position,
+                     mlp="gated" if position == "rope" else "plain", norm="rms" if position == "rope" else "layer")
+    g = torch.Generator().manual_seed(7)
+    r = lambda *shape: (0.2 * torch.randn(*shape, generator=g)).to(device, dtype)
+    H, I, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    t = {"embed.weight": r(spec.vocab_size, H), "lm_head.weight": r(spec.vocab_size, H), "final_norm.weight": 1 + r(H)}
+    if position == "learned":
+        t["pos_embed.weight"] = r(spec.max_position_embeddings, H)
+    for i in range(spec.num_layers):
+        t.update({f"layers.{i}.attn_norm.weight": 1 + r(H), f"layers.{i}.mlp_norm.weight": 1 + r(H),
+                  f"layers.{i}.attn.qkv.weight": r((nh + 2 * nkv) * hd, H), f"layers.{i}.attn.o.weight": r(H, nh * hd),
+                  f"layers.{i}.mlp.up.weight": r(2 * I if position == "rope" else I, H),
+                  f"layers.{i}.mlp.down.weight": r(H, I)})
+    d = Decoder(spec, t)
+    d.allocate_cache(*cache)
+    return d
+
+
 # ---- builds ----------------------------------------------------------------------------------------
 def assert_scores_match(engine, prompts: list[list[int]], reference_logits, tol: float = 1e-4) -> None:
     """The engine's logits, for the packed batch and for each prompt alone, within tol of the reference's."""

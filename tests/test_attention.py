@@ -11,10 +11,10 @@ import importlib.util
 import pytest
 import torch
 
+from helpers import DECODERS, random_decoder
 from runtime.attention import DECODE_ATTENTION, decode_attention, select_decode_attention
 from runtime.errors import UserError
 from runtime.model import Decoder, alibi_slopes
-from runtime.spec import ModelSpec
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -163,30 +163,10 @@ def test_triton_compiles_fullgraph_and_replays_in_a_cuda_graph(kernels):
 
 
 # ---- in the decoder --------------------------------------------------------------------------------
-# (position, heads, kv heads): LLaMA-like GQA with rope, BLOOM-like ALiBi over 6 heads, BigCode-like MQA
-DECODERS = {"rope_gqa": ("rope", 8, 2), "alibi_6_heads": ("alibi", 6, 6), "learned_mqa": ("learned", 8, 1)}
-
-
 def _decoder(kind: str, dtype, name: str) -> Decoder:
-    """A 2-layer decoder with random weights in the runtime layout, head_dim 16, attention entry `name`."""
-    position, nh, nkv = DECODERS[kind]
-    spec = ModelSpec(family="test", vocab_size=97, hidden_size=16 * nh, num_layers=2, num_heads=nh, num_kv_heads=nkv,
-                     intermediate_size=80, max_position_embeddings=64, position=position,
-                     mlp="gated" if position == "rope" else "plain", norm="rms" if position == "rope" else "layer")
-    g = torch.Generator().manual_seed(7)
-    r = lambda *shape: (0.2 * torch.randn(*shape, generator=g)).to(DEV, dtype)
-    H, I, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
-    t = {"embed.weight": r(spec.vocab_size, H), "lm_head.weight": r(spec.vocab_size, H), "final_norm.weight": 1 + r(H)}
-    if position == "learned":
-        t["pos_embed.weight"] = r(spec.max_position_embeddings, H)
-    for i in range(spec.num_layers):
-        t.update({f"layers.{i}.attn_norm.weight": 1 + r(H), f"layers.{i}.mlp_norm.weight": 1 + r(H),
-                  f"layers.{i}.attn.qkv.weight": r((nh + 2 * nkv) * hd, H), f"layers.{i}.attn.o.weight": r(H, nh * hd),
-                  f"layers.{i}.mlp.up.weight": r(2 * I if position == "rope" else I, H),
-                  f"layers.{i}.mlp.down.weight": r(H, I)})
-    d = Decoder(spec, t)
+    """A 2-layer decoder with random weights (helpers.random_decoder), decode attention entry `name`."""
+    d = random_decoder(kind, dtype, DEV)
     d.decode_attention = DECODE_ATTENTION[name]
-    d.allocate_cache(4, 40)
     return d
 
 
