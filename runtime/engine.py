@@ -39,31 +39,55 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def graph_bucket(batch: int, max_batch: int) -> int:
+    """The CUDA-graph batch size that serves `batch` rows: the next power of two, at most max_batch."""
+    return min(1 << (batch - 1).bit_length(), max_batch)
+
+
 class _DecodeGraph:
-    """The decode step for one batch size, captured once in a CUDA graph and replayed per token."""
+    """The decode step for one batch-size bucket, captured once in a CUDA graph and replayed per token,
+    greedy argmax included. A batch of B <= bucket rows fills rows 0..B-1; the padding rows keep token 0
+    at the last cache position of slots B..bucket-1, which no row of that batch uses, and a real sequence
+    writes a position before it reads it."""
 
     def __init__(self, model: Decoder, batch: int, step: Callable | None = None):
         step = step or model.decode
         dev = model.device
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         # Warm-up and capture run decode for real and write K/V at `pos`: aim them at the last cache
-        # slot, which no sequence has reached yet (a real write there comes before any read of it).
+        # position, which no sequence has reached yet (a real write there comes before any read of it).
         self.pos = torch.full((batch,), model.cache_shape[1] - 1, dtype=torch.long, device=dev)
+        self.spare_pos, self.rows = model.cache_shape[1] - 1, batch
+
+        def step_and_argmax(tokens, pos):
+            logits = step(tokens, pos)
+            return logits, logits.argmax(dim=-1)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up kernels/allocations outside the capture
             for _ in range(2):  # (a compiled step compiles here)
-                step(self.tokens, self.pos)
+                step_and_argmax(self.tokens, self.pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(self.tokens, self.pos)
+            self.logits, self.argmax = step_and_argmax(self.tokens, self.pos)
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.pos.copy_(pos)
+        """Logits (B, V) of rows 0..B-1: a view of the graph's output, valid until the next call."""
+        B = tokens.shape[0]
+        self.tokens[:B].copy_(tokens)
+        self.pos[:B].copy_(pos)
+        if B < self.rows:  # the padding rows of a larger batch before: back to the spare position
+            self.pos[B:].fill_(self.spare_pos)
+        self.rows = B
         self.graph.replay()
-        return self.logits
+        return self.logits[:B]
+
+    @property
+    def greedy(self) -> torch.Tensor:
+        """The argmax tokens (B,) of the last call's rows, computed inside the graph."""
+        return self.argmax[:self.rows]
 
 
 class Engine:
@@ -89,9 +113,12 @@ class Engine:
     @lockstep
     def compile(self) -> "Engine":
         """Compile the decode step with torch.compile (Inductor fuses the norms, rotary, cache writes and
-        masks of each layer). The first decode of each batch size compiles (tens of seconds for a 7B
-        model); on CUDA the compiled step is then captured in the batch size's CUDA graph."""
+        masks of each layer). The first decode of each batch-size bucket compiles (tens of seconds for a 7B
+        model); on CUDA the compiled step is then captured in the bucket's CUDA graph. On a one-rank CUDA
+        engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes)."""
         self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True)
+        if self.device.type == "cuda" and self.model.comm.world_size == 1:
+            self.model.compile_prefill()
         self._graphs.clear()
         self.compiled = True
         return self
@@ -251,26 +278,31 @@ class Engine:
             results.extend(outs)
         return results
 
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, temperature: float, top_k: int,
+                     top_p: float, gen) -> torch.Tensor:
+        """The next token of each row after `tokens` at `pos`: greedy inside the CUDA graph of the batch's
+        bucket, other sampling on the graph's logits."""
         if not self.use_cuda_graphs:
-            return self._step(tokens, pos)
-        B = tokens.shape[0]
-        if B not in self._graphs:
-            self._graphs[B] = _DecodeGraph(self.model, B, self._step)
-        return self._graphs[B](tokens, pos)
+            return sample(self._step(tokens, pos), temperature, top_k, top_p, gen)
+        bucket = graph_bucket(tokens.shape[0], self.limits["max_batch_size"])
+        if bucket not in self._graphs:
+            self._graphs[bucket] = _DecodeGraph(self.model, bucket, self._step)
+        graph = self._graphs[bucket]
+        logits = graph(tokens, pos)
+        return graph.greedy if temperature <= 0 else sample(logits, temperature, top_k, top_p, gen)
 
     def _generate_batch(self, seqs, max_new, temperature, top_k, top_p, stops, stop_strings, gen,
                         streamer, offset) -> list[Generation]:
         self._ensure_cache(len(seqs))
         dev, B = self.device, len(seqs)
-        logits = self.model.prefill(torch.tensor(sum(seqs, []), device=dev), [len(s) for s in seqs])
+        logits = self.model.prefill(torch.tensor([t for s in seqs for t in s], device=dev), [len(s) for s in seqs])
+        nxt = sample(logits, temperature, top_k, top_p, gen)
         pos = torch.tensor([len(s) for s in seqs], device=dev)
         stop_t = torch.tensor(sorted(stops), device=dev, dtype=torch.long)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         out = torch.zeros(B, max_new, dtype=torch.long, device=dev)
         n = 0
         for step in range(max_new):
-            nxt = sample(logits, temperature, top_k, top_p, gen)
             out[:, step] = nxt
             n = step + 1
             finished |= torch.isin(nxt, stop_t)
@@ -281,7 +313,7 @@ class Engine:
                 break
             if step + 1 == max_new or bool(finished.all()):
                 break
-            logits = self._decode_step(nxt, pos)
+            nxt = self._decode_step(nxt, pos, temperature, top_k, top_p, gen)
             pos = pos + 1
         return [self._finish(seqs[i], out[i, :n].tolist(), stops, stop_strings) for i in range(B)]
 
