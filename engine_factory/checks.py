@@ -71,10 +71,3 @@ def check_model(cfg, spec: ModelSpec) -> None:
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
 
-
-def check_supported(cfg) -> None:
-    """Features a recipe may ask for that this version does not have yet: said plainly, before work."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if tp * pp > 1:
-        raise UserError(f"parallel.tp={tp} parallel.pp={pp}: multi-rank engines need the parallel runtime, "
-                        "which this version does not have yet; use parallel=tp1")

@@ -60,10 +60,8 @@ class Outcome:
 
 # ---- which recipes this machine can build: one rule, the first reason wins ---------------------------
 def why_not(cfg, store: Path) -> str | None:
-    """Why this machine cannot build the recipe, or None: multi-rank, CUDA, source out of reach, size."""
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if tp * pp > 1:
-        return f"multi-rank (tp={tp}, pp={pp}): the parallel runtime is not in this version"
+    """Why this machine cannot build the recipe, or None: CUDA, source out of reach, size. A multi-rank
+    recipe builds whatever the GPU count: its validation starts the ranks as local processes (gloo)."""
     if "cuda" in (cfg.target, cfg.validate.device):
         if not _has_cuda():
             return f"needs CUDA (target={cfg.target}, validate.device={cfg.validate.device}); this machine has none"

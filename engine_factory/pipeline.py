@@ -14,7 +14,7 @@ from runtime.errors import EngineError, UserError
 from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_engine
 
 from . import __version__, families
-from .checks import check_config, check_model, check_supported
+from .checks import check_config, check_model
 from .hashing import digest
 from .layout import canonical_shapes
 from .plan import check_fits, describe, engine_limits, plan
@@ -76,7 +76,6 @@ def check_before_work(cfg):
     if spec is not None:
         check_model(cfg, spec)
         if not cfg.plan:
-            check_supported(cfg)
             check_fits(cfg, spec)
     return spec
 
@@ -111,7 +110,6 @@ def run(cfg, recipe: str | None = None) -> Path:
     source = fetch(cfg.model, store)
     family, spec = _spec(cfg, source.hf_config, source.tokenizer_config)
     check_model(cfg, spec)
-    check_supported(cfg)
     check_fits(cfg, spec)
     identity = engine_identity(cfg, source, spec)
     h = digest(identity)

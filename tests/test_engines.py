@@ -30,6 +30,9 @@ model:
            max_position_embeddings: 64}
 limits: {max_batch_size: 2, max_input_len: 32, max_output_len: 32}
 """
+# The same on 2 ranks: this machine has no GPU for either; the build's validation runs 2 local processes
+TINY_DUMMY_TP2 = TINY_DUMMY.replace("  - override /precision: fp32\n", "  - override /precision: fp32\n"
+                                    "  - override /parallel: tp2\n").replace("name: tiny-dummy", "name: tiny-dummy-tp2")
 # GPT 530B on one rank: ~1 TB of fp16 weights, more RAM than any machine that runs these tests
 HUGE_DUMMY = "defaults:\n  - override /model: gpt_530b\n  - override /validate: none\n"
 
@@ -53,26 +56,30 @@ def _copy(folder, name: str, as_name: str | None = None, edit=lambda text: text)
 def test_engines_builds_what_this_machine_can_and_says_why_not_for_the_rest(tmp_path):
     folder, store = tmp_path / "recipes", tmp_path / "store"
     _copy(folder, "gpt2_fp16")  # hf://: no hub here (HF_HUB_OFFLINE)
-    _copy(folder, "gpt175b_tp8_fp16_dummy")  # 8 ranks
+    _copy(folder, "gpt175b_tp8_fp16_dummy")  # 8 ranks of 175B: not for this machine's RAM
     (folder / "tiny_dummy.yaml").write_text(TINY_DUMMY)
+    (folder / "tiny_dummy_tp2.yaml").write_text(TINY_DUMMY_TP2)
     (folder / "huge_dummy.yaml").write_text(HUGE_DUMMY)
     rc, out, err = engines("--recipes_dir", folder, "--store", store)
     assert rc == 0, err[-3000:]
     rows = _rows(out)
     assert "skipped" in rows["gpt2_fp16"] and "Hugging Face hub" in rows["gpt2_fp16"]
-    assert "skipped" in rows["gpt175b_tp8_fp16_dummy"] and "multi-rank (tp=8, pp=1)" in rows["gpt175b_tp8_fp16_dummy"]
+    assert "skipped" in rows["gpt175b_tp8_fp16_dummy"] and "exceed this machine's" in rows["gpt175b_tp8_fp16_dummy"]
     assert "skipped" in rows["huge_dummy"] and re.search(r"GiB of fp16 weights .* exceed", rows["huge_dummy"])
-    assert rows["tiny_dummy"].split()[1] == "built"
-    assert re.search(r"parity recorded: max_rel_logits \S+, token_agreement 1", rows["tiny_dummy"])
-    (engine,) = engines_in(store)
-    assert engine.name.startswith("tiny-dummy-") and (engine / "manifest.json").is_file()
-    before = {p.name: p.stat().st_mtime_ns for p in engine.iterdir()}
+    for name in ("tiny_dummy", "tiny_dummy_tp2"):
+        assert rows[name].split()[1] == "built"
+        assert re.search(r"parity recorded: max_rel_logits \S+, token_agreement 1", rows[name])
+    built = engines_in(store)
+    assert sorted(e.name.rsplit("-", 1)[0] for e in built) == ["tiny-dummy", "tiny-dummy-tp2"]
+    tp2 = next(e for e in built if e.name.startswith("tiny-dummy-tp2-"))
+    assert sorted(p.name for p in tp2.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
+    before = {e: {p.name: p.stat().st_mtime_ns for p in e.iterdir()} for e in built}
 
     rc, out, err = engines("--recipes_dir", folder, "--store", store)
     assert rc == 0, err[-3000:]
-    assert _rows(out)["tiny_dummy"].split()[1:3] == ["cache", "hit"]
-    assert "1 cache hit, 3 skipped" in out
-    assert engines_in(store) == [engine] and {p.name: p.stat().st_mtime_ns for p in engine.iterdir()} == before
+    assert _rows(out)["tiny_dummy"].split()[1:3] == _rows(out)["tiny_dummy_tp2"].split()[1:3] == ["cache", "hit"]
+    assert "2 cache hit, 3 skipped" in out
+    assert engines_in(store) == built and {e: {p.name: p.stat().st_mtime_ns for p in e.iterdir()} for e in built} == before
 
 
 def test_a_dummy_whose_validation_reference_does_not_fit_ram_is_skipped(monkeypatch, tmp_path):

@@ -36,13 +36,9 @@ def _prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, tiny_llama):
     """tp1, tp2 and tp2 x pp2 fp32 engines of the same checkpoint."""
-    from engine_factory import pipeline
-
     store = tmp_path_factory.mktemp("launch-store")
-    with pytest.MonkeyPatch.context() as mp:  # the lead lifts the multi-rank refusal separately
-        mp.setattr(pipeline, "check_supported", lambda cfg: None)
-        build = lambda *o: build_in_process(tiny_llama, store, "precision=fp32", "validate.enabled=false", *o)
-        return {"tp1": build(), "tp2": build("parallel.tp=2"), "tp2pp2": build("parallel.tp=2", "parallel.pp=2")}
+    build = lambda *o: build_in_process(tiny_llama, store, "precision=fp32", "validate.enabled=false", *o)
+    return {"tp1": build(), "tp2": build("parallel.tp=2"), "tp2pp2": build("parallel.tp=2", "parallel.pp=2")}
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_dir(checkpoint, tmp_path_factory):
-    """engine_dir(key) -> an fp32 engine folder of ENGINES[key] (or "<checkpoint>@tp1", "<checkpoint>@tp1_int8").
-    The pipeline still refuses multi-rank builds (check_supported): bypassed here."""
+    """engine_dir(key) -> an fp32 engine folder of ENGINES[key] (or "<checkpoint>@tp1", "<checkpoint>@tp1_int8")."""
     store, built = tmp_path_factory.mktemp("parallel-store"), {}
 
     def get(key: str) -> Path:
@@ -93,10 +92,8 @@ def engine_dir(checkpoint, tmp_path_factory):
                 overrides = ["precision.quant=int8_wo"] if what == "tp1_int8" else []
             else:
                 ckpt, overrides = ENGINES[key]
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr("engine_factory.pipeline.check_supported", lambda cfg: None)
-                built[key] = build_in_process(checkpoint(ckpt), store, "precision=fp32", "validate.enabled=false",
-                                              *overrides)
+            built[key] = build_in_process(checkpoint(ckpt), store, "precision=fp32", "validate.enabled=false",
+                                          *overrides)
         return built[key]
     return get
 
@@ -294,8 +291,7 @@ def test_sharing_the_embedding_makes_the_engine_smaller_by_the_lm_head(engine_di
         assert torch.equal(s["embed.weight"], u["lm_head.weight"])
 
 
-def test_build_workers_give_the_same_rank_files(checkpoint, engine_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("engine_factory.pipeline.check_supported", lambda cfg: None)
+def test_build_workers_give_the_same_rank_files(checkpoint, engine_dir, tmp_path):
     again = build_in_process(checkpoint("tiny_llama"), tmp_path / "store", "precision=fp32",
                              "validate.enabled=false", "parallel.tp=2", "parallel.pp=2", "parallel.build_workers=2")
     one = engine_dir("llama_tp2_pp2")

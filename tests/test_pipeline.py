@@ -147,14 +147,6 @@ def test_every_published_recipe_composes_and_passes_the_checks(name):
         check_model(cfg, families.resolve(hf, cfg.model.family).spec(hf, cfg.model.version))
 
 
-def test_a_recipe_whose_feature_is_not_there_yet_says_so(cli, store):
-    # gpt175b_tp8_fp16_dummy: dummy weights (no download), 8-way tensor parallel (not in this version)
-    rc, out, err = cli("recipe=gpt175b_tp8_fp16_dummy", f"store={store}")
-    assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: parallel.tp=8 parallel.pp=1: multi-rank engines")
-    assert not engines_in(store)
-
-
 def test_multirun_builds_one_engine_per_point(tiny_llama, cli, store):
     rc, out, err = cli("-m", "precision=fp32,fp16", f"model.source={tiny_llama}", f"store={store}", *LIMITS)
     assert rc == 0, err[-3000:]

@@ -156,34 +156,38 @@ def validate(engine_dir: Path, source, cfg, name: str | None = None) -> dict:
                                                                    "min_token_agreement": agree_bound}}
     failures: list[str] = []
     engine = Engine.load(engine_dir, device=vc.device)
-    ref_loader, why_not = source.reference()
-    ref, why_not = load_reference(engine, ref_loader) if ref_loader is not None else (None, why_not)
-    if ref is None:
-        result["parity"] = {"skipped": why_not}
-        log.warning("validate: parity skipped: %s", why_not)
-    else:
-        t0 = time.perf_counter()
-        p = parity(engine, ref, vc)
-        p.update(device=str(engine.device), reference_device=str(next(ref.parameters()).device), seconds=round(time.perf_counter() - t0, 2))
-        if p["max_rel_logits"] > rel_bound:
-            failures.append(f"max_rel_logits {p['max_rel_logits']:.3g} > {rel_bound}")
-        if p["token_agreement"] < agree_bound:
-            failures.append(f"token_agreement {p['token_agreement']:.3f} < {agree_bound}")
-        p["passed"] = not failures
-        result["parity"] = p
-        log.info("validate: parity max|dlogits|=%.3g (rel %.3g), token agreement %.3f, greedy identical %s",
-                 p["max_abs_logits"], p["max_rel_logits"], p["token_agreement"], p["greedy_identical"])
-    if vc.task.articles:
-        if engine.tokenizer is None:
-            raise UserError("validate.task needs a tokenizer; this engine has none (set model.tokenizer=DIR)")
-        result["task"] = _task(engine, ref, vc.task)
-        log.info("validate: task ROUGE-1 engine %.2f%s", result["task"]["engine"]["rouge1"],
-                 f", reference {result['task']['hf']['rouge1']:.2f}" if "hf" in result["task"] else "")
-    if vc.speed:
-        from runtime.bench import bench
+    try:
+        ref_loader, why_not = source.reference()
+        ref, why_not = load_reference(engine, ref_loader) if ref_loader is not None else (None, why_not)
+        if ref is None:
+            result["parity"] = {"skipped": why_not}
+            log.warning("validate: parity skipped: %s", why_not)
+        else:
+            t0 = time.perf_counter()
+            p = parity(engine, ref, vc)
+            p.update(device=str(engine.device), reference_device=str(next(ref.parameters()).device),
+                     seconds=round(time.perf_counter() - t0, 2))
+            if p["max_rel_logits"] > rel_bound:
+                failures.append(f"max_rel_logits {p['max_rel_logits']:.3g} > {rel_bound}")
+            if p["token_agreement"] < agree_bound:
+                failures.append(f"token_agreement {p['token_agreement']:.3f} < {agree_bound}")
+            p["passed"] = not failures
+            result["parity"] = p
+            log.info("validate: parity max|dlogits|=%.3g (rel %.3g), token agreement %.3f, greedy identical %s",
+                     p["max_abs_logits"], p["max_rel_logits"], p["token_agreement"], p["greedy_identical"])
+        if vc.task.articles:
+            if engine.tokenizer is None:
+                raise UserError("validate.task needs a tokenizer; this engine has none (set model.tokenizer=DIR)")
+            result["task"] = _task(engine, ref, vc.task)
+            log.info("validate: task ROUGE-1 engine %.2f%s", result["task"]["engine"]["rouge1"],
+                     f", reference {result['task']['hf']['rouge1']:.2f}" if "hf" in result["task"] else "")
+        if vc.speed:
+            from runtime.bench import bench
 
-        n_in = min(128, engine.limits["max_input_len"], engine.limits["max_seq_len"] // 2)
-        result["speed"] = bench(engine, 1, n_in, min(64, engine.limits["max_seq_len"] - n_in), reps=2)
+            n_in = min(128, engine.limits["max_input_len"], engine.limits["max_seq_len"] // 2)
+            result["speed"] = bench(engine, 1, n_in, min(64, engine.limits["max_seq_len"] - n_in), reps=2)
+    finally:  # a multi-rank engine: its local ranks stop here, not at exit
+        engine.close()
     failures += check_bounds(result, dict(cfg.expect.get("validation") or {}))
     result["passed"] = not failures
     write_json_atomic(engine_dir / VALIDATION_JSON, result)
