@@ -73,13 +73,14 @@ def test_engines_builds_what_this_machine_can_and_says_why_not_for_the_rest(tmp_
     assert sorted(e.name.rsplit("-", 1)[0] for e in built) == ["tiny-dummy", "tiny-dummy-tp2"]
     tp2 = next(e for e in built if e.name.startswith("tiny-dummy-tp2-"))
     assert sorted(p.name for p in tp2.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
-    before = {e: {p.name: p.stat().st_mtime_ns for p in e.iterdir()} for e in built}
+    mtimes = lambda: {e: {p.name: p.stat().st_mtime_ns for p in e.iterdir()} for e in built}
+    before = mtimes()
 
     rc, out, err = engines("--recipes_dir", folder, "--store", store)
     assert rc == 0, err[-3000:]
     assert _rows(out)["tiny_dummy"].split()[1:3] == _rows(out)["tiny_dummy_tp2"].split()[1:3] == ["cache", "hit"]
     assert "2 cache hit, 3 skipped" in out
-    assert engines_in(store) == built and {e: {p.name: p.stat().st_mtime_ns for p in e.iterdir()} for e in built} == before
+    assert engines_in(store) == built and mtimes() == before
 
 
 def test_a_dummy_whose_validation_reference_does_not_fit_ram_is_skipped(monkeypatch, tmp_path):
