@@ -242,3 +242,30 @@ def _remove_log(line: str) -> None:
     log = Path(line.rsplit("log: ", 1)[1].rstrip(")"))
     assert log.is_file(), line
     log.unlink()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_at_tp3_summarizes_as_tp1(need_shared, tmp_path):
+    """The real SmolLM2-135M GGUF (9 heads, 3 KV heads: one per rank) built with tp3: runtime.summarize,
+    with no launcher (it starts the 3 ranks), writes tp1's summaries of 10 cnn_dailymail articles, so the
+    same ROUGE."""
+    from engine_factory import config, pipeline
+
+    gguf = need_shared("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+    data = need_shared("data/cnn_dailymail_test100.jsonl")
+    runs = {}
+    for tp in (1, 3):
+        cfg = config.compose([f"model.source={gguf}", f"store={tmp_path / 'store'}", "precision=fp32",
+                              "validate.enabled=false", f"parallel.tp={tp}", "limits.max_input_len=256",
+                              "limits.max_output_len=32", "limits.max_batch_size=5"])
+        engine = pipeline.run(cfg)
+        out = tmp_path / f"tp{tp}.json"
+        rc, stdout, err = run_module("runtime.summarize", "--engine_dir", engine, "--dataset", data,
+                                     "--max_articles", 10, "--batch_size", 5, "--output_len", 32, "--device", "cpu",
+                                     "--test_engine", "--json_out", out, timeout=600)
+        assert rc == 0, err[-3000:]
+        runs[tp] = (json.loads(stdout.strip().splitlines()[-1])["engine"],
+                    [a["engine"] for a in json.loads(out.read_text())["articles"]])
+    (scores1, texts1), (scores3, texts3) = runs[1], runs[3]
+    assert len(texts1) == 10 and all(texts1) and texts3 == texts1
+    assert scores3 == scores1 and scores1["rouge1"] > 20, (scores1, scores3)
