@@ -152,6 +152,26 @@ def test_killed_rank_ends_the_call_with_one_line(engines, one_thread):
         eng.generate([[5]])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+@pytest.mark.parametrize("engine", ["tp2", "tp2pp2"])
+def test_ranks_on_cuda_give_tp1_tokens(engines, engine, one_thread):
+    """With a GPU per rank: NCCL, and the decode step with its collectives captured in CUDA graphs; with
+    ranks sharing GPUs (one H200: both ranks on it): gloo, pipeline send/recv through host memory, no graphs."""
+    from runtime.engine import Engine
+
+    tp1 = Engine.load(engines["tp1"], device="cuda")
+    want = [g.output_ids for g in tp1.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)]
+    eng = Engine.load(engines[engine], device="cuda")
+    try:
+        nccl = eng.ranks.size <= torch.cuda.device_count()
+        assert (eng.ranks.backend, eng.use_cuda_graphs) == (("nccl", True) if nccl else ("gloo", False))
+        got = [g.output_ids for g in eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)]
+    finally:
+        eng.close()
+    assert got == want
+
+
 @pytest.mark.parametrize("when", ["between calls", "during a call"])
 def test_stopped_rank_ends_the_call_within_the_timeout(engines, one_thread, monkeypatch, when):
     """A rank that stops answering (SIGSTOP: alive, silent) ends the driver's call within EF_DIST_TIMEOUT:
