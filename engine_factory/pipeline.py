@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -16,10 +15,9 @@ from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_engine
 from . import __version__, families
 from .checks import check_config, check_model
 from .hashing import digest
-from .layout import canonical_shapes
-from .plan import check_fits, describe, engine_limits, plan
+from .plan import check_fits, describe, engine_limits, mapping_of, plan
 from .sources import peek_config
-from .stages.build import DTYPES, build
+from .stages.build import build
 from .stages.calibrate import NEEDS_CALIBRATION, calibrate
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
@@ -122,7 +120,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             _revalidate_if_needed(engine_dir, source, cfg, store)
             return engine_dir
         log.warning("the engine in the store is damaged, rebuilding it: %s", damage)
-    needed = estimate_engine_bytes(spec, cfg)
+    needed = sum(r["weight_bytes"] for r in plan(cfg, spec)["ranks"])  # the rank files, from shapes alone
     store.prepare(f"building {engine_dir.name}")
     store.remove_stale_staging()
     free = shutil.disk_usage(store.root).free
@@ -138,9 +136,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
             "dtype": TORCH_DTYPE_NAMES[cfg.precision.dtype],
             "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache},
-            "mapping": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": cfg.parallel.tp * cfg.parallel.pp,
-                        "embedding_sharding": cfg.parallel.embedding_sharding,
-                        "share_embedding": cfg.parallel.share_embedding},
+            "mapping": mapping_of(cfg),
             "limits": identity["limits"], "source": source.provenance, "family": family.model_type,
             "toolchain": _toolchain(), "target": {"device": cfg.target, "sm": None}, "backend": cfg.backend,
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
@@ -157,15 +153,6 @@ def run(cfg, recipe: str | None = None) -> Path:
                                            "expected", e.failures) from None
     log.info("built %s in %.1fs", engine_dir, time.perf_counter() - t0)
     return engine_dir
-
-
-def estimate_engine_bytes(spec, cfg) -> int:
-    """Bytes of the rank files, from the shapes alone: every parameter in the float dtype (an upper bound for
-    quantized engines), plus the lm_head copy that sharded tied embeddings may need."""
-    n = sum(math.prod(s) for s in canonical_shapes(spec).values())
-    if spec.tie_word_embeddings and cfg.parallel.tp * cfg.parallel.pp > 1:
-        n += spec.vocab_size * spec.hidden_size
-    return n * DTYPES[cfg.precision.dtype].itemsize
 
 
 def _damage(engine_dir: Path, mode: str) -> str | None:

@@ -135,7 +135,7 @@ def check_fits(cfg, spec) -> None:
     worst = max(p["ranks"], key=lambda x: x["total_bytes"])
     n = p["max_batch_size_that_fits"]
     fix = (f"lower limits.max_batch_size to {n}" if n else "raise parallel.tp / parallel.pp") + \
-        ", use more ranks, or name a larger target_gpu (" + ", ".join(sorted(GPUS)) + ")"
+        ", use more ranks, name a larger target_gpu (" + ", ".join(sorted(GPUS)) + "), or target=cpu for a CPU engine"
     raise UserError(f"the plan does not fit target_gpu={cfg.target_gpu} ({_gb(p['gpu_memory_bytes'])}): rank "
                     f"{worst['rank']} needs {_gb(worst['total_bytes'])} (weights {_gb(worst['weight_bytes'])}, KV "
                     f"cache {_gb(worst['kv_cache_bytes'])}); {fix}; `plan=true` prints the whole plan")

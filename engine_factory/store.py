@@ -47,7 +47,7 @@ def check_name(key: str, value: str) -> str:
 
 def safe_name(value: str) -> str:
     """A name derived from something the user did not choose as a name (a source folder): made safe."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]  # room for -hash and .tmp-…-xxxx
     return name or "engine"
 
 

@@ -222,7 +222,12 @@ class Ranks:
         """Send fn(**arguments) to the workers, run it here with them, return rank 0's result."""
         self._check_usable(fn.__name__)
         kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
-        shared = {k: (None if k == "streamer" else v) for k, v in kwargs.items()}  # rank 0 streams
+        streamer = kwargs.get("streamer")
+        if streamer is not None:  # rank 0 alone streams: check it here, before the workers start the call
+            if not callable(streamer):
+                raise UserError(f"streamer={streamer!r:.40}: must be a function (i, token) or None")
+            kwargs["streamer"] = _guarded(streamer)
+        shared = {k: (None if k == "streamer" else v) for k, v in kwargs.items()}
         try:
             payload = json.dumps({"call": fn.__name__, "kwargs": shared}, default=_plain).encode()
         except TypeError as e:
@@ -343,6 +348,19 @@ class Ranks:
         if self in _OURS:
             _OURS.remove(self)
         self.store = None
+
+
+class StreamerFailed(RuntimeError):
+    """The caller's streamer raised on rank 0 while the other ranks were inside the call."""
+
+
+def _guarded(streamer):
+    def call(i, token):
+        try:
+            streamer(i, token)
+        except BaseException as e:  # the workers are in collectives: the engine cannot go on
+            raise StreamerFailed(f"the streamer raised {type(e).__name__}: {e}") from e
+    return call
 
 
 def _plain(obj):

@@ -46,9 +46,9 @@ def graph_bucket(batch: int, max_batch: int) -> int:
 
 class _DecodeGraph:
     """The decode step for one batch-size bucket, captured once in a CUDA graph and replayed per token,
-    greedy argmax included. A batch of B <= bucket rows fills rows 0..B-1; the padding rows keep token 0
-    at the last cache position of slots B..bucket-1, which no row of that batch uses, and a real sequence
-    writes a position before it reads it."""
+    greedy argmax included. A batch of B <= bucket rows fills rows 0..B-1; the padding rows write token 0
+    at position 0 of slots B..bucket-1, which no row of that batch uses (a later batch's prefill writes
+    a slot's positions before its decode reads them)."""
 
     def __init__(self, model: Decoder, batch: int, step: Callable | None = None):
         step = step or model.decode
@@ -57,7 +57,7 @@ class _DecodeGraph:
         # Warm-up and capture run decode for real and write K/V at `pos`: aim them at the last cache
         # position, which no sequence has reached yet (a real write there comes before any read of it).
         self.pos = torch.full((batch,), model.cache_shape[1] - 1, dtype=torch.long, device=dev)
-        self.spare_pos, self.rows = model.cache_shape[1] - 1, batch
+        self.rows = batch
 
         def step_and_argmax(tokens, pos):
             logits = step(tokens, pos)
@@ -78,8 +78,8 @@ class _DecodeGraph:
         B = tokens.shape[0]
         self.tokens[:B].copy_(tokens)
         self.pos[:B].copy_(pos)
-        if B < self.rows:  # the padding rows of a larger batch before: back to the spare position
-            self.pos[B:].fill_(self.spare_pos)
+        if B < self.pos.shape[0]:  # padding rows: position 0 of slots no row of this batch uses, so
+            self.pos[B:].zero_()  # that attention over them costs one position, not the whole cache
         self.rows = B
         self.graph.replay()
         return self.logits[:B]
@@ -116,8 +116,11 @@ class Engine:
         masks of each layer). The first decode of each batch-size bucket compiles (tens of seconds for a 7B
         model); on CUDA the compiled step is then captured in the bucket's CUDA graph. On a one-rank CUDA
         engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes)."""
+        if self.model.comm.world_size > 1:  # every rank raises this alike, before any collective
+            raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for one-rank engines "
+                            f"(this one has {self.model.comm.world_size} ranks); run it without compiling")
         self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True)
-        if self.device.type == "cuda" and self.model.comm.world_size == 1:
+        if self.device.type == "cuda":
             self.model.compile_prefill()
         self._graphs.clear()
         self.compiled = True

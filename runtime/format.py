@@ -272,7 +272,19 @@ def _engine_config_problem(cfg) -> str | None:
     for key in ("target", "runtime"):
         if key in cfg and not isinstance(cfg[key], dict):
             return f"{key}={json.dumps(cfg[key])[:40]} is not an object"
-    return _spec_problem(cfg["spec"])
+    return _spec_problem(cfg["spec"]) or _layout_problem(cfg)
+
+
+def _layout_problem(cfg) -> str | None:
+    """The mapping must cut this spec: what the build checked (a rewritten engine.json may not)."""
+    from .parallel import RankLayout
+    from .spec import ModelSpec
+
+    try:
+        RankLayout.of(ModelSpec.from_dict(cfg["spec"]), cfg["mapping"], 0)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        return f"mapping does not fit the spec ({e})"
+    return None
 
 
 def read_engine_config(path: Path) -> dict:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers import ROOT, assert_one_clear_line, build_in_process, run_module
+from runtime.errors import UserError
 
 NEW_TOKENS = 32
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -124,6 +125,14 @@ def test_engine_load_drives_local_ranks(engines, reference, one_thread):
             eng.generate([[10**6]])
         assert eng.generate([[5, 6]], max_new_tokens=3)[0].output_ids == \
             tp1.generate([[5, 6]], max_new_tokens=3)[0].output_ids  # ...and the ranks go on together
+        # rank 0 alone streams and compiles nothing multi-rank: refused before the workers start the call
+        with pytest.raises(UserError, match="streamer=123"):
+            eng.generate([[5, 6]], max_new_tokens=3, streamer=123)
+        with pytest.raises(UserError, match="one-rank engines"):
+            eng.compile()
+        streamed = []
+        gen = eng.generate([[5, 6]], max_new_tokens=3, streamer=lambda i, t: streamed.append(t))
+        assert streamed == gen[0].output_ids == tp1.generate([[5, 6]], max_new_tokens=3)[0].output_ids
     finally:
         eng.close()
     assert worker.wait(timeout=15) == 0
