@@ -117,7 +117,7 @@ def run(cfg, recipe: str | None = None) -> Path:
         damage = _damage(engine_dir, cfg.verify)
         if damage is None:
             log.info("cache hit: %s", engine_dir)
-            _revalidate_if_needed(engine_dir, source, cfg, store)
+            _revalidate_if_needed(engine_dir, source, cfg, store, h)
             return engine_dir
         log.warning("the engine in the store is damaged, rebuilding it: %s", damage)
     needed = sum(r["weight_bytes"] for r in plan(cfg, spec)["ranks"])  # the rank files, from shapes alone
@@ -164,7 +164,7 @@ def _damage(engine_dir: Path, mode: str) -> str | None:
     return None
 
 
-def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store) -> None:
+def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store, key: str) -> None:
     import json
 
     if not cfg.validate.enabled:
@@ -179,7 +179,9 @@ def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store) -> None:
         log.warning("validate: %s has no validation for these validate.* settings, and the store is read-only: "
                     "not validated again", engine_dir.name)
         return
-    validate(engine_dir, source, cfg)
+    store.prepare(f"validating {engine_dir.name}")
+    with store.lock(key):  # the build's lock: not while a rebuild of this engine replaces its folder
+        validate(engine_dir, source, cfg)
 
 
 def _keep_failed_report(store: Store, tmp: Path, name: str) -> Path | None:

@@ -143,9 +143,13 @@ class Store:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise no_space(final.parent, needed) from None
                 raise
-            if final.exists():  # an incomplete or damaged leftover: replace it
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # an incomplete or damaged leftover: moved aside first, so that the name
+                old = final.parent / f"{STAGING_PREFIX}old-{final.name}-{secrets.token_hex(4)}"
+                os.rename(final, old)  # is only ever missing between two renames
             os.rename(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

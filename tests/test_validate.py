@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine_factory.stages.validate import check_bounds
-from helpers import LIMITS, assert_store_clean, engine_path, engines_in
+from helpers import LIMITS, assert_store_clean, build_in_process, engine_path, engines_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,3 +71,17 @@ def test_a_reference_that_does_not_fit_ram_is_skipped_not_loaded(monkeypatch):
     assert ref is None and "needs ~25.1 GiB of RAM and this machine has 16.0 GiB available" in why
     monkeypatch.setattr(resources, "available_ram", lambda: 64 * 2**30)
     assert load_reference(engine, lambda: "the model") == ("the model", "")
+
+
+def test_cache_hit_with_new_validate_settings_validates_again_without_rebuilding(tiny_llama, tmp_path):
+    """validate.* is not in the hash: other settings reuse the engine and validate it again (under the build's
+    lock), recording the new settings' results."""
+    store = tmp_path / "store"
+    engine = build_in_process(tiny_llama, store, "precision=fp32", "validate.max_new_tokens=4")
+    first = json.loads((engine / "validation.json").read_text())
+    rank0 = (engine / "rank0.safetensors").stat().st_ino
+    again = build_in_process(tiny_llama, store, "precision=fp32", "validate.max_new_tokens=6")
+    second = json.loads((engine / "validation.json").read_text())
+    assert again == engine and (engine / "rank0.safetensors").stat().st_ino == rank0  # not rebuilt
+    assert second["validate_key"] != first["validate_key"]
+    assert second["parity"]["token_agreement"] == 1.0
