@@ -156,3 +156,18 @@ def assert_store_clean(store: Path) -> None:
     assert not leftovers, f"staging folders left behind: {leftovers}"
     partial = [p for p in engines_in(store) if not (p / "manifest.json").is_file()]
     assert not partial, f"engine folders without manifest.json: {partial}"
+
+
+def random_checkpoint(folder: Path, kind: str, config: dict, seed: int) -> Path:
+    """A transformers <kind>ForCausalLM of `config` saved to folder, with weights spread wider than the
+    initializer's (logits far apart, so greedy never hinges on a near-tie)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(
+        initializer_range=0.1, **config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(folder))
+    return folder

@@ -15,7 +15,7 @@ from engine_factory import config, families
 from engine_factory.checks import check_config, check_model
 from engine_factory.layout import canonical_shapes
 from helpers import (LIMITS, assert_scores_match, build_in_process, engine_path, hf_greedy, hf_logits, hf_model,
-                     rank_digests)
+                     random_checkpoint, rank_digests)
 from runtime import Engine
 from runtime.model import alibi_slopes
 
@@ -38,21 +38,13 @@ CHECKPOINTS = {  # name -> (transformers class, config): the special cases of ea
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> a tiny HF folder of the real class, every parameter random (biases and norms
     too, so a misplaced bias row or norm cannot hide behind HF's zero/one init)."""
-    import transformers
-
     made = {}
 
     def get(name: str):
         if name not in made:
             kind, cfg = CHECKPOINTS[name]
-            torch.manual_seed(list(CHECKPOINTS).index(name))
-            model = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(
-                initializer_range=0.1, **cfg))
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p) * 0.1)
-            made[name] = tmp_path_factory.mktemp("ckpt") / name
-            model.save_pretrained(str(made[name]))
+            made[name] = random_checkpoint(tmp_path_factory.mktemp("ckpt") / name, kind, cfg,
+                                           seed=list(CHECKPOINTS).index(name))
         return made[name]
     return get
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from engine_factory import config
 from engine_factory.checks import check_model
-from helpers import build_in_process, rank_digests
+from helpers import build_in_process, random_checkpoint, rank_digests
 from runtime.errors import UserError
 from runtime.format import ENGINE_JSON, rank_file
 from runtime.model import Decoder, alibi_slopes
@@ -59,8 +59,6 @@ ENGINES = {
 def checkpoint(request, tmp_path_factory):
     """checkpoint(name) -> a tiny HF folder: conftest's LLaMA / GPT-2 fixtures, or BLOOM / BigCode with every
     parameter random (biases and norms too)."""
-    import transformers
-
     made = {}
 
     def get(name: str) -> Path:
@@ -68,14 +66,8 @@ def checkpoint(request, tmp_path_factory):
             return request.getfixturevalue(name)
         if name not in made:
             kind, cfg = CHECKPOINTS[name]
-            torch.manual_seed(10 + list(CHECKPOINTS).index(name))
-            model = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(
-                initializer_range=0.1, **cfg))
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p) * 0.1)
-            made[name] = tmp_path_factory.mktemp("ckpt") / name
-            model.save_pretrained(str(made[name]))
+            made[name] = random_checkpoint(tmp_path_factory.mktemp("ckpt") / name, kind, cfg,
+                                           seed=10 + list(CHECKPOINTS).index(name))
         return made[name]
     return get
 
