@@ -11,6 +11,7 @@ import torch
 from .dist import lockstep
 from .errors import EngineError, UserError
 from .format import TOKENIZER_DIR, rank_file, verify_engine, world_size
+from .launch import detect_world
 from .model import Decoder
 from .params import (check_device, check_sampling, check_stop_strings, check_token_ids, is_one_prompt, short,
                      utf8_problem)
@@ -134,7 +135,9 @@ class Engine:
         if not engine_dir.is_dir():
             raise UserError(f"engine folder {engine_dir} does not exist; build one with "
                             "`python -m engine_factory model.source=...` and pass the path it prints")
-        _, config = verify_engine(engine_dir, verify)  # engine.json checked; only listed files are read
+        world = detect_world()  # under a launcher every rank loads: each hashes its own rank file
+        _, config = verify_engine(engine_dir, verify, own_rank=world.rank if world else None)
+        # (engine.json checked; only listed files are read)
         if not (isinstance(rank, int) and 0 <= rank < world_size(config)):
             raise UserError(f"rank={rank!r}: this engine has ranks 0..{world_size(config) - 1}")
         dev = resolve_device(device)

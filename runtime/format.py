@@ -301,7 +301,8 @@ def world_size(config: dict) -> int:
 
 
 # ---- the one check -----------------------------------------------------------------------------------
-def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool = True) -> tuple[dict, dict]:
+def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool = True,
+                  own_rank: int | None = None) -> tuple[dict, dict]:
     """Check an engine folder and return (manifest, engine_config), or raise one EngineError line.
 
     Always: the manifest is well formed, lists engine.json, the rank files rank0..rankN-1 of the mapping
@@ -309,6 +310,8 @@ def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool
     reached without symbolic links; engine.json has the keys and types the runtime reads. mode "size"
     adds sizes, "full" sizes and sha256, remembered across runs by a stamp a writer cannot set back
     (DigestCache); use_cache=False re-reads every byte (which also catches silent disk corruption).
+    own_rank: a launched rank hashes only its own rank file (sizes of the others), so that N ranks started
+    together read the engine once between them, not N times.
     """
     if mode not in VERIFY_MODES:
         raise UserError(f"verify={mode!r}: use one of {', '.join(VERIFY_MODES)}")
@@ -341,9 +344,10 @@ def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool
             raise EngineError(f"{mpath}: lists {rel}, which is not a file of this engine (engine.json, "
                               f"rank0..rank{n - 1}.safetensors, tokenizer/...); {_REBUILD}")
     _check_tokenizer_folder(engine_dir, files)
+    others = {rank_file(r) for r in range(n) if r != own_rank} if own_rank is not None and mode == "full" else set()
     for rel in sorted(files):
         if rel != ENGINE_JSON:
-            _check_file(_regular_file(engine_dir, rel), files[rel], mode, cache)
+            _check_file(_regular_file(engine_dir, rel), files[rel], "size" if rel in others else mode, cache)
     cache.save()
     return manifest, config
 

@@ -298,3 +298,18 @@ def test_smollm2_gguf_at_tp3_summarizes_as_tp1(need_shared, tmp_path):
     (scores1, texts1), (scores3, texts3) = runs[1], runs[3]
     assert len(texts1) == 10 and all(texts1) and texts3 == texts1
     assert scores3 == scores1 and scores1["rouge1"] > 20, (scores1, scores3)
+
+
+def test_a_launched_rank_hashes_only_its_own_rank_file(engines, monkeypatch):
+    """Under a launcher N ranks load at once: each reads its own rank file's bytes, and only the sizes of
+    the others (tampering with rank0 is rank 0's to find)."""
+    import runtime.format as fmt
+
+    hashed = []
+    real = fmt.sha256_file
+    monkeypatch.setattr(fmt, "sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    fmt.verify_engine(engines["tp2"], "full", use_cache=False, own_rank=1)
+    assert "rank1.safetensors" in hashed and "rank0.safetensors" not in hashed and "engine.json" in hashed
+    hashed.clear()
+    fmt.verify_engine(engines["tp2"], "full", use_cache=False)
+    assert {"rank0.safetensors", "rank1.safetensors"} <= set(hashed)
