@@ -70,15 +70,6 @@ def test_tp_not_dividing_the_heads(cli, store, tiny_llama):
     assert not engines_in(store)
 
 
-def test_tp2_is_refused_before_any_work(cli, store, tiny_llama):
-    # No multi-rank runtime yet: a tp=2 build would give rank files nothing can load, so it is refused
-    # up front (after the divisibility check above, which still names the heads).
-    assert_one_clear_line(cli(f"model.source={tiny_llama}", "parallel=tp2", f"store={store}", *LIMITS),
-                          "parallel.tp=2", "parallel=tp1")
-    assert_store_clean(store)
-    assert not engines_in(store)
-
-
 def test_tp2_rank_plan_shards_reassemble_to_tp1(tiny_llama, tmp_path):
     """The build's sharding (kept for the parallel runtime): column-parallel qkv / gate-up by heads and
     rows, row-parallel o / down by columns; the shards of tp=2 put back together equal tp=1."""
