@@ -1,13 +1,13 @@
 """Checks of config combinations, before any work: each failure names the keys and the fix."""
 from __future__ import annotations
 
+from runtime.dtypes import DTYPES
 from runtime.errors import UserError
 from runtime.spec import ModelSpec
 
 from .plan import GPUS
 from .quant import QUANTIZERS
 from .store import check_name
-from .stages.build import DTYPES
 from .stages.calibrate import NEEDS_CALIBRATION
 
 QUANT_MODES = {"none"} | set(QUANTIZERS) | NEEDS_CALIBRATION

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from runtime.dtypes import torch_name
 from runtime.errors import EngineError, UserError
 from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_engine
 
@@ -26,8 +27,6 @@ from .store import Store, check_name, is_complete_engine, no_space, safe_name
 from .tokenizers import tokenizer_saver
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def engine_identity(cfg, source, spec) -> dict:
@@ -134,7 +133,7 @@ def run(cfg, recipe: str | None = None) -> Path:
         engine_json = {
             "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
             "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
-            "dtype": TORCH_DTYPE_NAMES[cfg.precision.dtype],
+            "dtype": torch_name(cfg.precision.dtype),
             "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache},
             "mapping": mapping_of(cfg),
             "limits": identity["limits"], "source": source.provenance, "family": family.model_type,

@@ -12,11 +12,12 @@ import math
 
 from omegaconf import OmegaConf
 
+from runtime.dtypes import DTYPES
 from runtime.errors import UserError
 from runtime.parallel import RankLayout
 
 from .layout import canonical_shapes
-from .stages.build import DTYPES, rank_plan
+from .stages.build import rank_plan
 
 # GPU memory of the targets users name most (bytes, as the vendors count: 10^9)
 GPUS = {"h100": 80e9, "h200": 141e9, "a100-80gb": 80e9, "a100-40gb": 40e9, "l40s": 48e9, "l4": 24e9,

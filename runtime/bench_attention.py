@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import DECODE_ATTENTION
+from .dtypes import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _time_graph(fn, reps: int = 20) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from runtime.dtypes import DTYPES
 from runtime.errors import UserError
 from runtime.format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file,
                             verify_engine)
@@ -22,7 +23,6 @@ from ..store import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _Fused:
