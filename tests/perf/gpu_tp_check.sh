@@ -1,42 +1,37 @@
 #!/usr/bin/env bash
 # One device call (see the device tool): the cuda-marked tests, then issue 9's single-GPU check: tp2 engines with
-# both ranks on the one GPU give the tp1 engine's tokens (stories260K fp32; a LLaMA-2-7B-shaped bf16 dummy).
+# both ranks on the one GPU against the tp1 engine (stories260K fp32 tokens; LLaMA-2-7B widths in bf16 with all
+# 32 layers and in fp32 with 8 layers: tokens and teacher-forced logits, tests/perf/tp_logits_check.py).
 # Needs .whl/ (hydra-core, omegaconf, antlr4, rouge_score, hypothesis, ...) and .shared/ (a copy of ../shared's small
-# files) carried. Results under $OUT.
+# files) carried. Everything lands in $OUT/gpu_check.log (+ cuda_tests.txt): few files, as the tool returns at most 8.
+# CUDA_TESTS=0 skips the tests; CUDA_TEST_ARGS picks some (default: all cuda-marked tests).
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8 EF_SHARED_DIR=$PWD/.shared
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+LOG=$OUT/gpu_check.log; T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+say() { echo "$*" | tee -a $LOG; }
 if [ "${CUDA_TESTS:-1}" = 1 ]; then
-  timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tail -n 15 | tee $OUT/cuda_tests.txt
-  echo "cuda tests done at $(el)s"
+  timeout ${CUDA_TEST_TIMEOUT:-200} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider ${CUDA_TEST_ARGS:-tests} \
+    > $OUT/cuda_tests.txt 2>&1
+  say "cuda tests rc=$? at $(el)s: $(grep -c PASSED $OUT/cuda_tests.txt) passed, $(grep -c FAILED $OUT/cuda_tests.txt) failed"
+  grep -E "FAILED|ERROR" $OUT/cuda_tests.txt | tail -n 20 | tee -a $LOG
 fi
 S=/tmp/st; P="1,403,407,261,378"; Q="1,15,200,7,9,11,13"
+build() {  # recipe overrides... -> prints the engine folder
+  timeout 240 python3 -m engine_factory validate.enabled=false store=$S "$@" 2>>$OUT/build.err | tail -n 1 | sed 's/^engine: //'
+}
 for tp in 1 2; do
-  timeout 60 python3 -m engine_factory recipe=stories260k_fp32 parallel.tp=$tp validate.enabled=false store=$S \
-    | tail -n 1 | sed 's/^engine: //' > $OUT/st_tp$tp.path
-  timeout 60 python3 -m runtime.run --engine_dir "$(cat $OUT/st_tp$tp.path)" --device cuda --input_ids $P --input_ids $Q \
-    --max_output_len 64 --json > $OUT/st_tp$tp.jsonl 2> $OUT/st_tp$tp.err; echo "stories tp$tp rc=$? at $(el)s"
+  e=$(build recipe=stories260k_fp32 parallel.tp=$tp)
+  timeout 60 python3 -m runtime.run --engine_dir "$e" --device cuda --input_ids $P --input_ids $Q --max_output_len 64 \
+    --json > /tmp/st_tp$tp.jsonl 2>>$OUT/build.err; say "stories tp$tp rc=$? at $(el)s"
 done
-cmp -s $OUT/st_tp1.jsonl $OUT/st_tp2.jsonl && echo "stories260K tp2 == tp1" || echo "stories260K tp2 DIFFERS from tp1"
+cmp -s /tmp/st_tp1.jsonl /tmp/st_tp2.jsonl && say "stories260K tp2 == tp1 (64 tokens, 2 prompts)" || say "stories260K tp2 DIFFERS"
 L="limits.max_batch_size=2 limits.max_input_len=64 limits.max_output_len=64"
-for tp in 1 2; do
-  timeout 240 python3 -m engine_factory recipe=llama7b_fp16_dummy precision=bf16 parallel.tp=$tp $L validate.enabled=false \
-    store=$S 2> $OUT/l7_tp$tp.build.err | tail -n 1 | sed 's/^engine: //' > $OUT/l7_tp$tp.path; echo "7B tp$tp built at $(el)s"
-  timeout 180 python3 -m runtime.run --engine_dir "$(cat $OUT/l7_tp$tp.path)" --device cuda --input_ids $P --input_ids $Q \
-    --max_output_len 32 --json > $OUT/l7_tp$tp.jsonl 2> $OUT/l7_tp$tp.err; echo "7B tp$tp rc=$? at $(el)s"
-  tail -n 2 $OUT/l7_tp$tp.err
+for case in "l7f32:precision=fp32 model.config.num_hidden_layers=8" "l7bf16:precision=bf16"; do
+  name=${case%%:*}; over=${case#*:}
+  e1=$(build recipe=llama7b_fp16_dummy $over parallel.tp=1 $L); say "$name tp1 built at $(el)s: $e1"
+  e2=$(build recipe=llama7b_fp16_dummy $over parallel.tp=2 $L); say "$name tp2 built at $(el)s: $e2"
+  timeout 200 python3 tests/perf/tp_logits_check.py --ref "$e1" --other "$e2" --device cuda 2>>$OUT/build.err | tee -a $LOG
+  say "$name checked at $(el)s"; rm -rf "$e1" "$e2"
 done
-python3 - <<'PY'
-import json, os
-out = os.environ["OUT"]
-for name in ("st", "l7"):
-    try:
-        a = [json.loads(l)["output_ids"] for l in open(f"{out}/{name}_tp1.jsonl")]
-        b = [json.loads(l)["output_ids"] for l in open(f"{out}/{name}_tp2.jsonl")]
-    except Exception as e:
-        print(name, "missing output", e); continue
-    same = [x == y for x, y in zip(a, b)]
-    first = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(a, b)]
-    print(json.dumps({"model": name, "prompts": len(a), "identical": same, "first_difference": first}))
-PY
+tail -n 5 $OUT/build.err >> $LOG
