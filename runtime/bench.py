@@ -2,10 +2,18 @@
 
 time to first token (prefill), decode tokens/s, achieved weight bandwidth (GB/s: weight bytes read
 per decode step over its time), peak GPU memory. Benchmarks live here, never in timed tests.
+
+Rows: every --batch_size at --input_len/--output_len, then every --case BxIN+OUT (e.g. 1x2048+256).
+The first row also says how long this process took to its first token (first_token_s) and to the end of
+its warm-up, compiled decode included (ready_s): from $EF_BENCH_T0 (a time.time() the caller sets just
+before starting this process), else from the start of main(). With --compile the compiled artifacts are
+cached between processes (runtime.engine.compile_cache_dir), so a second process starts faster.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 
 import torch
@@ -22,11 +30,16 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int = 3) -> dict:
+def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int = 3,
+          since: float | None = None) -> dict:
+    """One row. since: a time.time() to report first_token_s / ready_s from (the process's start)."""
     dev = engine.device
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.spec.vocab_size, (input_len,), generator=g).tolist() for _ in range(batch)]
-    engine.generate(prompts, max_new_tokens=4, ignore_eos=True)  # warm-up: cache, graphs
+    first = []
+    engine.generate(prompts, max_new_tokens=4, ignore_eos=True,  # warm-up: cache, compilation, graphs
+                    streamer=(lambda i, t: first or first.append(time.time())) if since is not None else None)
+    ready = time.time()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ttft, total = [], []
@@ -44,6 +57,8 @@ def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int
     ttft_s, total_s = min(ttft), min(total)
     decode_s = max(total_s - ttft_s, 1e-9) / max(output_len - 1, 1)
     weight_bytes = (engine.engine_dir / rank_file(0)).stat().st_size  # read once per decode step
+    startup = {} if since is None else {"first_token_s": round(first[0] - since, 2),
+                                        "ready_s": round(ready - since, 2)}
     return {
         "engine": engine.engine_dir.name, "device": str(dev), "dtype": engine.config["dtype"], "batch": batch,
         "input_len": input_len, "output_len": output_len, "ttft_ms": round(ttft_s * 1e3, 3),
@@ -52,7 +67,16 @@ def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int
         "achieved_weight_GB_s": round(weight_bytes / decode_s / 1e9, 1),
         "peak_mem_GB": round(torch.cuda.max_memory_allocated(dev) / 1e9, 3) if dev.type == "cuda" else None,
         "cuda_graphs": engine.use_cuda_graphs, "compiled": engine.compiled,
+        "decode_attention": engine.model.decode_attention.name, "torch": torch.__version__,
+        "max_seq_len": engine.limits["max_seq_len"], **startup,
     }
+
+
+def _case(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"\s*(\d+)x(\d+)\+(\d+)\s*", text)
+    if not m or min(int(x) for x in m.groups()) < 1:
+        raise params.argparse.ArgumentTypeError(f"{text}: must be BATCHxINPUT+OUTPUT, e.g. 1x2048+256")
+    return tuple(int(x) for x in m.groups())
 
 
 @user_errors_exit
@@ -64,22 +88,29 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=count, action="append", help=">= 1; repeatable (default 1)")
     p.add_argument("--input_len", type=count, default=128, help="prompt tokens (>= 1)")
     p.add_argument("--output_len", type=count, default=128, help="new tokens (>= 1)")
+    p.add_argument("--case", type=_case, action="append", default=[],
+                   help="BATCHxINPUT+OUTPUT, e.g. 1x2048+256: one more row; repeatable")
     p.add_argument("--reps", type=count, default=3, help=">= 1")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles at warm-up)")
     args = p.parse_args(argv)
+    t0 = float(os.environ.get("EF_BENCH_T0") or time.time())
     setup_logging()
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
     lim = engine.limits
-    if args.input_len > lim["max_input_len"] or args.input_len + args.output_len > lim["max_seq_len"]:
-        raise UserError(f"--input_len {args.input_len} --output_len {args.output_len}: this engine takes at most "
-                        f"{lim['max_input_len']} input and {lim['max_seq_len']} input + output tokens")
+    rows = [(b, args.input_len, args.output_len) for b in (args.batch_size or ([] if args.case else [1]))]
+    rows += args.case
+    for b, n_in, n_out in rows:
+        if n_in > lim["max_input_len"] or n_in + n_out > lim["max_seq_len"] or b > lim["max_batch_size"]:
+            raise UserError(f"batch {b}, {n_in} input + {n_out} output tokens: this engine takes at most batch "
+                            f"{lim['max_batch_size']}, {lim['max_input_len']} input and {lim['max_seq_len']} "
+                            "input + output tokens")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
     if args.compile:
         engine.compile()
-    for b in args.batch_size or [1]:
-        print(json.dumps(bench(engine, b, args.input_len, args.output_len, args.reps)), flush=True)
+    for i, (b, n_in, n_out) in enumerate(rows):
+        print(json.dumps(bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,32 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+COMPILE_CACHE_ENV = "EF_COMPILE_CACHE"  # where compiled artifacts persist between processes
+
+
+def compile_cache_dir() -> Path:
+    """$EF_COMPILE_CACHE, else $XDG_CACHE_HOME/engine-factory/compile (~/.cache/...): per user, outside every
+    engine (an engine's bytes and hash never depend on what was compiled for it)."""
+    if os.environ.get(COMPILE_CACHE_ENV):
+        return Path(os.environ[COMPILE_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "engine-factory" / "compile"
+
+
+def use_compile_cache() -> Path:
+    """Point Inductor's FX-graph and AOT caches and Triton's kernel cache at compile_cache_dir(), unless the
+    user named their own (TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR): a second process compiling the same
+    engine loads the compiled kernels instead of generating them (Dynamo still traces)."""
+    root = compile_cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    import torch._functorch.config as aot_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    aot_config.enable_autograd_cache = True  # AOTAutograd's cache serves inference graphs too
+    return root
 
 
 def graph_bucket(batch: int, max_batch: int) -> int:
@@ -115,10 +142,12 @@ class Engine:
         """Compile the decode step with torch.compile (Inductor fuses the norms, rotary, cache writes and
         masks of each layer). The first decode of each batch-size bucket compiles (tens of seconds for a 7B
         model); on CUDA the compiled step is then captured in the bucket's CUDA graph. On a one-rank CUDA
-        engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes)."""
+        engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes). Compiled
+        kernels are cached in compile_cache_dir() for the next process."""
         if self.model.comm.world_size > 1:  # every rank raises this alike, before any collective
             raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for one-rank engines "
                             f"(this one has {self.model.comm.world_size} ranks); run it without compiling")
+        use_compile_cache()
         self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True)
         if self.device.type == "cuda":
             self.model.compile_prefill()

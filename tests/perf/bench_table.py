@@ -1,0 +1,463 @@
+"""`make bench`: issue 10's table in one run, as JSON lines and docs/benchmarks.md.
+
+    python tests/perf/bench_table.py gpu --out OUT [--budget_s 520]   # on the H200, one device call
+    python tests/perf/bench_table.py gpu --quick --out OUT             # the same steps, tiny engine, CPU
+    python tests/perf/bench_table.py cpu --out OUT [--quick]           # engine vs HF generate, fp32 batch 1
+    python tests/perf/bench_table.py render OUT/gpu.jsonl [OUT/cpu.jsonl] --doc docs/benchmarks.md
+
+gpu: builds the LLaMA-2-7B dummy engines (bf16 tight 128+256, bf16 2048+1024, int8_wo tight; batch limit
+64) through `python -m engine_factory`, runs `python -m runtime.bench --compile` on them, a second process
+on the tight engine for the start-up row (compiled artifacts cached in a fresh $EF_COMPILE_CACHE, so the
+first process is cold and the second warm), then the peers (`bench_peers.py`, run as a subprocess). Every
+step has a timeout and the whole run a budget: a step that would not fit is skipped and says so. Each
+result is appended to OUT/<mode>.jsonl as it comes and the markdown is rewritten after each step.
+This file lives outside runtime/ (which never builds engines); it imports neither package.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+LLAMA = ["recipe=llama7b_fp16_dummy", "validate=none", "target_gpu=h200"]
+TIGHT = ["limits.max_batch_size=64", "limits.max_input_len=128", "limits.max_output_len=256"]
+# 4,096 positions at batch 64 need 137 GB of bf16 K/V, more than the H200 holds beside 13.5 GB of weights:
+# the "recipe's limits" engine is the largest that fits batch 64 and the 2,048-token prompt
+BIG = ["limits.max_batch_size=64", "limits.max_input_len=2048", "limits.max_output_len=1024"]
+QUICK = ["model=stories260k", "precision=fp32", "validate=none", "limits.max_batch_size=4"]
+QUICK_TIGHT = ["limits.max_input_len=16", "limits.max_output_len=16"]
+QUICK_BIG = ["limits.max_input_len=48", "limits.max_output_len=208"]
+
+
+class Run:
+    """Steps under one deadline; every record goes to <out>/<mode>.jsonl at once."""
+
+    def __init__(self, out: Path, mode: str, budget_s: float, env: dict):
+        self.out, self.mode, self.env = out, mode, env
+        self.deadline = time.time() + budget_s
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = out / f"{mode}.jsonl"
+        self.log = open(out / f"{mode}.log", "a")
+
+    def record(self, rec: dict) -> dict:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def sh(self, step: str, cmd: list[str], timeout: float, need: float = 0.0) -> tuple[int, str, float]:
+        """Run cmd (stdout captured, stderr to the log) within min(timeout, time left); rc 124 on a timeout,
+        rc -1 when fewer than `need` seconds are left (not started)."""
+        budget = min(timeout, self.left() - 5)
+        if budget < max(need, 1):
+            self.record({"kind": "skipped", "step": step, "why": f"{self.left():.0f} s left, needs ~{need:.0f} s"})
+            return -1, "", 0.0
+        print(f"[bench] {step}: {' '.join(cmd)} (limit {budget:.0f} s)", file=sys.stderr, flush=True)
+        self.log.write(f"\n### {step}: {' '.join(cmd)}\n")
+        self.log.flush()
+        t = time.time()
+        env = dict(self.env, EF_BENCH_T0=repr(t))
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                               timeout=budget)
+            rc, out = p.returncode, p.stdout
+        except subprocess.TimeoutExpired as e:
+            rc, out = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        wall = time.time() - t
+        self.log.write(out)
+        self.log.flush()
+        if rc:
+            self.record({"kind": "failed", "step": step, "rc": rc, "wall_s": round(wall, 1)})
+        return rc, out, wall
+
+
+def json_lines(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def build(run: Run, name: str, overrides: list[str], timeout: float) -> str | None:
+    rc, out, wall = run.sh(f"build {name}", [PY, "-m", "engine_factory", *overrides], timeout, need=20)
+    m = re.search(r"^engine: (.+)$", out, re.M)
+    if rc or not m:
+        return None
+    run.record({"kind": "build", "name": name, "engine": m.group(1), "wall_s": round(wall, 1),
+                "overrides": overrides})
+    return m.group(1)
+
+
+def bench(run: Run, name: str, engine: str | None, args: list[str], timeout: float, need: float,
+          extra: dict | None = None) -> list[dict]:
+    if engine is None:
+        run.record({"kind": "skipped", "step": name, "why": "its engine did not build"})
+        return []
+    rc, out, wall = run.sh(name, [PY, "-m", "runtime.bench", "--engine_dir", engine, *args], timeout, need)
+    rows = [run.record({"kind": "ours", "name": name, "wall_s": round(wall, 1), **(extra or {}), **r})
+            for r in json_lines(out)]
+    return rows
+
+
+def peers(run: Run, peers_dir: Path, which: str, batches: list[int], timeout: float, need: float) -> None:
+    script = peers_dir / "bench_peers.py"
+    if not script.is_file():
+        run.record({"kind": "skipped", "step": which, "why": f"{script} is absent"})
+        return
+    cmd = ["python3", str(script), which, *[a for b in batches for a in ("--batch_size", str(b))]]
+    rc, out, wall = run.sh(which, cmd, timeout, need)
+    for r in json_lines(out):
+        run.record({"kind": "peer", "name": which, "wall_s": round(wall, 1), **r})
+
+
+def environment(device: str) -> dict:
+    info = {"kind": "env", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "host": platform.node(), "python": platform.python_version()}
+    q = [PY, "-c", "import torch, json; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__,"
+         " 'device': torch.cuda.get_device_name() if c else 'cpu (%d threads)' % torch.get_num_threads()}))"]
+    try:
+        info.update(json.loads(subprocess.run(q, capture_output=True, text=True, timeout=120).stdout))
+    except (ValueError, subprocess.TimeoutExpired):
+        info["device"] = device
+    return info
+
+
+def gpu(args) -> None:
+    out = Path(args.out)
+    cache = out / "compile-cache" if args.quick else Path(f"/tmp/ef-bench-compile-{os.getpid()}")
+    env = dict(os.environ, EF_COMPILE_CACHE=str(cache), EF_STORE=args.store or str(REPO / ".store"))
+    run = Run(out, "gpu", args.budget_s, env)
+    run.record(environment("cuda"))
+    q = args.quick
+    base, tight, big = (QUICK, QUICK_TIGHT, QUICK_BIG) if q else (LLAMA, TIGHT, BIG)
+    B64, IN, OUT, LONG = (4, 16, 16, 48) if q else (64, 128, 256, 2048)
+    dev = ["--device", "cpu"] if q else []
+    common = dev + ["--compile", "--input_len", str(IN), "--output_len", str(OUT)]
+    bf16 = [] if q else ["precision=bf16"]
+    doc = lambda: render([run.jsonl], Path(args.doc) if args.doc else None, out / "benchmarks.md")  # noqa: E731
+
+    # the big and int8 builds run on the CPU while the first bench compiles and runs on the GPU
+    t_eng = build(run, "bf16 tight", base + bf16 + tight, 240)
+    bg = []
+    for name, ov in (("bf16 big", base + bf16 + big), ("int8_wo tight", base + ["precision=int8_wo"] + tight)):
+        log = open(out / f"build-{name.replace(' ', '_')}.log", "w")
+        bg.append((name, ov, time.time(), subprocess.Popen([PY, "-m", "engine_factory", *ov], cwd=REPO, env=env,
+                                                           stdout=subprocess.PIPE, stderr=log, text=True)))
+    bench(run, "bf16 tight (first process: cold compile cache)", t_eng,
+          common + ["--batch_size", "1", "--batch_size", str(B64)], 240, 60, {"engine_case": "tight", "startup": "cold"})
+    doc()
+    bench(run, "bf16 tight (second process: cached)", t_eng, common + ["--batch_size", "1"], 120, 20,
+          {"engine_case": "tight", "startup": "warm"})
+    doc()
+    peers(run, Path(args.peers), "gptfast-bf16", [1, 64], 200, 60) if not q else None
+    doc()
+    engines = {}
+    for name, ov, t0, p in bg:
+        try:
+            so, _ = p.communicate(timeout=max(1, min(300, run.left() - 30)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so = ""
+        m = re.search(r"^engine: (.+)$", so or "", re.M)
+        engines[name] = m.group(1) if m and p.returncode == 0 else None
+        run.record({"kind": "build" if engines[name] else "failed", "name": name, "engine": engines[name],
+                    "overrides": ov, "wall_s": round(time.time() - t0, 1), "rc": p.returncode})
+    bench(run, "int8_wo tight", engines["int8_wo tight"], common + ["--batch_size", "1", "--batch_size", str(B64)],
+          200, 60, {"engine_case": "int8_tight"})
+    doc()
+    bench(run, "bf16 big limits", engines["bf16 big"], common + ["--batch_size", "1", "--batch_size", str(B64),
+                                                                "--case", f"1x{LONG}+{OUT}"], 220, 60,
+          {"engine_case": "big"})
+    doc()
+    if not q:
+        peers(run, Path(args.peers), "gptfast-int8", [1], 120, 60)
+        peers(run, Path(args.peers), "hf-eager", [1], 90, 45)
+    doc()
+
+
+# ---- CPU: our engine vs transformers generate, same process, same prompt ----------------------------------
+def _hf_model(source: str, torch):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if source.endswith(".gguf"):  # transformers' own GGUF reader, dequantized (from_pretrained needs accelerate)
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        with torch.device("meta"):
+            names = AutoModelForCausalLM.from_config(LlamaConfig(**_gguf_config(source)))
+        ck = load_gguf_checkpoint(source, return_tensors=True, model_to_load=names)
+        m = AutoModelForCausalLM.from_config(LlamaConfig(**ck["config"]), torch_dtype=torch.float32)
+        missing, unexpected = m.load_state_dict({k: v.float() for k, v in ck["tensors"].items()}, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        m.tie_weights()
+        return m.eval()
+    return AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
+
+
+def _gguf_config(path: str) -> dict:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    return load_gguf_checkpoint(path, return_tensors=False)["config"]
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def cpu_compare(run: Run, name: str, engines: dict, hf_source: str, n_in: int, n_new: int, reps: int) -> None:
+    """One process: HF generate and each engine on the same prompt, greedy, batch 1, tokens/s of the whole
+    generation (prefill included), best of reps after a warm-up."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from runtime.engine import Engine
+
+    hf = _hf_model(hf_source, torch)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, hf.config.vocab_size, (n_in,), generator=g).tolist()
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        t_hf = _best(lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                         min_new_tokens=n_new, do_sample=False), reps)
+    base = {"kind": "cpu", "model": name, "input_len": n_in, "output_len": n_new, "threads": torch.get_num_threads()}
+    run.record({**base, "impl": "transformers generate", "total_tok_s": round(n_new / t_hf, 1)})
+    for case, path in engines.items():
+        eng = Engine.load(path, device="cpu", verify="size")
+        t = _best(lambda: eng.generate([ids], max_new_tokens=n_new, ignore_eos=True), reps)
+        run.record({**base, "impl": f"engine-factory ({case})", "engine": Path(path).name,
+                    "max_seq_len": eng.limits["max_seq_len"], "decode_attention": eng.model.decode_attention.name,
+                    "total_tok_s": round(n_new / t, 1), "vs_hf": round(t_hf / t, 2)})
+
+
+def cpu(args) -> None:
+    out = Path(args.out)
+    env = dict(os.environ, EF_STORE=args.store or str(REPO / ".store"))
+    run = Run(out, "cpu", args.budget_s, env)
+    run.record(environment("cpu"))
+    shared = Path(os.environ.get("EF_SHARED_DIR") or REPO.parent / "shared")
+    n_in, n_new, reps = (32, 32, 1) if args.quick else (32, 128, 3)
+    stories = {"tight": ["recipe=stories260k_fp32", "validate=none"]}
+    smol = {"tight": ["model=smollm2_135m_shared", "precision=fp32", "validate=none", "limits.max_batch_size=1",
+                      "limits.max_input_len=64", "limits.max_output_len=128"],
+            "4096 limits": ["model=smollm2_135m_shared", "precision=fp32", "validate=none",
+                            "limits.max_batch_size=1", "limits.max_input_len=2048", "limits.max_output_len=2048"]}
+    models = [("stories260K", stories, str(shared / "models" / "stories260K"))]
+    if not args.quick:
+        models.append(("SmolLM2-135M", smol, str(shared / "models" / "smollm2-135m-instruct" /
+                                                  "SmolLM2-135M-Instruct.Q4_1.gguf")))
+    os.environ.update(env)
+    for name, recipes, hf_source in models:
+        engines = {case: build(run, f"{name} {case}", ov, 300) for case, ov in recipes.items()}
+        cpu_compare(run, name, {k: v for k, v in engines.items() if v}, hf_source, n_in, n_new, reps)
+        render([run.jsonl], Path(args.doc) if args.doc else None, out / "benchmarks.md")
+
+
+# ---- the markdown ----------------------------------------------------------------------------------------
+def _load(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        if Path(p).is_file():
+            rows += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _ours(rows, case, batch, input_len=None):
+    for r in rows:
+        if r.get("kind") == "ours" and r.get("engine_case") == case and r.get("batch") == batch \
+                and (input_len is None or r.get("input_len") == input_len):
+            return r
+    return None
+
+
+def _peer(rows, name, batch):
+    return next((r for r in rows if r.get("kind") == "peer" and r.get("name") == name and r.get("batch") == batch),
+                None)
+
+
+def _v(r, key):
+    return None if r is None else r.get(key)
+
+
+def _fmt(x, nd=1):
+    return "—" if x is None else f"{x:,.{nd}f}"
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, met / missed / not measured) of issue 10."""
+    t1, t64 = _ours(rows, "tight", 1, None), None
+    t64 = next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "tight" and r["batch"] > 1), None)
+    b1, b64 = _ours(rows, "big", 1), next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "big"
+                                           and r["batch"] > 1), None)
+    short = b1 and _ours(rows, "big", 1, b1["input_len"])
+    long = next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "big" and r["batch"] == 1
+                 and short and r["input_len"] > short["input_len"]), None)
+    i1 = _ours(rows, "int8_tight", 1)
+    i64 = next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "int8_tight" and r["batch"] > 1),
+               None)
+    g1, g64 = _peer(rows, "gptfast-bf16", 1), _peer(rows, "gptfast-bf16", 64)
+    warm = next((r for r in rows if r.get("startup") == "warm" and "ready_s" in r), None)
+    tok = lambda r: _v(r, "total_tok_s")  # noqa: E731
+    out = []
+
+    def row(name, measured, ok):
+        out.append((name, measured, "not measured" if ok is None else ("met" if ok else "missed")))
+
+    r = _ratio(tok(t1), tok(g1))
+    row("bf16 batch 1 ≥ 280 total tok/s and ≥ 1.2× gpt-fast", f"{_fmt(tok(t1))} tok/s, {_fmt(r, 2)}× gpt-fast",
+        None if tok(t1) is None or r is None else tok(t1) >= 280 and r >= 1.2)
+    r = _ratio(tok(t64), tok(g64))
+    row("bf16 batch 64 ≥ 11,000 total tok/s and ≥ 1.5× gpt-fast", f"{_fmt(tok(t64))} tok/s, {_fmt(r, 2)}× gpt-fast",
+        None if tok(t64) is None or r is None else tok(t64) >= 11000 and r >= 1.5)
+    ra, rb = _ratio(tok(b1), tok(t1)), _ratio(tok(b64), tok(t64))
+    row(f"limits {_v(b1, 'max_seq_len')} vs {_v(t1, 'max_seq_len')}: within 5% at batch 1, 10% at batch 64",
+        f"{_fmt(ra, 3)}× / {_fmt(rb, 3)}×", None if ra is None or rb is None else ra >= 0.95 and rb >= 0.90)
+    r = _ratio(_v(long, "decode_tok_s"), _v(short, "decode_tok_s"))
+    row(f"long prompt ({_v(long, 'input_len')} in) decode ≥ 0.9× the {_v(short, 'input_len')}-token case",
+        f"{_fmt(_v(long, 'decode_tok_s'))} vs {_fmt(_v(short, 'decode_tok_s'))} tok/s = {_fmt(r, 3)}×",
+        None if r is None else r >= 0.9)
+    row("time to first token ≤ 10 ms at batch 1", f"{_fmt(_v(t1, 'ttft_ms'))} ms",
+        None if t1 is None else t1["ttft_ms"] <= 10)
+    row("time to first token ≤ 180 ms at batch 64", f"{_fmt(_v(t64, 'ttft_ms'))} ms",
+        None if t64 is None else t64["ttft_ms"] <= 180)
+    ra, rb = _ratio(tok(i1), tok(t1)), _ratio(tok(i64), tok(t64))
+    row("int8_wo batch 1 ≥ 1.7× bf16 batch 1; batch 64 ≥ bf16 batch 64", f"{_fmt(ra, 2)}× / {_fmt(rb, 2)}×",
+        None if ra is None or rb is None else ra >= 1.7 and rb >= 1.0)
+    row("start-up: a second process with --compile ready in ≤ 20 s (first token / compiled decode running)",
+        f"{_fmt(_v(warm, 'first_token_s'))} s / {_fmt(_v(warm, 'ready_s'))} s",
+        None if warm is None else warm["ready_s"] <= 20)
+    return out
+
+
+def cpu_targets(rows):
+    out = []
+    for model, want in (("stories260K", 2.0), ("SmolLM2-135M", 1.2)):
+        r = next((x for x in rows if x.get("kind") == "cpu" and x.get("model") == model
+                  and x.get("impl") == "engine-factory (tight)"), None)
+        out.append((f"{model} ≥ {want}× HF generate", f"{_fmt(_v(r, 'vs_hf'), 2)}×",
+                    "not measured" if r is None else ("met" if r["vs_hf"] >= want else "missed")))
+    tight = next((x for x in rows if x.get("impl") == "engine-factory (tight)" and x.get("model") == "SmolLM2-135M"),
+                 None)
+    big = next((x for x in rows if x.get("impl") == "engine-factory (4096 limits)"), None)
+    r = _ratio(_v(big, "total_tok_s"), _v(tight, "total_tok_s"))
+    out.append(("4,096-token limits ≥ 0.9× the tight build", f"{_fmt(r, 3)}×",
+                "not measured" if r is None else ("met" if r >= 0.9 else "missed")))
+    return out
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def section(rows: list[dict], mode: str) -> str:
+    env = next((r for r in rows if r.get("kind") == "env"), {})
+    lines = [f"<!-- {mode} -->", f"## {'GPU' if mode == 'gpu' else 'CPU'}: {env.get('device', '?')}", "",
+             f"{env.get('date', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}, "
+             f"`python tests/perf/bench_table.py {mode}`. Raw JSON lines: `{mode}.jsonl`.", ""]
+    if mode == "gpu":
+        lines += ["### Targets (issue 10)", ""] + _table(["target", "measured", ""], targets(rows)) + [""]
+        keys = ["batch", "input_len", "output_len", "max_seq_len", "ttft_ms", "decode_tok_s", "total_tok_s",
+                "achieved_weight_GB_s", "peak_mem_GB"]
+        runs = [r for r in rows if r.get("kind") in ("ours", "peer")]
+        lines += ["### Every run", ""] + _table(["run"] + keys + ["first_token_s", "ready_s"],
+                                                [[r["name"]] + [_v(r, k) if _v(r, k) is not None else "—"
+                                                                for k in keys + ["first_token_s", "ready_s"]]
+                                                 for r in runs]) + [""]
+        g = {b: _peer(rows, "gptfast-bf16", b) for b in (1, 64)}
+        ratio_rows = [[r["name"], r["batch"], _fmt(_ratio(r["total_tok_s"], _v(g.get(r["batch"]), "total_tok_s")), 2)]
+                      for r in runs if r.get("kind") == "ours" and r["batch"] in g and r["input_len"] == 128]
+        if ratio_rows:
+            lines += ["Ratio of total tok/s to gpt-fast bf16 at the same batch:", ""]
+            lines += _table(["run", "batch", "× gpt-fast"], ratio_rows) + [""]
+    else:
+        lines += ["### Targets (issue 10, CPU row)", ""] + _table(["target", "measured", ""], cpu_targets(rows))
+        lines += ["", "### Every run (fp32, batch 1, greedy, total tok/s incl. prefill, best of reps)", ""]
+        lines += _table(["model", "impl", "input_len", "output_len", "max_seq_len", "decode attention", "tok/s",
+                         "× HF"], [[r["model"], r["impl"], r["input_len"], r["output_len"], _v(r, "max_seq_len") or "—",
+                                    _v(r, "decode_attention") or "—", r["total_tok_s"], _v(r, "vs_hf") or "—"]
+                                   for r in rows if r.get("kind") == "cpu"]) + [""]
+    builds = [r for r in rows if r.get("kind") == "build"]
+    if builds:
+        lines += ["Builds: " + "; ".join(f"{r['name']} {r['wall_s']} s (`{' '.join(r['overrides'])}`)"
+                                         for r in builds) + ".", ""]
+    bad = [r for r in rows if r.get("kind") in ("failed", "skipped")]
+    if bad:
+        lines += ["Not run / failed: " + "; ".join(f"{r.get('step', r.get('name'))}: "
+                                                 f"{r.get('why') or 'rc %s' % r.get('rc')}" for r in bad) + ".", ""]
+    lines.append(f"<!-- /{mode} -->")
+    return "\n".join(lines) + "\n"
+
+
+HEAD = """# Benchmarks
+
+Written by `make bench` (`tests/perf/bench_table.py`); each section is replaced by its own run. Engines:
+LLaMA-2-7B architecture with dummy weights; peers from `../shared/peers/bench_peers.py` in the same run.
+
+"""
+
+
+def render(jsonls, doc: Path | None, also: Path | None = None) -> str:
+    """Rebuild each mode's section of `doc` (and write the whole doc to `also`) from the JSON lines."""
+    text = doc.read_text() if doc and doc.is_file() else HEAD
+    for path in jsonls:
+        mode = Path(path).stem
+        new = section(_load([path]), mode)
+        pat = re.compile(rf"<!-- {mode} -->.*?<!-- /{mode} -->\n?", re.S)
+        text = pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new
+    for p in (doc, also):
+        if p:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    for mode in ("gpu", "cpu"):
+        s = sub.add_parser(mode)
+        s.add_argument("--out", default=str(REPO / "bench-out"))
+        s.add_argument("--doc", default=None, help="also rewrite this markdown's section (e.g. docs/benchmarks.md)")
+        s.add_argument("--store", default=None, help="engine store (default: .store of the checkout)")
+        s.add_argument("--budget_s", type=float, default=520 if mode == "gpu" else 1800)
+        s.add_argument("--quick", action="store_true", help="tiny engine (stories260K), CPU: the same code path")
+        s.add_argument("--peers", default=str(REPO / ".peers") if (REPO / ".peers").is_dir()
+                       else str(REPO.parent / "shared" / "peers"))
+    r = sub.add_parser("render")
+    r.add_argument("jsonl", nargs="+")
+    r.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
+    args = p.parse_args(argv)
+    if args.mode == "render":
+        render(args.jsonl, Path(args.doc))
+    else:
+        {"gpu": gpu, "cpu": cpu}[args.mode](args)
+        print((Path(args.out) / "benchmarks.md").read_text() if (Path(args.out) / "benchmarks.md").is_file() else "")
+
+
+if __name__ == "__main__":
+    main()
