@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from runtime.dtypes import DTYPES
 from runtime.errors import UserError
+from runtime.quant import MODES
 from runtime.spec import ModelSpec
 
 from .plan import GPUS
-from .quant import QUANTIZERS
 from .store import check_name
 from .stages.calibrate import NEEDS_CALIBRATION
 
-QUANT_MODES = {"none"} | set(QUANTIZERS) | NEEDS_CALIBRATION
+QUANT_MODES = set(MODES) | NEEDS_CALIBRATION
+# the four linears of a layer: (name, in_features of spec, whether row-parallel: its input split over tp)
+_LINEAR_INPUTS = (("attn.qkv", lambda s: s.hidden_size, False), ("attn.o", lambda s: s.num_heads * s.head_dim, True),
+                  ("mlp.up", lambda s: s.hidden_size, False), ("mlp.down", lambda s: s.intermediate_size, True))
 BACKENDS = {"torch"}
 TARGETS = {"any", "cpu", "cuda"}
 
@@ -41,7 +44,8 @@ def check_config(cfg) -> None:
     for key in ("max_batch_size", "max_input_len", "max_output_len"):
         if lim[key] < 1:
             raise UserError(f"limits.{key}={lim[key]} must be at least 1")
-    if cfg.precision.quant in NEEDS_CALIBRATION and not cfg.calibration.dataset:
+    if (cfg.precision.quant in NEEDS_CALIBRATION or getattr(MODES.get(cfg.precision.quant), "needs_calibration", False)) \
+            and not cfg.calibration.dataset:
         raise UserError(f"precision.quant={cfg.precision.quant} needs calibration.dataset; "
                         "add calibration=cnn_dailymail")
 
@@ -70,4 +74,31 @@ def check_model(cfg, spec: ModelSpec) -> None:
                         f"vocab slice is the embedding's), not {sharding}; set embedding_sharding=vocab")
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
+    _check_quant_partition(cfg.precision.quant, spec, tp)
 
+
+def _check_quant_partition(quant: str, spec: ModelSpec, tp: int) -> None:
+    """Each linear's rank partition must suit the quant mode (a group must not straddle two ranks)."""
+    mode = MODES.get(quant)
+    if mode is None or not mode.quantizes:
+        return
+
+    def fits(m, t: int) -> bool:
+        return all(m.partition_problem((0, f(spec)), f(spec) // t if r else f(spec)) is None
+                   for _, f, r in _LINEAR_INPUTS)
+
+    for lin, in_of, row in _LINEAR_INPUTS:
+        inp = in_of(spec)
+        problem = mode.partition_problem((0, inp), inp // tp if row else inp)
+        if problem is None:
+            continue
+        family = quant.split("_g")[0]  # int4_wo_g128 -> its siblings int4_wo, int4_wo_g64
+        other = [m for m in sorted(MODES, key=lambda m: -(getattr(MODES[m], "group_size", 0) or 0))
+                 if m != quant and m.split("_g")[0] == family and fits(MODES[m], tp)]
+        fixes = [f"use precision={other[0]}"] if other else []
+        tps = [t for t in range(tp - 1, 0, -1) if spec.num_heads % t == 0 and fits(mode, t)]
+        if tp > 1 and tps:
+            fixes.append(f"parallel.tp={tps[0]}")
+        where = f" (row-parallel: in_features / tp={tp})" if row and tp > 1 else ""
+        raise UserError(f"precision.quant={quant}: layers.*.{lin}.weight{where}: {problem}; "
+                        f"{' or '.join(fixes) or 'use another precision'}")

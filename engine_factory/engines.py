@@ -116,7 +116,8 @@ def _too_big(cfg, store: Path) -> str | None:
     from omegaconf import OmegaConf
 
     from . import families
-    from .quant import QUANTIZERS
+    from runtime.dtypes import DTYPES
+    from runtime.quant import MODES
     from .resources import available_ram, gib, parameter_count
     from .sources.dummy import hf_parameter_shapes
 
@@ -127,8 +128,9 @@ def _too_big(cfg, store: Path) -> str | None:
         return None  # not a complete architecture: the build says what is wrong
     params, linear = parameter_count(spec), parameter_count(spec, linear_only=True)
     engine = params * DTYPE_BYTES[cfg.precision.dtype]
-    if cfg.precision.quant in QUANTIZERS:  # the linear layers' weights in the mode's bits
-        engine -= int(linear * (DTYPE_BYTES[cfg.precision.dtype] - QUANTIZERS[cfg.precision.quant].bits / 8))
+    if cfg.precision.quant in MODES:  # the linear layers' weights in the mode's bytes (scales included)
+        per_weight = MODES[cfg.precision.quant].bytes_per_weight(DTYPES[cfg.precision.dtype])
+        engine -= int(linear * (DTYPE_BYTES[cfg.precision.dtype] - per_weight))
     kind = cfg.precision.dtype + (f" {cfg.precision.quant}" if cfg.precision.quant != "none" else "")
     what = f"~{gib(engine)} of {kind} weights ({params / 1e9:.2f}B parameters)"
     on_cpu = cfg.validate.device == "cpu" or not _has_cuda()

@@ -84,7 +84,8 @@ def plan(cfg, spec) -> dict:
         layout = RankLayout.of(spec, mapping, r)
         entries = rank_plan(shapes, spec, dtype, layout, cfg.precision.quant)
         weight = sum(math.prod(shape) * dt.itemsize for shape, dt, _ in entries.values())
-        params = sum(math.prod(shape) for name, (shape, _, _) in entries.items() if not name.endswith(".scale"))
+        # parameters: the float layout's elements (a quant mode packs them and adds scales)
+        params = sum(math.prod(shape) for shape, _, _ in rank_plan(shapes, spec, dtype, layout).values())
         hd, nh, nkv = spec.head_dim, len(layout.heads), len(layout.kv_heads)
         kv_seq = 2 * len(layout.layers) * nkv * hd * S * kv_bytes  # K and V of one sequence
         up = (2 if spec.mlp == "gated" else 1) * spec.intermediate_size // layout.tp

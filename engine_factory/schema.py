@@ -26,7 +26,7 @@ class ModelConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
-    quant: str = "none"  # none | int8_wo (int8 weights, per-channel scales; engine_factory/quant.py)
+    quant: str = "none"  # none | int8_wo | int4_wo | int4_wo_g128 | int4_wo_g64 (a mode of runtime/quant)
     kv_cache: str = "auto"  # auto = the activation dtype
 
 

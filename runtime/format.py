@@ -263,10 +263,10 @@ def _engine_config_problem(cfg) -> str | None:
     q = cfg["quant"]
     if not (isinstance(q, dict) and isinstance(q.get("mode"), str)):
         return f"quant={json.dumps(q)[:60]} needs mode (a string)"
-    from .linear import LINEARS  # (torch: the runtime has it imported already)
+    from .quant import MODES  # (torch: the runtime has it imported already)
 
-    if q["mode"] not in LINEARS:
-        return f"quant mode {q['mode']!r} has no runtime linear here (known: {', '.join(sorted(LINEARS))})"
+    if q["mode"] not in MODES:
+        return f"quant mode {q['mode']!r} has no runtime linear here (known: {', '.join(sorted(MODES))})"
     if not isinstance(cfg["dtype"], str):
         return f"dtype={json.dumps(cfg['dtype'])[:40]} is not a string"
     for key in ("target", "runtime"):

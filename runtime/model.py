@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Packed, pack, select_decode_attention, select_prefill_attention
-from .linear import make_linear
 from .parallel import Comm, RankLayout
+from .quant import make_linear
 from .spec import ModelSpec
 
 _ACTIVATIONS = {

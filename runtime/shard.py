@@ -11,8 +11,10 @@ Styles (gpt-fast's colwise/rowwise, torchtune's plan of name patterns):
            the embedding with embedding_sharding=vocab); the runtime trims the padding from the logits
   hidden   split dim 1 (the embedding with embedding_sharding=hidden; the runtime all-gathers)
 Any tensor stored under a linear's prefix (a quant mode's `scale`, a packed weight) takes the linear's
-rule mapped onto its own dims: a per-output-channel scale of a column-parallel weight splits with the
-same segments; of a row-parallel weight it has no dim 1 and is replicated.
+rule mapped onto its own dims: `follows` (runtime/quant Stored) names the weight's dim ("out" = 0,
+"in" = 1) each of its dims is cut with; without it, dims by position. A per-output-channel scale
+("out",) of a column-parallel weight splits with the same segments; of a row-parallel weight it has no
+"in" dim and is replicated; a group scale ("out", "in") of a row-parallel weight splits by groups.
 """
 from __future__ import annotations
 
@@ -80,26 +82,36 @@ def style_of(name: str) -> str:
     raise KeyError(f"{name}: not a tensor of the runtime layout (runtime/shard.py PLAN)")
 
 
-def _spans(name: str, shape: tuple[int, ...], layout: RankLayout):
+_WEIGHT_DIMS = ("out", "in")
+
+
+def _spans(name: str, shape: tuple[int, ...], layout: RankLayout, follows: tuple[str, ...] | None = None):
     """None (the whole tensor) or (dim, [(start, stop, zero rows after)]) in elements of this tensor."""
     split = _STYLES[style_of(name)](layout) if layout.tp > 1 else None
-    if split is None or len(shape) <= split.dim:
+    if split is None:
+        return None
+    dim = split.dim
+    if follows is not None:  # a quant tensor: cut along its dim that follows the weight's split dim
+        if _WEIGHT_DIMS[dim] not in follows:
+            return None
+        dim = follows.index(_WEIGHT_DIMS[dim])
+    if len(shape) <= dim:
         return None
     units = sum(split.segments)
-    if shape[split.dim] % units:
-        raise ValueError(f"{name}: dim {split.dim} of {tuple(shape)} is not a multiple of its {units} units")
-    u, spans, offset = shape[split.dim] // units, [], 0
+    if shape[dim] % units:
+        raise ValueError(f"{name}: dim {dim} of {tuple(shape)} is not a multiple of its {units} units")
+    u, spans, offset = shape[dim] // units, [], 0
     for seg, take in zip(split.segments, split.take):
         start, stop = min(take.start, seg), min(take.stop, seg)
         spans.append(((offset + start) * u, (offset + stop) * u, (len(take) - (stop - start)) * u))
         offset += seg
-    return split.dim, spans
+    return dim, spans
 
 
-def shard_shape(name: str, full_shape, layout: RankLayout) -> tuple[int, ...]:
+def shard_shape(name: str, full_shape, layout: RankLayout, follows: tuple[str, ...] | None = None) -> tuple[int, ...]:
     """The shape of this rank's part of a tensor whose world-1 shape is full_shape."""
     full_shape = tuple(full_shape)
-    cut = _spans(name, full_shape, layout)
+    cut = _spans(name, full_shape, layout, follows)
     if cut is None:
         return full_shape
     dim, spans = cut
@@ -113,11 +125,11 @@ class Sliceable(Protocol):
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
 
 
-def shard_tensor(name: str, full: Sliceable, layout: RankLayout) -> torch.Tensor:
+def shard_tensor(name: str, full: Sliceable, layout: RankLayout, follows: tuple[str, ...] | None = None) -> torch.Tensor:
     """This rank's part of `full` (the world-1 tensor, or a reader of its parts: only the parts this
     rank holds are read)."""
     shape = tuple(full.shape)
-    cut = _spans(name, shape, layout)
+    cut = _spans(name, shape, layout, follows)
     if cut is None:
         return full if isinstance(full, torch.Tensor) else full.narrow(0, 0, shape[0])
     dim, spans = cut

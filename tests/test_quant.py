@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine_factory.quant import QUANTIZERS
 from engine_factory.stages.validate import QUANT_BOUNDS
 from helpers import build_in_process, hf_greedy, hf_logits, hf_model
 from runtime import Engine
+from runtime.quant import MODES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def built(tmp_path_factory, tiny_llama_mha):
 
 def test_int8_per_channel_rounds_each_weight_to_its_nearest_level():
     w = torch.randn(48, 80) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different magnitude
-    out = QUANTIZERS["int8_wo"].quantize(w, torch.float16)
+    out = MODES["int8_wo"].quantize(w, torch.float16)
     q, scale = out["weight"], out["scale"]
     assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (48,)
     assert int(q.abs().max()) <= 127 and (q.abs().amax(dim=1) >= 126).all()  # each row uses its range
@@ -37,7 +37,7 @@ def test_int8_per_channel_rounds_each_weight_to_its_nearest_level():
 
 def test_int8_rows_of_zeros_or_tiny_values_stay_finite():
     w = torch.stack([torch.zeros(16), torch.full((16,), 1e-7), torch.linspace(-1, 1, 16)])
-    out = QUANTIZERS["int8_wo"].quantize(w, torch.float16)
+    out = MODES["int8_wo"].quantize(w, torch.float16)
     deq = out["weight"].float() * out["scale"].float()[:, None]
     assert (out["scale"] > 0).all() and torch.isfinite(deq).all()
     assert (deq - w).abs().max() <= out["scale"].float().max() * 0.5 + 1e-6
@@ -118,4 +118,5 @@ def hf_model_like_nan(engine):
 def test_unknown_quant_mode_is_one_line(cli, store):
     rc, out, err = cli("precision.quant=int3_wo", f"store={store}", "model.source=dummy")
     assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "error: precision.quant=int3_wo is not one of int8_wo, none"
+    assert err.strip().splitlines()[-1] == ("error: precision.quant=int3_wo is not one of int4_wo, int4_wo_g128, "
+                                            "int4_wo_g64, int8_wo, none")

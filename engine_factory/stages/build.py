@@ -17,7 +17,7 @@ from runtime.parallel import RankLayout
 from runtime.shard import rank_tensor_names, shard_shape, shard_tensor, style_of
 from runtime.spec import ModelSpec
 
-from ..quant import QUANTIZERS
+from runtime import quant as quant_modes
 from ..safetensors_io import write_streaming
 from ..store import write_json_atomic
 
@@ -81,36 +81,41 @@ def _quantized(name: str) -> bool:
     return name.endswith(".weight") and style_of(name) in ("column_qkv", "column_up", "row")
 
 
-def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none") -> dict:
+def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none",
+              stats: dict | None = None) -> dict:
     """name -> (shape, dtype, produce) of one rank: the tensors runtime/shard.py gives it, each cut from
     the world-1 runtime tensor (fused from canonical parts) by the shard plan. With a quant mode, the four
     linears of a layer are stored as the mode's tensors (e.g. int8 weight + per-channel scale): the whole
-    weight is quantized, then each stored tensor is sharded by the weight's rule, so the shards of every
-    rank put together are the world-1 engine's tensors."""
-    quantizer = QUANTIZERS[quant] if quant != "none" else None
+    weight is quantized, then each stored tensor is sharded by the weight's rule (along the dims it
+    follows: runtime/quant Stored), so the shards of every rank put together are the world-1 engine's
+    tensors and every tp gives the same numbers (checks.py refused partitions a mode cannot take).
+    stats: calibration statistics by linear prefix (layers.{i}.attn.qkv), for modes that need them."""
+    mode = quant_modes.get(quant)
     sources = {name: _Fused(tensors, p) for name, p in runtime_parts(spec, tensors.keys()).items()}
-    stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix)
+    stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix, follows)
     for name, source in sources.items():
-        if quantizer is not None and _quantized(name):
+        if mode.quantizes and _quantized(name):
             base = name[:-len("weight")]
-            for suffix, (qshape, qdtype) in quantizer.shapes(source.shape, dtype).items():
-                stored[base + suffix] = (qshape, qdtype, name, suffix)
+            for suffix, st in mode.stored(source.shape, dtype).items():
+                stored[base + suffix] = (st.shape, st.dtype, name, suffix, st.follows)
         else:
-            stored[name] = (source.shape, dtype, name, None)
+            stored[name] = (source.shape, dtype, name, None, None)
     virtual = {"lm_head.weight"} if spec.tie_word_embeddings else set()  # not in the world-1 engine
     names = rank_tensor_names(layout, [n for n in stored if n not in virtual])
     memo: dict = {}  # the quantized tensors of one weight, made once for all of its stored parts
 
     def produce(name: str) -> torch.Tensor:
-        _, _, src, suffix = stored[name]
+        _, _, src, suffix, follows = stored[name]
         if suffix is None:
             return shard_tensor(name, sources[src], layout).to(dtype).contiguous()
         if memo.get("src") != src:
             memo.clear()
-            memo.update(src=src, q=quantizer.quantize(sources[src].whole(), dtype))
-        return shard_tensor(name, memo["q"][suffix], layout).contiguous()
+            linear_stats = (stats or {}).get(src[:-len(".weight")])
+            memo.update(src=src, q=mode.quantize(sources[src].whole(), dtype, linear_stats))
+        return shard_tensor(name, memo["q"][suffix], layout, follows).contiguous()
 
-    return {n: (shard_shape(n, stored[n][0], layout), stored[n][1], lambda n=n: produce(n)) for n in names}
+    return {n: (shard_shape(n, stored[n][0], layout, stored[n][4]), stored[n][1], lambda n=n: produce(n))
+            for n in names}
 
 
 def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, rank: int,

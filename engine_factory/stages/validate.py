@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from runtime import Engine
 from runtime.errors import UserError
 from runtime.format import REPORT_MD, VALIDATION_JSON
+from runtime.quant import MODES
 
 from ..hashing import digest
 from ..store import write_json_atomic, write_text_atomic
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 
 # Bounds when the recipe sets none: relative logits error and teacher-forced token agreement.
 DEFAULT_BOUNDS = {"fp32": (1e-4, 1.0), "fp16": (2e-2, 0.9), "bf16": (5e-2, 0.8)}
-# Quantized weights: by mode, whatever the float dtype (measured int8_wo: stories260K 2.7e-2 / 1.0,
-# SmolLM2-135M 4.0e-2 / 0.99).
-QUANT_BOUNDS = {"int8_wo": (1e-1, 0.85)}
+# Quantized weights: by mode, whatever the float dtype (each mode's own: runtime/quant).
+QUANT_BOUNDS = {name: m.bounds for name, m in MODES.items() if m.bounds is not None}
 
 
 class ValidationFailed(UserError):

@@ -1,0 +1,83 @@
+"""Quantization modes: one file per mode holds both halves, registered by name (engine.json's quant mode).
+
+A mode says what a linear's (out, in) weight is stored as (each tensor's suffix, shape, dtype, and which
+of the weight's dims it is cut along when the weight is sharded: runtime/shard.py), whether a partition
+of the weight suits it (a group must not straddle two ranks), `quantize` at build time (the build in
+engine_factory imports this package; runtime/ never imports the build), the runtime linear that reads
+the stored tensors, whether it needs calibration statistics and its default validation bounds. Like
+mlc-llm's GroupQuantize + GroupQuantizeLinear and gpt-fast's QuantHandler.
+
+Embeddings, norms, biases and the lm_head stay in the float dtype: only the four linears of a layer
+(attn.qkv, attn.o, mlp.up, mlp.down) are a mode's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor a mode stores for a weight: world-1 shape, dtype, and per dim the weight's dim it
+    follows ("out" or "in"): sharding the weight along that dim cuts this tensor the same way; a tensor
+    without the dim a style splits (a per-output-channel scale of a row-parallel weight) is whole on
+    every rank."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    follows: tuple[str, ...]
+
+
+class QuantMode:
+    name = ""
+    quantizes = True  # False: the weight is stored in the float dtype as it is (the dense mode)
+    needs_calibration = False  # quantize() reads calibration statistics
+    bounds: tuple[float, float] | None = None  # validate's (max_rel_logits, min_token_agreement); None: the dtype's
+
+    def stored(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, Stored]:
+        """suffix -> what is stored for a world-1 weight of shape (out, in) and float dtype."""
+        raise NotImplementedError
+
+    def partition_problem(self, shape: tuple[int, int], in_per_rank: int) -> str | None:
+        """Why this mode cannot store a weight of world-1 shape (out, in) whose ranks each hold
+        in_per_rank input features (in / tp for row-parallel weights, in otherwise), or None."""
+        return None
+
+    def quantize(self, weight: torch.Tensor, dtype: torch.dtype, stats=None) -> dict[str, torch.Tensor]:
+        """The world-1 weight (out, in) -> {suffix: tensor} (shapes as stored()); stats: calibration
+        statistics of this linear's input when needs_calibration."""
+        raise NotImplementedError
+
+    def linear(self, tensors: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The runtime linear of one rank: tensors by suffix (its shard of each stored tensor; "bias"
+        when the linear adds its own), called like F.linear(x, W, b)."""
+        raise NotImplementedError
+
+    def bytes_per_weight(self, dtype: torch.dtype, shape: tuple[int, int] = (4096, 4096)) -> float:
+        """Stored bytes per weight element (scales included), for size estimates."""
+        return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.stored(shape, dtype).values()) / math.prod(shape)
+
+
+MODES: dict[str, QuantMode] = {}
+
+
+def register(mode: QuantMode) -> QuantMode:
+    MODES[mode.name] = mode
+    return mode
+
+
+def get(name: str) -> QuantMode:
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ValueError(f"no quant mode {name!r}; known: {', '.join(sorted(MODES))}") from None
+
+
+def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
+    """The runtime linear stored under `prefix` in a rank's tensors."""
+    return get(mode).linear({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
+from . import dense, int4_wo, int8_wo  # noqa: E402,F401  (each registers its modes)

@@ -1,0 +1,105 @@
+"""int4_wo, int4_wo_g128, int4_wo_g64: INT4 weight-only, asymmetric, one scale and zero point per output
+channel (int4_wo) or per group of 128 / 64 consecutive input features.
+
+w ≈ (q - zero) * scale, q and zero integers in [0, 15]. Asymmetric (GPTQ / AWQ style): the 16 levels
+span each group's [min(w, 0), max(w, 0)], finer than symmetric's [-max|w|, max|w|] on skewed groups at
+the cost of one byte per group; 0 is a level (zero is an integer), so a zero weight stays exactly zero.
+
+Stored for a weight (out, in): weight (out, in/2) uint8, input features 2j (low nibble) and 2j+1 (high
+nibble) in byte j; scale (out, in/g) in the float dtype and zero (out, in/g) uint8 — (out,) each per
+channel. All follow the weight's dims, so a row-parallel rank holds its input features' bytes and groups
+(a group must not straddle two ranks: g divides in / tp), and a per-channel scale is whole on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import QuantMode, Stored, register
+from .int8_wo import smallest_scale
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """(out, in/2) uint8 -> (out, in) uint8 levels in [0, 15]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) levels in [0, 15] -> (out, in/2) uint8."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in dtype: (q - zero) is an exact integer, times the scale rounded once. The
+    group size follows from the shapes: in / scale's columns (one column: per channel)."""
+    q = unpack(packed)
+    out, inp = q.shape
+    s, z = scale.reshape(out, -1, 1), zero.reshape(out, -1, 1)  # (out, groups, 1)
+    w = (q.reshape(out, s.shape[1], -1).to(torch.int16) - z.to(torch.int16)).to(dtype) * s.to(dtype)
+    return w.reshape(out, inp)
+
+
+class Int4WeightOnlyLinear:
+    """The plain-torch reference (the CPU path, the oracle of the CUDA kernel): unpack, dequantize to
+    the activation dtype, matmul."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.weight, self.scale, self.zero = tensors["weight"], tensors["scale"], tensors["zero"]
+        self.bias = tensors.get("bias")
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.weight, self.scale, self.zero, x.dtype), self.bias)
+
+
+class Int4WeightOnly(QuantMode):
+    def __init__(self, group_size: int | None):
+        self.group_size = group_size  # None: per output channel
+        self.name = "int4_wo" + (f"_g{group_size}" if group_size else "")
+        # measured on tiny random models and SmolLM2-135M (README "Quantized precisions")
+        self.bounds = (4e-1, 0.5) if group_size is None else (2.5e-1, 0.6)
+
+    def _groups(self, inp: int) -> int:
+        return inp // self.group_size if self.group_size else 1
+
+    def stored(self, shape, dtype):
+        out, inp = shape
+        per = (out, self._groups(inp)) if self.group_size else (out,)
+        dims = ("out", "in") if self.group_size else ("out",)
+        return {"weight": Stored((out, inp // 2), torch.uint8, ("out", "in")),
+                "scale": Stored(per, dtype, dims), "zero": Stored(per, torch.uint8, dims)}
+
+    def partition_problem(self, shape, in_per_rank):
+        inp, g = shape[1], self.group_size
+        if g and (inp % g or in_per_rank % g):
+            per_rank = f" ({in_per_rank} per rank)" if in_per_rank != inp else ""
+            return f"in_features={inp}{per_rank} is not a multiple of the group size {g}"
+        if in_per_rank % 2:
+            return f"in_features per rank={in_per_rank} is odd: two int4 are packed per byte"
+        return None
+
+    def quantize(self, weight, dtype, stats=None):
+        w = weight.float()
+        out, inp = w.shape
+        wg = w.reshape(out, self._groups(inp), -1)  # (out, groups, g)
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        exact = ((hi - lo) / 15).clamp(min=smallest_scale(dtype))
+        scale = exact.to(dtype)
+        # rounded up where the dtype rounded down, so that (max - min) / scale <= 15: every w within scale / 2
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.tensor(float("inf"), dtype=dtype)), scale)
+        s = scale.float()
+        zero = torch.round(-lo / s).clamp(0, 15)
+        q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, 15).reshape(out, inp)
+        shape = (out,) if self.group_size is None else (out, self._groups(inp))
+        return {"weight": pack(q), "scale": scale.reshape(shape), "zero": zero.to(torch.uint8).reshape(shape)}
+
+    def linear(self, tensors):
+        return Int4WeightOnlyLinear(tensors)
+
+
+for _g in (None, 128, 64):
+    register(Int4WeightOnly(_g))
