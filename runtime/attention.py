@@ -4,7 +4,9 @@ Every entry computes, for each sequence b and query head h (KV head h // (nh // 
     softmax(scale * q[b, h] . k[b, kvh, j] + slope[h] * (j - pos[b])) over j = 0..pos[b]
 and returns the weighted sum of v[b, kvh, j]. An entry is two functions: `prepare` runs once per
 decode step (the mask / bias every layer shares), `attend` once per layer. The cache tensors come as
-they are stored (B, nkv, S, hd); a quantized KV format is a new entry that also takes its scales.
+they are stored (B, nkv, S, hd): in the activation dtype, or int8 / fp8 with the layer's kv_scale =
+[s_k, s_v] (runtime/kv_cache.py), where K = s_k * k_cache and V = s_v * v_cache. Every entry takes
+every KV-cache format: the torch reference dequantizes the cache, the Triton kernel scales in registers.
 
 "torch" is masked SDPA over the whole cache: the reference, the CPU path, and exactly the
 computation the decoder always did (recorded CPU outputs depend on it). "triton" is split-K
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .kv_cache import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ class DecodeAttention:
     name: str
     # prepare(pos (B,), seq_len S, alibi_slopes (nh,) | None, dtype) -> state shared by all layers
     prepare: Callable[[torch.Tensor, int, torch.Tensor | None, torch.dtype], Any]
-    # attend(q (B, nh, hd), k_cache (B, nkv, S, hd), v_cache, pos (B,), state, scale | None) -> (B, nh, hd)
+    # attend(q (B, nh, hd), k_cache (B, nkv, S, hd), v_cache, pos (B,), state, scale | None,
+    #        kv_scale=(2,) fp32 | None) -> (B, nh, hd)
     attend: Callable[..., torch.Tensor]
     # supports(device, head_dim) -> why not (a string), or None when it can run
     unsupported: Callable[[torch.device, int], str | None]
@@ -52,7 +56,9 @@ def _torch_prepare(pos: torch.Tensor, S: int, slopes: torch.Tensor | None, dtype
     return bias.masked_fill(~valid[:, None, :], float("-inf"))[:, :, None, :].to(dtype)  # (B, nh, 1, S)
 
 
-def _torch_attend(q, k_cache, v_cache, pos, mask, scale=None):
+def _torch_attend(q, k_cache, v_cache, pos, mask, scale=None, kv_scale=None):
+    if kv_scale is not None:  # a quantized cache: the whole of it dequantized (the reference, not fast)
+        k_cache, v_cache = dequantize(k_cache, kv_scale[0], q.dtype), dequantize(v_cache, kv_scale[1], q.dtype)
     o = F.scaled_dot_product_attention(q[:, :, None, :], k_cache, v_cache, attn_mask=mask, scale=scale,
                                        enable_gqa=k_cache.shape[1] != q.shape[1])  # (B, nh, 1, hd)
     return o[:, :, 0]
@@ -73,10 +79,11 @@ def _triton_prepare(pos, S, slopes, dtype):
     return slopes
 
 
-def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None):
+def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None):
     from .attention_triton import decode_attention  # imports triton: only when this entry runs
 
-    return decode_attention(q, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else scale, slopes)
+    return decode_attention(q, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else scale, slopes,
+                            kv_scale)
 
 
 DECODE_ATTENTION: dict[str, DecodeAttention] = {
@@ -114,11 +121,12 @@ def select_decode_attention(device: torch.device, head_dim: int, name: str | Non
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float | None = None, alibi_slopes: torch.Tensor | None = None,
-                     impl: str = "torch") -> torch.Tensor:
-    """One call of entry `impl` (prepare + attend): q (B, nh, hd), caches (B, nkv, S, hd), pos (B,)."""
+                     impl: str = "torch", kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One call of entry `impl` (prepare + attend): q (B, nh, hd), caches (B, nkv, S, hd) as stored, pos (B,),
+    kv_scale [s_k, s_v] of an int8 / fp8 cache."""
     entry = DECODE_ATTENTION[impl]
     state = entry.prepare(pos, k_cache.shape[2], alibi_slopes, q.dtype)
-    return entry.attend(q, k_cache, v_cache, pos, state, scale)
+    return entry.attend(q, k_cache, v_cache, pos, state, scale, kv_scale=kv_scale)
 
 
 # ---- prefill ---------------------------------------------------------------------------------------

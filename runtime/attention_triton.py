@@ -9,6 +9,10 @@ Stage 2, grid (B, nh): combines the splits' partial outputs with their log-sum-e
 is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not launched.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e); ALiBi adds slope * (j - pos) in fp32.
+
+A quantized cache (int8 or fp8 E4M3, runtime/kv_cache.py) is loaded as stored (1 byte an element) and
+converted to the queries' dtype in registers (exact: int8 and E4M3 values are fp16 / bf16 values); the K
+scale folds into the score scale and the V scale into the output, so the loop does no extra multiply.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
+def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, O_PART, LSE_PART, OUT,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   stride_ob, stride_oh, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   IEEE: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # b * stride_kb can pass 2**31
     kvh = tl.program_id(1)
@@ -42,8 +46,12 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
     heads = kvh * G + g  # (BLOCK_G,) rows past G are padding for tl.dot's 16-row minimum
     gmask = g < G
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
-    q = q.to(K.dtype.element_ty)
     scale2 = tl.cast(qk_scale, tl.float32)  # Inductor may pass a Python float as fp64: keep the loop in fp32
+    if KV_QUANT:  # compute in the queries' dtype; K = s_k k, V = s_v v
+        scale2 = scale2 * tl.load(KV_SCALE).to(tl.float32)
+        v_scale = tl.load(KV_SCALE + 1).to(tl.float32)
+    else:
+        q = q.to(K.dtype.element_ty)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
 
@@ -56,6 +64,8 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
         offs = s0 + n
         nmask = offs < end
         k = tl.load(k_base + offs[:, None] * stride_ks + d[None, :], mask=nmask[:, None], other=0.0)
+        if KV_QUANT:
+            k = k.to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -69,6 +79,8 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
         p = tl.exp2(qk - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs[:, None] * stride_vs + d[None, :], mask=nmask[:, None], other=0.0)
+        if KV_QUANT:
+            v = v.to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -78,6 +90,8 @@ def _split_kernel(Q, K, V, POS, SLOPES, O_PART, LSE_PART, OUT,
 
     nonempty = l > 0  # a chunk past L has no positions: weight 0 in the combine, no 0/0
     o = acc / tl.where(nonempty, l, 1.0)[:, None]
+    if KV_QUANT:
+        o = o * v_scale
     if DIRECT:
         tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -118,9 +132,10 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
     return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3}
 
 
-def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, *, block_n: int, splits: int,
+def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, *, block_n: int, splits: int,
            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it)."""
+    """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it).
+    kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype."""
     B, nh, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     G = nh // nkv
@@ -131,13 +146,16 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, *, block_n
     part_o = torch.empty((B, nh, splits, hd) if not direct else (1,), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B, nh, splits) if not direct else (1,), dtype=torch.float32, device=q.device)
     slopes = alibi_slopes if alibi_slopes is not None else pos  # an unread pointer when HAS_ALIBI is False
+    quant = kv_scale is not None
+    assert quant or k_cache.dtype.is_floating_point and k_cache.dtype.itemsize > 1, "an 8-bit cache needs kv_scale"
     wrap_triton(_split_kernel)[(B, nkv, splits)](
-        q, k_cache, v_cache, pos, slopes, part_o, part_lse, out,
+        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, part_o, part_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         scale * _LOG2E, splits,
         NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
-        HAS_ALIBI=alibi_slopes is not None, IEEE=k_cache.dtype == torch.float32, DIRECT=direct,
+        HAS_ALIBI=alibi_slopes is not None, KV_QUANT=quant,
+        IEEE=(q.dtype if quant else k_cache.dtype) == torch.float32, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages)
     if not direct:
         wrap_triton(_combine_kernel)[(B, nh)](
@@ -148,11 +166,13 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, *, block_n
 
 @triton_op("engine_factory::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float, alibi_slopes: torch.Tensor | None) -> torch.Tensor:
-    """q (B, nh, hd), caches (>=B, nkv, S, hd) as stored, pos (B,) int64 -> (B, nh, hd) in q's dtype.
+                     scale: float, alibi_slopes: torch.Tensor | None,
+                     kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, nh, hd), caches (>=B, nkv, S, hd) as stored, pos (B,) int64 -> (B, nh, hd) in q's dtype;
+    kv_scale [s_k, s_v] for an int8 / fp8 cache.
 
     A triton_op: torch.compile(fullgraph=True) traces into both kernels, and CUDA graphs capture them.
     """
     B, nh, hd = q.shape
     cfg = default_config(B, nh, k_cache.shape[1], k_cache.shape[2], hd, q.device)
-    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, **cfg)
+    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, **cfg)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Packed, pack, select_decode_attention, select_prefill_attention
+from .kv_cache import SCALE_NAME, kv_format
 from .parallel import Comm, RankLayout
 from .quant import make_linear
 from .spec import ModelSpec
@@ -84,6 +85,8 @@ class _Layer:
         self.o = row(f"{p}.attn.o")
         self.up = make_linear(quant, tensors, f"{p}.mlp.up")
         self.down = row(f"{p}.mlp.down")
+        self.kv_scale = tensors.get(SCALE_NAME.format(i=i))  # (2,) K and V scales of a quantized KV cache
+        self.k_scale, self.v_scale = (None, None) if self.kv_scale is None else self.kv_scale.unbind()
 
 
 class Decoder:
@@ -92,8 +95,9 @@ class Decoder:
     layout/comm None: world 1 (the whole model in this process)."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], quant: str = "none",
-                 layout: RankLayout | None = None, comm: Comm | None = None):
+                 layout: RankLayout | None = None, comm: Comm | None = None, kv_cache: str = "auto"):
         self.spec = spec
+        self.kv = kv_format(kv_cache)  # runtime/kv_cache.py: what the cache stores
         L = self.layout = layout or RankLayout.of(spec, {"tp": 1, "pp": 1}, 0)
         self.comm = comm or Comm.single()
         if (self.comm.tp, self.comm.pp, self.comm.rank) != (L.tp, L.pp, L.rank):
@@ -107,6 +111,8 @@ class Decoder:
         self.pos_embed = tensors.get("pos_embed.weight")  # (P, H) for learned positions
         self.embed_norm = _Norm(spec, tensors, "embed_norm") if spec.embedding_norm and L.first_stage else None
         self.layers = [_Layer(spec, tensors, i, quant, self.comm) for i in L.layers]
+        if self.kv.scaled and any(layer.kv_scale is None for layer in self.layers):
+            raise ValueError(f"KV cache {kv_cache} needs {SCALE_NAME} for every layer; the tensors lack some")
         self.final_norm = self.lm_head = self.lm_head_bias = None
         if L.last_stage:
             self.final_norm = _Norm(spec, tensors, "final_norm")
@@ -133,7 +139,7 @@ class Decoder:
 
     def allocate_cache(self, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> None:
         shape = (batch, self.n_kv, seq_len, self.hd)  # (B, nkv, S, hd)
-        dt = dtype or self.dtype
+        dt = self.kv.storage_dtype(dtype or self.dtype)
         self.k_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
 
@@ -230,8 +236,8 @@ class Decoder:
             q, k, v = self._qkv(layer, h, packed.pos)  # (T, n, hd)
             if self.k_cache:
                 kc, vc = self.k_cache[li], self.v_cache[li]  # (Bmax, nkv, S, hd)
-                kc[packed.slot, :, packed.pos] = k.to(kc.dtype)
-                vc[packed.slot, :, packed.pos] = v.to(vc.dtype)
+                kc[packed.slot, :, packed.pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
+                vc[packed.slot, :, packed.pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
             o = self.prefill_attention.attend(q, k, v, packed, self.slopes)  # (T, nh, hd)
             h = h + layer.o(o.reshape(T, -1))
             h = h + self._mlp(layer, h)
@@ -265,9 +271,9 @@ class Decoder:
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, pos)  # (B, n, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[bidx, :, pos] = k.to(kc.dtype)
-            vc[bidx, :, pos] = v.to(vc.dtype)
-            o = attn.attend(q, kc[:B], vc[:B], pos, state)  # (B, nh, hd)
+            kc[bidx, :, pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
+            vc[bidx, :, pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
+            o = attn.attend(q, kc[:B], vc[:B], pos, state, kv_scale=layer.kv_scale)  # (B, nh, hd)
             h = h + layer.o(o.reshape(B, -1))
             h = h + self._mlp(layer, h)
         return self._stage_output(h, None)
