@@ -54,12 +54,14 @@ reproduce: install
 test-cuda: install
 	$(PY) -m pytest -q -ra -m cuda tests
 
-# Speed of the LLaMA-2 7B architecture (dummy weights, fp16) as JSON lines, CUDA graphs then CUDA graphs
-# + torch.compile; meant for a GPU machine.
+# Issue 10's table on a GPU machine (one run, ~9 min on an H200): builds the LLaMA-2 7B dummy engines, runs
+# runtime.bench --compile, the start-up row and the peers, writes docs/benchmarks.md and $(BENCH_OUT)/gpu.jsonl.
+# `make bench BENCH=cpu`: engine vs transformers generate on this CPU; BENCH_FLAGS=--quick: tiny engines.
+BENCH      ?= gpu
+BENCH_OUT  ?= $(CURDIR)/bench-out
+BENCH_FLAGS ?=
 bench: install
-	@engine=$$($(PY) -m engine_factory recipe=llama7b_fp16_dummy | tail -n 1 | sed 's/^engine: //') && \
-	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128 && \
-	  $(PY) -m runtime.bench --engine_dir "$$engine" --batch_size 1 --batch_size 8 --input_len 128 --output_len 128 --compile
+	$(PY) tests/perf/bench_table.py $(BENCH) --out $(BENCH_OUT) --doc docs/benchmarks.md $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(STORE) .pytest_cache

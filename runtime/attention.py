@@ -93,6 +93,28 @@ DECODE_ATTENTION: dict[str, DecodeAttention] = {
 _AUTO_ORDER = {"cuda": ["triton", "torch"]}  # device type -> preference; every other device: torch
 
 
+# ---- sliced: the torch entry over the live positions only (CPU, eager) --------------------------------
+def _sliced_prepare(pos, S, slopes, dtype):
+    """(L, mask over 0..L-1): L = the longest live length of the batch, read on the host (free on CPU).
+    Traced for torch.compile the step keeps static shapes: the whole cache, as the torch entry."""
+    L = S if torch.compiler.is_compiling() else min(int(pos.max()) + 1, S)
+    return L, _torch_prepare(pos, L, slopes, dtype)
+
+
+def _sliced_attend(q, k_cache, v_cache, pos, state, scale=None, kv_scale=None):
+    L, mask = state
+    extra = {} if kv_scale is None else {"kv_scale": kv_scale}  # a quantized cache: only L positions dequantized
+    return _torch_attend(q, k_cache[:, :, :L], v_cache[:, :, :L], pos, mask, scale, **extra)
+
+
+def _sliced_unsupported(device: torch.device, head_dim: int) -> str | None:
+    return None if device.type == "cpu" else f"device {device} is not the CPU (the slice reads pos on the host)"
+
+
+DECODE_ATTENTION["sliced"] = DecodeAttention("sliced", _sliced_prepare, _sliced_attend, _sliced_unsupported)
+_AUTO_ORDER["cpu"] = ["sliced", "torch"]  # a 4,096-token engine decodes short sequences as fast as a tight one
+
+
 def _select(kind: str, registry: dict, env_var: str, order: dict, reference: str, name: str | None,
             device: torch.device, *needs):
     """`name`, else $env_var, else "auto": the first entry of order[device type] whose unsupported(device,

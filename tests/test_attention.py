@@ -125,12 +125,12 @@ def test_triton_scale_and_activation_dtype(kernels, one_thread):
 # ---- selection ----------------------------------------------------------------------------------
 def test_selection_is_a_setting_with_one_line_errors(monkeypatch):
     monkeypatch.delenv("EF_DECODE_ATTENTION", raising=False)
-    assert select_decode_attention(torch.device("cpu"), 64).name == "torch"  # auto: torch on CPU
+    assert select_decode_attention(torch.device("cpu"), 64).name == "sliced"  # auto on CPU: live positions
     assert select_decode_attention(torch.device("cuda"), 80).name == "torch"  # no kernel for head_dim 80
     monkeypatch.setenv("EF_DECODE_ATTENTION", "torch")
     assert select_decode_attention(torch.device("cuda"), 128).name == "torch"
     monkeypatch.setenv("EF_DECODE_ATTENTION", "flash9")
-    with pytest.raises(UserError, match="decode attention 'flash9'.*unknown; use auto or one of torch, triton"):
+    with pytest.raises(UserError, match="decode attention 'flash9'.*unknown; use auto or one of torch, triton, sliced"):
         select_decode_attention(torch.device("cpu"), 64)
     with pytest.raises(UserError, match="'triton' cannot run here: .*(not installed|not a power of two)"):
         select_decode_attention(DEV, 80, name="triton")

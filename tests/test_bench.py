@@ -1,0 +1,101 @@
+"""The bench table's markdown writer (tests/perf/bench_table.py), the compile cache's folder, and the CPU
+decode entry that reads only live positions ("sliced") against the float64 reference."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.attention import decode_attention, select_decode_attention
+from runtime.engine import compile_cache_dir, use_compile_cache
+from runtime.model import alibi_slopes
+from test_attention import reference
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_table", REPO / "tests" / "perf" / "bench_table.py")
+bench_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_table)
+
+
+def _row(name, case, batch, tok, ttft, input_len=128, **kw):
+    return {"kind": "ours", "name": name, "engine_case": case, "batch": batch, "input_len": input_len,
+            "output_len": 256, "total_tok_s": tok, "decode_tok_s": tok * 1.1, "ttft_ms": ttft,
+            "max_seq_len": 384 if case != "big" else 3072, **kw}
+
+
+GPU_ROWS = [
+    {"kind": "env", "date": "2026-12-02 09:00 UTC", "device": "NVIDIA H200", "torch": "2.11.0", "python": "3.12"},
+    _row("bf16 tight", "tight", 1, 290.0, 9.5, startup="cold", first_token_s=70.0, ready_s=95.0),
+    _row("bf16 tight", "tight", 64, 9000.0, 170.0, startup="cold"),
+    _row("bf16 tight warm", "tight", 1, 288.0, 9.6, startup="warm", first_token_s=12.0, ready_s=18.5),
+    _row("big", "big", 1, 280.0, 9.9),
+    _row("big", "big", 64, 7000.0, 175.0),
+    _row("big", "big", 1, 270.0, 60.0, input_len=2048),
+    _row("int8", "int8_tight", 1, 400.0, 9.0),
+    {"kind": "peer", "name": "gptfast-bf16", "batch": 1, "input_len": 128, "output_len": 256, "total_tok_s": 220.0},
+    {"kind": "peer", "name": "gptfast-bf16", "batch": 64, "input_len": 128, "output_len": 256,
+     "total_tok_s": 7300.0},
+    {"kind": "skipped", "step": "gptfast-int8", "why": "10 s left, needs ~60 s"},
+]
+
+
+def test_targets_say_met_missed_and_not_measured():
+    got = {name.split(" ≥")[0].split(" (")[0]: (measured, verdict) for name, measured, verdict
+           in bench_table.targets(GPU_ROWS)}
+    assert got["bf16 batch 1"] == ("290.0 tok/s, 1.32× gpt-fast", "met")
+    assert got["bf16 batch 64"] == ("9,000.0 tok/s, 1.23× gpt-fast", "missed")
+    assert got["limits 3072 vs 384: within 5% at batch 1, 10% at batch 64"][1] == "missed"  # 0.778 at b64
+    assert got["long prompt"][1] == "met"  # 297 vs 308 decode tok/s
+    assert got["time to first token ≤ 10 ms at batch 1"] == ("9.5 ms", "met")
+    assert got["int8_wo batch 1"][1] == "not measured"  # no int8 batch-64 row
+    assert got["start-up: a second process with --compile ready in ≤ 20 s"] == ("12.0 s / 18.5 s", "met")
+
+
+def test_render_replaces_its_own_section_only(tmp_path):
+    gpu, cpu, doc = tmp_path / "gpu.jsonl", tmp_path / "cpu.jsonl", tmp_path / "benchmarks.md"
+    gpu.write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS))
+    cpu.write_text(json.dumps({"kind": "cpu", "model": "stories260K", "impl": "engine-factory (tight)",
+                               "input_len": 32, "output_len": 128, "total_tok_s": 500.0, "vs_hf": 2.5}) + "\n")
+    bench_table.render([gpu, cpu], doc)
+    first = doc.read_text()
+    assert first.startswith("# Benchmarks") and first.count("<!-- gpu -->") == first.count("<!-- cpu -->") == 1
+    assert "NVIDIA H200" in first and "gptfast-int8: 10 s left" in first and "| stories260K ≥ 2.0× HF generate" \
+        " | 2.50× | met |" in first
+    gpu.write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS[:1]))  # a later GPU run: its section changes
+    bench_table.render([gpu], doc)
+    second = doc.read_text()
+    assert "gptfast-int8" not in second and second.count("<!-- gpu -->") == 1
+    assert second[second.index("<!-- cpu -->"):] == first[first.index("<!-- cpu -->"):]
+
+
+def test_compile_cache_is_a_user_folder_outside_the_engine(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("EF_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "engine-factory" / "compile"
+    monkeypatch.setenv("EF_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert use_compile_cache() == tmp_path / "mine"
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine" / "triton")
+
+
+def test_sliced_entry_reads_only_live_positions(one_thread):
+    """Positions past the longest live one are NaN: the sliced entry never reads them (the torch entry
+    would: NaN * 0 in its masked softmax), and it matches float64 on GQA, MQA and ALiBi."""
+    assert select_decode_attention(torch.device("cpu"), 64).name == "sliced"
+    for B, nh, nkv, S, hd, alibi in [(3, 8, 2, 100, 16, False), (2, 16, 1, 75, 64, True), (1, 4, 4, 40, 32, True)]:
+        g = torch.Generator().manual_seed(B)
+        q = torch.randn(B, nh, hd, generator=g)
+        k, v = torch.randn(B, nkv, S, hd, generator=g), torch.randn(B, nkv, S, hd, generator=g)
+        pos = torch.randint(0, S // 2, (B,), generator=g)
+        slopes = alibi_slopes(nh) if alibi else None
+        ref = reference(q, k, v, pos, hd ** -0.5, slopes)
+        k[:, :, int(pos.max()) + 1:] = float("nan")
+        v[:, :, int(pos.max()) + 1:] = float("nan")
+        out = decode_attention(q, k, v, pos, alibi_slopes=slopes, impl="sliced")
+        assert (out.double() - ref).abs().max() < 1e-5
