@@ -149,17 +149,18 @@ class Comm:
         self._dist.all_gather(parts, x, group=self.tp_group)
         return torch.cat(parts, dim=dim)
 
-    def send_next(self, x: torch.Tensor) -> None:
-        """To the same tp position of the next pipeline stage."""
+    def isend_next(self, x: torch.Tensor, tag: int = 0) -> "_Pending":
+        """Start sending x to the same tp position of the next pipeline stage; wait() before x changes."""
         x = x.contiguous()
-        self._dist.send(x.cpu() if self._host_p2p else x, dst=self.rank + self.tp)
+        x = x.cpu() if self._host_p2p else x
+        return _Pending(self._dist.isend(x, dst=self.rank + self.tp, tag=tag), x)
 
-    def recv_prev(self, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    def irecv_prev(self, shape, dtype: torch.dtype, device=None, tag: int = 0) -> "_Pending":
+        """Start receiving a tensor of shape/dtype from the previous stage; wait() returns it on device."""
         device = torch.device(device or "cpu")
         host = self._host_p2p and device.type != "cpu"
         buf = torch.empty(shape, dtype=dtype, device="cpu" if host else device)
-        self._dist.recv(buf, src=self.rank - self.tp)
-        return buf.to(device) if host else buf
+        return _Pending(self._dist.irecv(buf, src=self.rank - self.tp, tag=tag), buf, device if host else None)
 
     def from_last_stage(self, x: torch.Tensor | None, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
         """The last stage's x on every stage (broadcast over the pp group); x is None elsewhere."""
@@ -168,3 +169,54 @@ class Comm:
         x = torch.empty(shape, dtype=dtype, device=device) if x is None else x.contiguous()
         self._dist.broadcast(x, src=(self.pp - 1) * self.tp + self.tp_rank, group=self.pp_group)
         return x
+
+
+class _Pending:
+    """A point-to-point transfer in flight: wait() ends it and returns its tensor (a receive's, on its device)."""
+
+    def __init__(self, work, tensor: torch.Tensor, device: torch.device | None = None):
+        self.work, self.tensor, self.device = work, tensor, device  # the tensor lives until the transfer ends
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.tensor if self.device is None else self.tensor.to(self.device)
+
+
+MICRO_BATCHES_ENV = "EF_MICRO_BATCHES"  # a runtime setting (not in the engine, not hashed), read per Decoder
+
+
+def micro_batches_setting(value=None) -> int | None:
+    """The micro-batches of a pipelined pass: value, else $EF_MICRO_BATCHES, else None (auto: pp). Every rank
+    of an engine must use the same number (the spawned and launched ranks inherit the environment)."""
+    import os
+
+    from .errors import UserError
+
+    raw = os.environ.get(MICRO_BATCHES_ENV, "") if value is None else value
+    if raw in ("", "auto", None):
+        return None
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(raw, bool) or n < 1 or str(n) != str(raw).strip():
+        raise UserError(f"{MICRO_BATCHES_ENV}={raw!r}: want a whole number >= 1, or auto (= pp)")
+    return n
+
+
+def micro_batch_groups(sizes: list[int], m: int) -> list[range]:
+    """m (at most len(sizes)) contiguous, non-empty ranges of the items whose sizes are given, each about
+    sum(sizes) / m in size: the sequences of each prefill micro-batch, balanced by tokens."""
+    n = len(sizes)
+    m = max(1, min(m, n))
+    cum, total = [], 0
+    for s in sizes:
+        total += s
+        cum.append(total)
+    bounds = [0]
+    for k in range(1, m):
+        target = k * total / m
+        cut = min(range(1, n + 1), key=lambda j: abs(cum[j - 1] - target))  # the cut nearest the target
+        bounds.append(max(bounds[-1] + 1, min(cut, n - (m - k))))
+    bounds.append(n)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]

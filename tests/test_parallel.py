@@ -53,6 +53,11 @@ ENGINES = {
     "bloom_tp3": ("bloom_6_heads", ["parallel.tp=3"]),
     "bigcode_tp4": ("bigcode_mqa", ["parallel.tp=4"]),
 }
+# pipelined engines again with other micro-batch counts (ENGINES run with the default, pp = 2 here):
+# run key -> (engine key, micro-batches, prompts); 3 micro-batches of 2 prompts: more micro-batches than rows
+MICRO_RUNS = {f"{key}~m{m}b{n}": (key, m, n) for key in ("llama_pp2", "llama_tp2_pp2")
+              for m, n in ((1, 4), (3, 4), (3, 2))}
+RUNS = {**{key: (key, None, len(PROMPT_LENS)) for key in ENGINES}, **MICRO_RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def engine_dir(checkpoint, tmp_path_factory):
 
 
 def _reference_key(key: str) -> str:
-    ckpt, overrides = ENGINES[key]
+    ckpt, overrides = ENGINES[RUNS[key][0]]
     return f"{ckpt}@tp1_int8" if "precision.quant=int8_wo" in overrides else f"{ckpt}@tp1"
 
 
@@ -100,9 +105,9 @@ def _engine_config(engine: Path) -> tuple[ModelSpec, dict, str]:
     return ModelSpec.from_dict(cfg["spec"]), cfg["mapping"], cfg["quant"]["mode"]
 
 
-def _prompts(vocab: int) -> list[list[int]]:
+def _prompts(vocab: int, n: int = len(PROMPT_LENS)) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in PROMPT_LENS][:n]
 
 
 @torch.inference_mode()
@@ -128,7 +133,8 @@ def _decoder(engine: Path, rank: int = 0, comm: Comm | None = None) -> Decoder:
     return Decoder(spec, tensors, quant=quant, layout=layout, comm=comm)
 
 
-def _rank_main(rank: int, tp: int, pp: int, jobs: list[tuple[str, str]], init: str, out: str) -> None:
+def _rank_main(rank: int, tp: int, pp: int, jobs: list[tuple[str, str, int | None, int]], init: str,
+               out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -136,21 +142,25 @@ def _rank_main(rank: int, tp: int, pp: int, jobs: list[tuple[str, str]], init: s
     try:
         comm = Comm(tp, pp)
         results = {}
-        for key, engine in jobs:
+        for key, engine, micro_batches, n in jobs:
             dec = _decoder(Path(engine), rank, comm)
-            results[key] = _outputs(dec, _prompts(dec.spec.vocab_size))
+            dec.micro_batches = micro_batches  # None: the default ($EF_MICRO_BATCHES, else pp)
+            results[key] = _outputs(dec, _prompts(dec.spec.vocab_size, n))
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _run_world(tp: int, pp: int, jobs: dict[str, Path], tmp: Path, timeout: float = 120) -> list[dict]:
-    """Every rank's outputs for each engine of jobs (all built for tp x pp), one process per rank."""
+def _run_world(tp: int, pp: int, jobs: dict[str, tuple[Path, int | None, int]], tmp: Path,
+               timeout: float = 120) -> list[dict]:
+    """Every rank's outputs for each run of jobs (key -> engine built for tp x pp, micro-batches, prompts), one
+    process per rank."""
     import torch.multiprocessing as mp
 
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_rank_main, args=(tp, pp, [(k, str(v)) for k, v in jobs.items()], str(tmp / "init"),
-                                               str(tmp)), nprocs=tp * pp, join=False, start_method="fork")
+    runs = [(k, str(e), m, n) for k, (e, m, n) in jobs.items()]
+    ctx = mp.start_processes(_rank_main, args=(tp, pp, runs, str(tmp / "init"), str(tmp)), nprocs=tp * pp,
+                             join=False, start_method="fork")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -160,8 +170,9 @@ def _run_world(tp: int, pp: int, jobs: dict[str, Path], tmp: Path, timeout: floa
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(tp * pp)]
 
 
-WORLDS = {}  # (tp, pp) -> engine keys
-for _key, (_, _ov) in ENGINES.items():
+WORLDS = {}  # (tp, pp) -> run keys
+for _key, (_engine, _, _) in RUNS.items():
+    _ov = ENGINES[_engine][1]
     _tp = next((int(o.split("=")[1]) for o in _ov if o.startswith("parallel.tp=")), 1)
     _pp = next((int(o.split("=")[1]) for o in _ov if o.startswith("parallel.pp=")), 1)
     WORLDS.setdefault((_tp, _pp), []).append(_key)
@@ -175,7 +186,7 @@ def rank_outputs(engine_dir, tmp_path_factory):
     def get(key: str) -> list[dict]:
         if key not in done:
             world = next(w for w, keys in WORLDS.items() if key in keys)
-            outs = _run_world(*world, {k: engine_dir(k) for k in WORLDS[world]},
+            outs = _run_world(*world, {k: (engine_dir(RUNS[k][0]), *RUNS[k][1:]) for k in WORLDS[world]},
                               tmp_path_factory.mktemp(f"world-tp{world[0]}-pp{world[1]}"))
             for k in WORLDS[world]:
                 done[k] = [o[k] for o in outs]
@@ -188,16 +199,16 @@ def reference_outputs(engine_dir):
     done = {}
 
     def get(key: str) -> dict:
-        ref = _reference_key(key)
-        if ref not in done:
+        ref, n = _reference_key(key), RUNS[key][2]
+        if (ref, n) not in done:
             dec = _decoder(engine_dir(ref))
-            done[ref] = _outputs(dec, _prompts(dec.spec.vocab_size))
-        return done[ref]
+            done[ref, n] = _outputs(dec, _prompts(dec.spec.vocab_size, n))
+        return done[ref, n]
     return get
 
 
 # ---- multi-rank engines give their tp1 engine's outputs -----------------------------------------------
-@pytest.mark.parametrize("key", ENGINES)
+@pytest.mark.parametrize("key", RUNS)
 def test_ranks_match_the_tp1_engine(rank_outputs, reference_outputs, key):
     ranks, want = rank_outputs(key), reference_outputs(key)
     for r, got in enumerate(ranks):  # every rank returns the full logits, the same on every rank
@@ -387,3 +398,38 @@ def test_check_model_names_the_parallel_rule(overrides, spec_kw, fragments):
 ])
 def test_check_model_accepts_the_new_layouts(overrides, spec_kw):
     check_model(config.compose(["model.source=dummy", "store=/tmp/unused", *overrides]), _spec(**spec_kw))
+
+
+# ---- micro-batches of pipelined passes ------------------------------------------------------------
+@pytest.mark.parametrize("sizes, m, want", [
+    ([3, 17, 8, 1], 1, [[0, 1, 2, 3]]),
+    ([3, 17, 8, 1], 2, [[0, 1], [2, 3]]),  # 20 | 9 tokens: whole sequences, about half each
+    ([3, 17, 8, 1], 3, [[0], [1], [2, 3]]),
+    ([3, 17, 8, 1], 9, [[0], [1], [2], [3]]),  # at most one per sequence
+    ([100, 1, 1, 1], 3, [[0], [1], [2, 3]]),  # every micro-batch gets at least one
+    ([5], 3, [[0]]),
+])
+def test_micro_batch_groups_are_contiguous_and_balanced(sizes, m, want):
+    from runtime.parallel import micro_batch_groups
+
+    assert [list(r) for r in micro_batch_groups(sizes, m)] == want
+
+
+@pytest.mark.parametrize("value, want", [(None, None), ("", None), ("auto", None), ("3", 3), (" 2", 2)])
+def test_micro_batches_setting(monkeypatch, value, want):
+    from runtime.parallel import MICRO_BATCHES_ENV, micro_batches_setting
+
+    if value is None:
+        monkeypatch.delenv(MICRO_BATCHES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(MICRO_BATCHES_ENV, value)
+    assert micro_batches_setting() == want
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_bad_micro_batches_setting_is_one_line(monkeypatch, value):
+    from runtime.parallel import MICRO_BATCHES_ENV, micro_batches_setting
+
+    monkeypatch.setenv(MICRO_BATCHES_ENV, value)
+    with pytest.raises(UserError, match=f"EF_MICRO_BATCHES={value!r}: want a whole number"):
+        micro_batches_setting()
