@@ -8,18 +8,21 @@ batch size, so it can be captured in a CUDA graph.
 One rank of a multi-rank engine is this code with a RankLayout (runtime/parallel.py) and a Comm: its
 heads, KV heads, ALiBi slopes and layers; an all-reduce after the row-parallel attn.o and mlp.down; the
 embedding gathered (hidden split) or summed (vocab split); the vocab-split logits gathered; activations
-sent from stage to stage. Every rank is called with the same arguments and returns the same logits.
+sent from stage to stage in micro-batches (GPipe: stage s runs micro-batch m while stage s+1 runs m-1).
+Every rank is called with the same arguments and returns the same logits.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attention import Packed, pack, select_decode_attention, select_prefill_attention
 from .kv_cache import SCALE_NAME, kv_format
-from .parallel import Comm, RankLayout
+from .parallel import Comm, RankLayout, micro_batch_groups, micro_batches_setting
 from .quant import make_linear
 from .spec import ModelSpec
 
@@ -89,6 +92,17 @@ class _Layer:
         self.k_scale, self.v_scale = (None, None) if self.kv_scale is None else self.kv_scale.unbind()
 
 
+@dataclass
+class _Micro:
+    """One micro-batch of a pipelined pass: the tokens the first stage embeds (their rows pass from stage
+    to stage), this stage's layers over those rows, and the rows whose logits the last stage returns."""
+    tokens: torch.Tensor  # (n,)
+    pos: torch.Tensor  # (n,)
+    layers: Callable[[torch.Tensor], torch.Tensor]  # (n, H) -> (n, H)
+    pick: torch.Tensor | None  # rows of the logits, None: all n
+    out_rows: int
+
+
 class Decoder:
     """Weights of one rank + a static KV cache; prefill() for packed prompts, decode() per token.
 
@@ -126,6 +140,9 @@ class Decoder:
         self.prefill_attention = select_prefill_attention(self.device, self.dtype, self.hd,  # $EF_PREFILL_ATTENTION
                                                           self.slopes is not None)
         self.prefill_layers = self._prefill_layers  # compile_prefill() puts the compiled one here
+        # micro-batches of a pipelined (pp > 1) prefill or decode: $EF_MICRO_BATCHES, else None = pp; at most
+        # one per sequence (prefill) or row (decode). Every rank of the engine must hold the same number.
+        self.micro_batches = micro_batches_setting()
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -201,20 +218,30 @@ class Decoder:
             logits = self.comm.all_gather(logits, dim=-1)[:, :self.spec.vocab_size]
         return logits.float()
 
-    def _stage_input(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.layout.first_stage:
-            return self._embed(tokens, pos)
-        return self.comm.recv_prev((tokens.shape[0], self.spec.hidden_size), self.dtype, self.device)
+    def _pipeline(self, micro: list[_Micro]) -> torch.Tensor:
+        """This stage's part of a pipelined pass: the first stage embeds each micro-batch, the others receive
+        it from the previous stage (every receive posted up front, so the next micro-batch arrives while this
+        one runs); each is sent on as soon as this stage is done with it, so the next stage starts on it while
+        this one goes on with the next. The last stage's logits of every micro-batch, in order, on every rank."""
+        L, H = self.layout, self.spec.hidden_size
+        recvs = [] if L.first_stage else [self.comm.irecv_prev((mb.tokens.shape[0], H), self.dtype, self.device, tag=m)
+                                          for m, mb in enumerate(micro)]
+        sends, logits = [], []
+        for m, mb in enumerate(micro):
+            h = self._embed(mb.tokens, mb.pos) if L.first_stage else recvs[m].wait()  # (n, H)
+            h = mb.layers(h)
+            if L.last_stage:
+                logits.append(self._logits(h if mb.pick is None else h[mb.pick]))
+            else:
+                sends.append(self.comm.isend_next(h, tag=m))
+        for send in sends:
+            send.wait()
+        out = torch.cat(logits) if logits else None
+        return self.comm.from_last_stage(out, (sum(mb.out_rows for mb in micro), self.spec.vocab_size),
+                                         torch.float32, self.device)
 
-    def _stage_output(self, h: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
-        """The last stage's logits (of the rows `pick`, or all) on every rank; other stages pass h on."""
-        n = h.shape[0] if pick is None else pick.shape[0]
-        logits = None
-        if not self.layout.last_stage:
-            self.comm.send_next(h)
-        else:
-            logits = self._logits(h if pick is None else h[pick])
-        return self.comm.from_last_stage(logits, (n, self.spec.vocab_size), torch.float32, self.device)
+    def _micro_count(self, n: int) -> int:
+        return max(1, min(self.micro_batches or self.layout.pp, n))
 
     # ---- forward passes ---------------------------------------------------------------------
     def prefill(self, tokens: torch.Tensor, lengths: list[int], slots: list[int] | None = None,
@@ -224,9 +251,25 @@ class Decoder:
         Writes K/V of sequence b at cache slot slots[b], positions 0..len-1. Returns the logits of
         every token (T, V) when all_logits, else of each sequence's last token (B, V).
         """
+        if self.layout.pp > 1:
+            return self._pipeline(self._prefill_micro_batches(tokens, lengths, slots, all_logits))
         packed = pack(lengths, slots, self.device)
-        h = self.prefill_layers(self._stage_input(tokens, packed.pos), packed)
-        return self._stage_output(h, None if all_logits else packed.last)
+        h = self.prefill_layers(self._embed(tokens, packed.pos), packed)
+        return self._logits(h if all_logits else h[packed.last])
+
+    def _prefill_micro_batches(self, tokens, lengths, slots, all_logits) -> list[_Micro]:
+        """Whole sequences per micro-batch, about the same number of tokens in each."""
+        slots = list(range(len(lengths))) if slots is None else list(slots)
+        micro, start = [], 0
+        for seqs in micro_batch_groups(lengths, self._micro_count(len(lengths))):
+            sub = [lengths[b] for b in seqs]
+            n = sum(sub)
+            packed = pack(sub, slots[seqs.start:seqs.stop], self.device)
+            micro.append(_Micro(tokens[start:start + n], packed.pos,
+                                lambda h, packed=packed: self.prefill_layers(h, packed),
+                                None if all_logits else packed.last, n if all_logits else len(sub)))
+            start += n
+        return micro
 
     def _prefill_layers(self, h: torch.Tensor, packed: Packed) -> torch.Tensor:
         """This stage's layers over packed tokens h (T, H): one attention call and one indexed K/V write
@@ -263,9 +306,19 @@ class Decoder:
         Static shapes and no host synchronisation: safe to capture in a CUDA graph.
         """
         B = tokens.shape[0]
+        if self.layout.pp > 1:  # rows split into micro-batches of consecutive cache slots
+            m = self._micro_count(B)
+            bounds = [b * B // m for b in range(m + 1)]
+            return self._pipeline([_Micro(tokens[a:b], pos[a:b],
+                                          lambda h, a=a, b=b: self._decode_layers(h, pos[a:b], a), None, b - a)
+                                   for a, b in zip(bounds, bounds[1:])])
+        return self._logits(self._decode_layers(self._embed(tokens, pos), pos, 0))
+
+    def _decode_layers(self, h: torch.Tensor, pos: torch.Tensor, first: int) -> torch.Tensor:
+        """This stage's layers over h (B, H): the rows of cache slots first..first+B-1 at positions pos (B,)."""
+        B = h.shape[0]
         S = self.k_cache[0].shape[2]
-        h = self._stage_input(tokens, pos)  # (B, H)
-        bidx = torch.arange(B, device=self.device)
+        bidx = torch.arange(first, first + B, device=self.device)
         attn = self.decode_attention  # runtime/attention.py: "torch" masks the whole cache, "triton" reads live K/V
         state = attn.prepare(pos, S, self.slopes, h.dtype)  # shared by every layer (the torch entry's mask)
         for li, layer in enumerate(self.layers):
@@ -273,7 +326,8 @@ class Decoder:
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[bidx, :, pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
             vc[bidx, :, pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
-            o = attn.attend(q, kc[:B], vc[:B], pos, state, kv_scale=layer.kv_scale)  # (B, nh, hd)
+            o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
+                            kv_scale=layer.kv_scale)  # (B, nh, hd)
             h = h + layer.o(o.reshape(B, -1))
             h = h + self._mlp(layer, h)
-        return self._stage_output(h, None)
+        return h
