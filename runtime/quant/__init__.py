@@ -75,6 +75,29 @@ def get(name: str) -> QuantMode:
         raise ValueError(f"no quant mode {name!r}; known: {', '.join(sorted(MODES))}") from None
 
 
+KERNELS = ("auto", "torch", "triton")
+
+
+def select_kernel(device: torch.device) -> str:
+    """The weight-only GEMM of a quantized linear: $EF_WO_KERNEL (auto | torch | triton); auto is the
+    Triton kernel (runtime/quant/triton_wo.py) on CUDA when triton is installed, plain torch elsewhere."""
+    import importlib.util
+    import os
+
+    from ..errors import UserError
+
+    name = os.environ.get("EF_WO_KERNEL", "auto")
+    if name not in KERNELS:
+        raise UserError(f"EF_WO_KERNEL={name} is unknown; use one of {', '.join(KERNELS)}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "triton" and (device.type != "cuda" or not has_triton):
+        raise UserError(f"EF_WO_KERNEL=triton cannot run here: {'not a CUDA device' if device.type != 'cuda' else 'triton is not installed'}"
+                        "; use EF_WO_KERNEL=torch")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and has_triton else "torch"
+    return name
+
+
 def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
     """The runtime linear stored under `prefix` in a rank's tensors."""
     return get(mode).linear({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import QuantMode, Stored, register
+from . import QuantMode, Stored, register, select_kernel
 from .int8_wo import smallest_scale
 
 
@@ -41,18 +41,26 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 
 
 class Int4WeightOnlyLinear:
-    """The plain-torch reference (the CPU path, the oracle of the CUDA kernel): unpack, dequantize to
-    the activation dtype, matmul."""
+    """On CUDA the Triton kernel (runtime/quant/triton_wo.py: the packed bytes dequantized in registers);
+    elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernel):
+    unpack, dequantize to the activation dtype, matmul."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.weight, self.scale, self.zero = tensors["weight"], tensors["scale"], tensors["zero"]
+        self.weight = tensors["weight"]  # (out, in/2) uint8
+        self.scale, self.zero = tensors["scale"].contiguous(), tensors["zero"].contiguous()  # (out, groups) | (out,)
         self.bias = tensors.get("bias")
+        self.kernel = select_kernel(self.weight.device)
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from .triton_wo import weight_only_linear
+
+            y = weight_only_linear(x, self.weight, self.scale, self.zero, 4)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, dequantize(self.weight, self.scale, self.zero, x.dtype), self.bias)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import QuantMode, Stored, register
+from . import QuantMode, Stored, register, select_kernel
 
 
 def smallest_scale(dtype: torch.dtype) -> float:
@@ -19,22 +19,30 @@ def smallest_scale(dtype: torch.dtype) -> float:
 class Int8WeightOnlyLinear:
     """y = (x Wq^T) s + b. The int8 matrix is what is read per step (half of fp16); under torch.compile
     the int8-to-float cast runs inside the matrix product (Inductor's mixed-dtype matmul), so the weight
-    is never materialized in fp16. Sums of x times int8-sized values can overflow fp16 (max
+    is never materialized in fp16. On CUDA the Triton kernel (runtime/quant/triton_wo.py) reads the int8
+    weight and converts it in registers instead ($EF_WO_KERNEL=torch: this path). Sums of x times int8-sized values can overflow fp16 (max
     65504): x is scaled by 1/128 (a power of two: exact) and the scale by 128."""
 
     PRESCALE = 128.0
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.weight = tensors["weight"]  # (out, in) int8
-        self.scale = tensors["scale"] * self.PRESCALE  # (out,) float dtype
+        self.raw_scale = tensors["scale"].contiguous()  # (out,) float dtype
+        self.scale = self.raw_scale * self.PRESCALE
         self.bias = tensors.get("bias")
+        self.kernel = select_kernel(self.weight.device)
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
+        if self.kernel == "triton":
+            from .triton_wo import weight_only_linear
+
+            y = weight_only_linear(x, self.weight, self.raw_scale, None, 8)
+        else:
+            y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
 

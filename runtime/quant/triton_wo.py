@@ -1,0 +1,106 @@
+"""Weight-only GEMM in Triton: int8 or packed int4 weights dequantized in registers, for decode (batch
+1..64) and prefill on CUDA; the kernel of runtime/quant/int8_wo.py and int4_wo.py there (the CPU path
+and the oracle stay plain torch).
+
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); each program walks K in BLOCK_K tiles. A tile never straddles
+a group (BLOCK_K divides the group size; per channel the group is the whole row), so a tile's integer
+levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
+partial sum is scaled once per output column: acc += (x_tile @ (q - zero)) * scale[group]. int4 bytes
+hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and odd columns, two dots.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+
+@triton.jit
+def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
+               GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = m < M, n < N
+    HALF: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
+    j = tl.arange(0, HALF)
+    x_rows = X + m.to(tl.int64)[:, None] * stride_xm
+    w_cols = W + n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP  # one group per tile
+        if HAS_ZERO:
+            z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.int32)
+        else:
+            z = tl.zeros([BLOCK_N], tl.int32)
+        s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
+        if INT4:
+            kk = k0 + 2 * j  # the even input features of the tile
+            kmask = kk < K
+            b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
+            lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
+            hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
+            x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if IEEE:
+                part = tl.dot(x_even, lo, input_precision="ieee") + tl.dot(x_odd, hi, input_precision="ieee")
+            else:
+                part = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
+        else:
+            kk = k0 + j
+            kmask = kk < K
+            q = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
+            w = (q - z[None, :]).to(X.dtype.element_ty)
+            x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if IEEE:
+                part = tl.dot(x, w, input_precision="ieee")
+            else:
+                part = tl.dot(x, w)
+        acc += part * s[None, :]
+    out = OUT + m.to(tl.int64)[:, None] * stride_om + n[None, :]
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def default_config(M: int, group: int) -> dict:
+    """Launch shape from static sizes: small M (decode) takes narrow N tiles so that a 7B layer still
+    fills the GPU at batch 1; BLOCK_K divides the group."""
+    block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
+    if M <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
+    if M <= 64:  # (ranges, not next_power_of_2(M): a compiled prefill with dynamic M guards on these only)
+        return {"BLOCK_M": 32 if M <= 32 else 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8}
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+           **cfg) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
+    zero (N, groups) or (N,); zero None: symmetric."""
+    M = x.shape[0]
+    N = weight.shape[0]
+    K = weight.shape[1] * (2 if bits == 4 else 1)
+    G = scale.numel() // N
+    group = K // G
+    assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
+    cfg = cfg or default_config(M, group)
+    assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    wrap_triton(_wo_kernel)[grid](
+        x, weight, scale, zero if zero is not None else scale, out, M, N, K, G,
+        x.stride(0), weight.stride(0), out.stride(0),
+        GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
+    return out
+
+
+@triton_op("engine_factory::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bits: int) -> torch.Tensor:
+    """x (..., K) -> (..., N): the weight-only GEMM as a triton_op, so torch.compile(fullgraph=True) traces
+    into the kernel and CUDA graphs capture it."""
+    lead = x.shape[:-1]
+    y = launch(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale, zero, bits)
+    return y.reshape(*lead, y.shape[-1])
