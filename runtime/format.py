@@ -349,6 +349,10 @@ def verify_engine(engine_dir: str | Path, mode: str = "full", *, use_cache: bool
         if rel != ENGINE_JSON:
             _check_file(_regular_file(engine_dir, rel), files[rel], "size" if rel in others else mode, cache)
     cache.save()
+    from .rank_files import check_rank_file  # (torch: the runtime has it imported already)
+
+    for r in range(n):  # headers only: names, shapes and dtypes against the shard plan, before any weight is read
+        check_rank_file(engine_dir / rank_file(r), config, r)
     return manifest, config
 
 

@@ -256,6 +256,43 @@ def mapping_of(tp: int):
     return damage
 
 
+def rank_tensors(fn, *words: str):
+    """rank0.safetensors rewritten with fn(tensors) (the manifest agreeing): a rank file of another build."""
+    def damage(e):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(e / RANK0))
+        fn(tensors)
+        save_file(tensors, str(e / RANK0), metadata={"format": "engine-factory"})
+        return [str(_rewrite(e, RANK0, (e / RANK0).read_bytes())), *words]
+    return damage
+
+
+def _shape_words(name: str, found, want, dtype: str = "F32") -> list[str]:
+    return [name, f"is {list(found)} {dtype}", f"{list(want)} {dtype}"]
+
+
+def spec_wider_mlp(e):
+    """A well-typed engine.json whose spec disagrees with the rank file: intermediate_size + 8."""
+    cfg = json.loads((e / "engine.json").read_text())
+    i, h = cfg["spec"]["intermediate_size"], cfg["spec"]["hidden_size"]
+    _engine_json(e, put(i + 8, "spec", "intermediate_size"))
+    return [str(e / RANK0), *_shape_words("layers.0.mlp.up.weight", (2 * i, h), (2 * (i + 8), h)),
+            "rank 0 of tp=1 pp=1"]
+
+
+def _narrow_embed(t):
+    t["embed.weight"] = t["embed.weight"][:-1].clone()
+
+
+def _extra(t):
+    t["layers.99.attn.o.weight"] = t["final_norm.weight"].clone()
+
+
+def _half(t):
+    t["final_norm.weight"] = t["final_norm.weight"].half()
+
+
 SHA = "0" * 64
 ROWS = [
     # (case id, engine, damage)
@@ -326,6 +363,15 @@ ROWS = [
     ("quant-a-string", "llama", config_edit(put("none", "quant"), "quant=")),
     ("quant-unknown-mode", "llama", config_edit(put("int3", "quant", "mode"), "int3", "quant mode")),
     ("target-a-string", "llama", config_edit(put("cpu", "target"), "target=")),
+    ("spec-disagrees-with-rank-file", "llama", spec_wider_mlp),
+    ("rank-tensor-shape", "llama", rank_tensors(_narrow_embed, RANK0, "embed.weight", "is [", "rank 0 of tp=1")),
+    ("rank-tensor-missing", "llama", rank_tensors(lambda t: t.pop("final_norm.weight"), RANK0,
+                                                  "lacks tensor final_norm.weight")),
+    ("rank-tensor-extra", "llama", rank_tensors(_extra, RANK0, "holds tensor layers.99.attn.o.weight",
+                                                "not a tensor of rank 0")),
+    ("rank-tensor-dtype", "llama", rank_tensors(_half, RANK0, "final_norm.weight", "F16", "F32")),
+    ("rank-header-garbage", "llama", lambda e: [str(_rewrite(e, RANK0, b"\xff" * 8 + b"{}")),
+                                                "not a readable rank file"]),
     ("tokenizer-dir-dropped-in", "llama", tokenizer_dir_without_entries),
     ("added-tokens-dropped-in", "gpt2", drop_in("tokenizer/added_tokens.json", '{"zzqx": 50257}')),
     ("chat-template-dropped-in", "gpt2", drop_in("tokenizer/chat_template.jinja", "{{ messages }}")),

@@ -433,3 +433,20 @@ def test_bad_micro_batches_setting_is_one_line(monkeypatch, value):
     monkeypatch.setenv(MICRO_BATCHES_ENV, value)
     with pytest.raises(UserError, match=f"EF_MICRO_BATCHES={value!r}: want a whole number"):
         micro_batches_setting()
+
+
+@pytest.mark.parametrize("key", ENGINES)
+def test_every_rank_file_holds_what_the_shard_plan_says(engine_dir, key):
+    """The load-time check (runtime/rank_files.py, over headers) accepts every rank of every layout built here
+    (int8 scales through the quant mode's stored tensors), and names the rank a file is not."""
+    from runtime.errors import EngineError
+    from runtime.rank_files import check_rank_file
+
+    engine = engine_dir(key)
+    cfg = json.loads((engine / ENGINE_JSON).read_text())
+    n = cfg["mapping"]["tp"] * cfg["mapping"]["pp"]
+    for r in range(n):
+        check_rank_file(engine / rank_file(r), cfg, r)
+    if cfg["mapping"]["pp"] > 1:  # another stage's file in rank 0's place
+        with pytest.raises(EngineError, match=f"{rank_file(n - 1)}: lacks tensor embed.weight"):
+            check_rank_file(engine / rank_file(n - 1), cfg, 0)
