@@ -1,5 +1,6 @@
-"""INT8 weight-only engines (precision=int8_wo): what the rank file stores, against the checkpoint's own
-weights, and what the engine computes, against transformers in fp32."""
+"""Weight-only engines (precision=int8_wo, int4_wo, int4_wo_g128, int4_wo_g64): what the rank file stores,
+against the checkpoint's own weights, what the engine computes, against transformers in fp32, tp2 against
+tp1, and the Triton kernel against the plain-torch reference (interpreted on CPU, on the GPU with cuda)."""
 from __future__ import annotations
 
 import json
@@ -120,3 +121,159 @@ def test_unknown_quant_mode_is_one_line(cli, store):
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("error: precision.quant=int3_wo is not one of int4_wo, int4_wo_g128, "
                                             "int4_wo_g64, int8_wo, none")
+
+
+# ---- INT4 weight-only (runtime/quant/int4_wo.py) and the weight-only Triton kernel ---------------------------
+INT4 = ("int4_wo", "int4_wo_g128", "int4_wo_g64")
+# tiny dummies of each family whose linears' in_features (128, 256) every group size divides, also at tp2
+FAMILIES = {
+    "llama": "architectures:[LlamaForCausalLM],model_type:llama,hidden_size:128,intermediate_size:256,"
+             "num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,vocab_size:300,max_position_embeddings:128",
+    "gpt2": "architectures:[GPT2LMHeadModel],model_type:gpt2,n_embd:128,n_inner:256,n_layer:2,n_head:4,vocab_size:300,"
+            "n_positions:128",
+    "bloom": "architectures:[BloomForCausalLM],model_type:bloom,hidden_size:128,n_layer:2,n_head:4,vocab_size:300",
+    "gpt_bigcode": "architectures:[GPTBigCodeForCausalLM],model_type:gpt_bigcode,n_embd:128,n_inner:256,n_layer:2,"
+                   "n_head:4,multi_query:true,vocab_size:300,n_positions:128",
+}
+
+
+def _dummy(store, family: str, *overrides: str):
+    from helpers import build_in_process
+
+    return build_in_process("dummy", store, f"+model.config={{{FAMILIES[family]}}}", *overrides)
+
+
+@pytest.mark.parametrize("mode", INT4)
+def test_int4_levels_are_within_half_a_step(mode):
+    w = torch.randn(24, 512) * torch.logspace(-3, 1, 24)[:, None]
+    w[3] = 0
+    w[5] = w[5].abs() + 0.5  # all positive: 0 is still a level
+    out = MODES[mode].quantize(w, torch.float16)
+    from runtime.quant.int4_wo import dequantize, unpack
+
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in out.items()}
+    assert shapes == {k: (s.shape, s.dtype) for k, s in MODES[mode].stored((24, 512), torch.float16).items()}
+    assert int(unpack(out["weight"]).max()) <= 15 and int(out["zero"].max()) <= 15
+    deq = dequantize(out["weight"], out["scale"], out["zero"], torch.float32)
+    step = out["scale"].float().reshape(24, -1).repeat_interleave(512 // out["scale"].reshape(24, -1).shape[1], 1)
+    assert ((deq - w).abs() <= step * 0.5 + 1e-6 * w.abs().max()).all()
+    assert (deq[3] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def wo_kernel():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    with pytest.MonkeyPatch.context() as mp:
+        if not torch.cuda.is_available():
+            mp.setenv("TRITON_INTERPRET", "1")  # read as triton is imported and the kernels decorated
+        import runtime.quant.triton_wo as kernel
+        yield kernel
+
+
+def _kernel_vs_reference(kernel, mode, M, dtype, device, N=48, K=256):
+    from runtime.quant import make_linear
+
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(N, K, generator=g)
+    stored = {f"l.{k}": v.to(device) for k, v in MODES[mode].quantize(w, dtype).items()}
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    ref_linear = make_linear(mode, {k: v.cpu() for k, v in stored.items()}, "l")
+    ref_linear.kernel = "torch"
+    want = ref_linear(x.cpu().float()).to(torch.float64)  # the oracle, in fp32
+    bits = 8 if mode == "int8_wo" else 4
+    got = kernel.weight_only_linear(x, stored["l.weight"], stored["l.scale"], stored.get("l.zero"), bits)
+    assert got.dtype == dtype and got.shape == (M, N)
+    err = (got.cpu().double() - want).abs().max() / want.abs().max()
+    assert err <= {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mode,M", [("int4_wo_g64", 1), ("int4_wo_g128", 8), ("int4_wo", 3), ("int8_wo", 5)])
+def test_triton_weight_only_kernel_matches_the_torch_reference(wo_kernel, mode, M, dtype, one_thread):
+    _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["int4_wo_g128", "int4_wo", "int8_wo"])
+def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
+    for M in (1, 8, 64, 300):  # decode batches and a prefill
+        _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+def test_triton_weight_only_kernel_compiles_and_graph_captures(wo_kernel):
+    from runtime.quant import make_linear
+
+    q = {f"l.{k}": v.cuda() for k, v in MODES["int4_wo_g128"].quantize(torch.randn(512, 1024), torch.float16).items()}
+    lin = make_linear("int4_wo_g128", q, "l")
+    assert lin.kernel == "triton"
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
+    f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        y = f(x)
+    torch.testing.assert_close(y, lin(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int4_engines_of_each_family_build_validate_and_generate(tmp_path, family, one_thread):
+    """Each int4 preset through the public pipeline (validation against transformers in fp32 with the mode's
+    own bounds), loaded and generating."""
+    for mode in INT4:
+        engine_dir = _dummy(tmp_path, family, f"precision={mode}")
+        v = json.loads((engine_dir / "validation.json").read_text())["parity"]
+        assert v["passed"], (mode, v)
+        engine = Engine.load(engine_dir, device="cpu")
+        out = engine.generate([[1, 2, 3], [5, 6]], max_new_tokens=4, ignore_eos=True)
+        assert [len(o.token_ids) for o in out] == [4, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_tp2_gives_tp1_greedy_tokens_for_each_weight_only_mode(tmp_path, family, one_thread):
+    """The whole weight is quantized, then each stored tensor cut by its weight's rule: tp2's rank files put
+    together are tp1's, so the same tokens."""
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    for mode in ("int8_wo",) + INT4:
+        toks = []
+        for tp in (1, 2):
+            d = _dummy(tmp_path, family, f"precision={mode}", f"parallel.tp={tp}", "validate.enabled=false")
+            engine = Engine.load(d, device="cpu")
+            try:
+                toks.append([o.token_ids for o in engine.generate(prompts, max_new_tokens=8, ignore_eos=True)])
+            finally:
+                engine.close()
+        assert toks[0] == toks[1], mode
+
+
+def test_int4_g128_rank_file_is_about_a_quarter_of_fp16(tmp_path, one_thread):
+    from safetensors import safe_open
+
+    dirs = {p: _dummy(tmp_path, "llama", f"precision={p}", "validate.enabled=false") for p in ("fp16", "int4_wo_g128")}
+
+    def linear_bytes(d):
+        with safe_open(str(d / "rank0.safetensors"), framework="pt") as f:
+            return sum(f.get_tensor(n).nbytes for n in f.keys() if any(f".{lin}." in n for lin in LINEARS))
+    ratio = linear_bytes(dirs["int4_wo_g128"]) / linear_bytes(dirs["fp16"])
+    assert abs(ratio - (0.5 + 3 / 128) / 2) < 0.01, ratio  # 4 bits + (fp16 scale + uint8 zero) / 128 weights: 0.262
+    sizes = {p: (d / "rank0.safetensors").stat().st_size for p, d in dirs.items()}
+    assert sizes["int4_wo_g128"] < 0.5 * sizes["fp16"]  # the embedding and lm_head stay fp16
+
+
+@pytest.mark.slow  # two CLI runs, ~20 s
+def test_group_that_straddles_ranks_is_one_line(cli, store):
+    from helpers import assert_one_clear_line
+
+    config = FAMILIES["llama"].replace("hidden_size:128", "hidden_size:192").replace("num_attention_heads:4", "num_attention_heads:6")
+    assert_one_clear_line(cli("model.source=dummy", f"+model.config={{{config}}}", f"store={store}",
+                              "precision=int4_wo_g128"),
+                          "precision.quant=int4_wo_g128", "in_features=192", "group size 128", "int4_wo_g64")
+    assert_one_clear_line(cli("model.source=dummy", f"+model.config={{{FAMILIES['llama']}}}", f"store={store}",
+                              "precision=int4_wo_g128", "parallel.tp=2"),
+                          "attn.o", "tp=2", "64 per rank", "int4_wo_g64", "parallel.tp=1")
