@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from runtime.dtypes import DTYPES
 from runtime.errors import UserError
+from runtime.kv_cache import KV_FORMATS
 from runtime.quant import MODES
 from runtime.spec import ModelSpec
 
 from .plan import GPUS
 from .store import check_name
-from .stages.calibrate import NEEDS_CALIBRATION
+from .stages.calibrate import NEEDS_CALIBRATION, check_calibration
 
 QUANT_MODES = set(MODES) | NEEDS_CALIBRATION
 # the four linears of a layer: (name, in_features of spec, whether row-parallel: its input split over tp)
@@ -27,7 +28,7 @@ def check_config(cfg) -> None:
     """What can be checked from the config alone."""
     _one_of("precision.dtype", cfg.precision.dtype, DTYPES)
     _one_of("precision.quant", cfg.precision.quant, QUANT_MODES)
-    _one_of("precision.kv_cache", cfg.precision.kv_cache, {"auto"})
+    _one_of("precision.kv_cache", cfg.precision.kv_cache, KV_FORMATS)
     _one_of("backend", cfg.backend, BACKENDS)
     _one_of("target", cfg.target, TARGETS)
     _one_of("verify", cfg.verify, {"size", "full"})
@@ -44,10 +45,7 @@ def check_config(cfg) -> None:
     for key in ("max_batch_size", "max_input_len", "max_output_len"):
         if lim[key] < 1:
             raise UserError(f"limits.{key}={lim[key]} must be at least 1")
-    if (cfg.precision.quant in NEEDS_CALIBRATION or getattr(MODES.get(cfg.precision.quant), "needs_calibration", False)) \
-            and not cfg.calibration.dataset:
-        raise UserError(f"precision.quant={cfg.precision.quant} needs calibration.dataset; "
-                        "add calibration=cnn_dailymail")
+    check_calibration(cfg)  # a precision that calibrates has a usable calibration set
 
 
 def check_model(cfg, spec: ModelSpec) -> None:

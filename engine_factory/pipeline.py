@@ -19,7 +19,7 @@ from .hashing import digest
 from .plan import check_fits, describe, engine_limits, mapping_of, plan
 from .sources import peek_config
 from .stages.build import build
-from .stages.calibrate import NEEDS_CALIBRATION, calibrate
+from .stages.calibrate import calibration
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
 from .stages.validate import ValidationFailed, validate, validate_key
@@ -29,14 +29,14 @@ from .tokenizers import tokenizer_saver
 log = logging.getLogger(__name__)
 
 
-def engine_identity(cfg, source, spec) -> dict:
-    """Everything that changes the engine's bytes, and nothing else (no paths, no validate)."""
+def engine_identity(cfg, source, spec, calib=None) -> dict:
+    """Everything that changes the engine's bytes, and nothing else (no paths, no validate). calib: the
+    build's calibration (stages/calibrate.py), None for precisions that calibrate nothing."""
     return {
         "format_version": FORMAT_VERSION, "convert_version": CONVERT_VERSION, "backend": cfg.backend,
         "target": cfg.target, "source": source.digest, "spec": spec.to_dict(),
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
-        "calibration": (OmegaConf.to_container(cfg.calibration, resolve=True)
-                        if cfg.precision.quant in NEEDS_CALIBRATION else None),
+        "calibration": None if calib is None else calib.identity,  # statistics' digest + settings, no path
         "parallel": {k: v for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
                      if k != "build_workers"}, "limits": engine_limits(cfg, spec),
         "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),
@@ -108,7 +108,8 @@ def run(cfg, recipe: str | None = None) -> Path:
     family, spec = _spec(cfg, source.hf_config, source.tokenizer_config)
     check_model(cfg, spec)
     check_fits(cfg, spec)
-    identity = engine_identity(cfg, source, spec)
+    calib = calibration(cfg, source, family, spec, store)  # cached; None for precisions that need none
+    identity = engine_identity(cfg, source, spec, calib)
     h = digest(identity)
     name = cfg.model.name or (check_name("recipe", recipe) if recipe else safe_name(source.name))
     engine_dir = store.engine_dir(name, h)
@@ -129,7 +130,6 @@ def run(cfg, recipe: str | None = None) -> Path:
         if is_complete_engine(engine_dir) and not cfg.force and _damage(engine_dir, cfg.verify) is None:
             return engine_dir  # another process built it while this one waited for the lock
         tensors = convert(source, family, spec, store)
-        calibrate(cfg, tensors, spec, store)
         engine_json = {
             "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
             "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
@@ -141,7 +141,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
         }
         with store.staging(engine_dir, needed) as tmp:
-            build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg))
+            build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
             if cfg.validate.enabled:
                 try:
                     validate(tmp, source, cfg, engine_dir.name)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from runtime.dtypes import DTYPES
 from runtime.errors import UserError
+from runtime.kv_cache import KV_FORMATS
 from runtime.parallel import RankLayout
 
 from .layout import canonical_shapes
@@ -75,14 +76,14 @@ def plan(cfg, spec) -> dict:
     mapping = mapping_of(cfg)
     dtype = DTYPES[cfg.precision.dtype]
     act_bytes = dtype.itemsize
-    kv_bytes = act_bytes  # precision.kv_cache=auto: the activation dtype
+    kv_bytes = KV_FORMATS[cfg.precision.kv_cache].bytes_per_element(dtype)  # auto: the activation dtype
     shapes = _Shapes(canonical_shapes(spec))
     gpu = gpu_memory(cfg)
     B, T_in, S = lim["max_batch_size"], lim["max_input_len"], lim["max_seq_len"]
     ranks, fit_batch = [], None
     for r in range(mapping["world_size"]):
         layout = RankLayout.of(spec, mapping, r)
-        entries = rank_plan(shapes, spec, dtype, layout, cfg.precision.quant)
+        entries = rank_plan(shapes, spec, dtype, layout, cfg.precision.quant, kv_cache=cfg.precision.kv_cache)
         weight = sum(math.prod(shape) * dt.itemsize for shape, dt, _ in entries.values())
         # parameters: the float layout's elements (a quant mode packs them and adds scales)
         params = sum(math.prod(shape) for shape, _, _ in rank_plan(shapes, spec, dtype, layout).values())

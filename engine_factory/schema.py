@@ -27,7 +27,7 @@ class ModelConfig:
 class PrecisionConfig:
     dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
     quant: str = "none"  # none | int8_wo | int4_wo | int4_wo_g128 | int4_wo_g64 (a mode of runtime/quant)
-    kv_cache: str = "auto"  # auto = the activation dtype
+    kv_cache: str = "auto"  # auto (the activation dtype) | int8 | fp8 (E4M3): runtime/kv_cache.py, calibrated scales
 
 
 @dataclass
@@ -47,9 +47,16 @@ class PluginsConfig:
 
 @dataclass
 class CalibrationConfig:
-    dataset: Optional[str] = None
-    samples: int = 0
-    seed: int = 0
+    """Statistics for precisions that need them (precision.kv_cache=int8|fp8): engine_factory/stages/calibrate.py."""
+    dataset: Optional[str] = None  # a JSONL file | a `datasets` name | random (token ids); None: no calibration
+    samples: int = 64  # windows of seq_len tokens
+    seq_len: int = 512
+    seed: int = 0  # the order of the records (random: the token ids)
+    text_field: str = "article"
+    split: str = "test"  # hub datasets only
+    config: Optional[str] = None  # hub datasets only (cnn_dailymail: 3.0.0)
+    batch_size: int = 8  # samples per prefill
+    device: str = "auto"  # auto | cpu | cuda: where the float model runs (fp32 on CPU, precision.dtype on CUDA)
 
 
 @dataclass

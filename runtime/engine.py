@@ -188,7 +188,8 @@ class Engine:
             raise EngineError(f"{engine_dir / rank_file(rank)}: not a readable rank file ({e}); "
                               "rebuild the engine") from None
         spec = ModelSpec.from_dict(config["spec"])
-        model = Decoder(spec, tensors, quant=config["quant"]["mode"], layout=layout, comm=comm)
+        model = Decoder(spec, tensors, quant=config["quant"]["mode"], layout=layout, comm=comm,
+                        kv_cache=config["quant"].get("kv_cache", "auto"))
         tok = None
         tdir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
         if tokenizer_dir or tdir.is_dir():

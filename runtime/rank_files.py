@@ -63,7 +63,7 @@ def world_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def expected_tensors(spec: ModelSpec, mapping: dict, quant: str, dtype: torch.dtype,
-                     rank: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                     rank: int, kv_cache: str = "auto") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype) of what rank `rank` of the engine stores (the build's rank plan, over shapes)."""
     from .quant import get as quant_mode  # the quant modes: what a linear's weight is stored as
 
@@ -79,7 +79,12 @@ def expected_tensors(spec: ModelSpec, mapping: dict, quant: str, dtype: torch.dt
     names = rank_tensor_names(layout, list(stored))
     if "lm_head.weight" in names and "lm_head.weight" not in stored:  # a tied model's own copy of the embedding
         stored["lm_head.weight"] = (stored["embed.weight"][0], dtype, None)
-    return {n: (shard_shape(n, stored[n][0], layout, stored[n][2]), stored[n][1]) for n in names}
+    out = {n: (shard_shape(n, stored[n][0], layout, stored[n][2]), stored[n][1]) for n in names}
+    from .kv_cache import SCALE_NAME, kv_format
+
+    if kv_format(kv_cache).scaled:  # [s_k, s_v] of each of the rank's layers (runtime/kv_cache.py)
+        out.update({SCALE_NAME.format(i=i): ((2,), torch.float32) for i in layout.layers})
+    return out
 
 
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -125,7 +130,7 @@ def check_rank_file(path: Path, config: dict, rank: int) -> None:
         raise EngineError(f"{path.parent / 'engine.json'}: dtype={config['dtype']!r} is not one of "
                           f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES.values())}; {_REBUILD}")
     mapping = config["mapping"]
-    want = expected_tensors(spec, mapping, config["quant"]["mode"], dtype, rank)
+    want = expected_tensors(spec, mapping, config["quant"]["mode"], dtype, rank, config["quant"].get("kv_cache", "auto"))
     have = read_header(path)
     who = f"rank {rank} of tp={mapping['tp']} pp={mapping['pp']}"
     for name, (shape, dt) in want.items():

@@ -67,6 +67,7 @@ PLAN: dict[str, str] = {  # runtime tensor name pattern ({i}: a layer, *: any su
     "layers.{i}.mlp_norm.*": "replicated",
     "layers.{i}.mlp.up.*": "column_up",
     "layers.{i}.mlp.down.*": "row",
+    "layers.{i}.kv_cache.*": "replicated",  # per-layer K/V scales of a quantized KV cache
     "final_norm.*": "replicated",
     "lm_head.*": "vocab",
 }

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from runtime.dtypes import DTYPES
 from runtime.errors import UserError
+from runtime.kv_cache import KV_FORMATS, SCALE_NAME
 from runtime.format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file,
                             verify_engine)
 from runtime.parallel import RankLayout
@@ -82,14 +83,15 @@ def _quantized(name: str) -> bool:
 
 
 def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none",
-              stats: dict | None = None) -> dict:
+              stats: dict | None = None, kv_cache: str = "auto") -> dict:
     """name -> (shape, dtype, produce) of one rank: the tensors runtime/shard.py gives it, each cut from
     the world-1 runtime tensor (fused from canonical parts) by the shard plan. With a quant mode, the four
     linears of a layer are stored as the mode's tensors (e.g. int8 weight + per-channel scale): the whole
     weight is quantized, then each stored tensor is sharded by the weight's rule (along the dims it
     follows: runtime/quant Stored), so the shards of every rank put together are the world-1 engine's
     tensors and every tp gives the same numbers (checks.py refused partitions a mode cannot take).
-    stats: calibration statistics by linear prefix (layers.{i}.attn.qkv), for modes that need them."""
+    stats: calibration statistics by linear prefix (layers.{i}.attn.qkv), for modes that need them, and
+    by layers.{i}.attn (K/V abs-max) for a scaled KV cache, whose [s_k, s_v] every rank stores per layer."""
     mode = quant_modes.get(quant)
     sources = {name: _Fused(tensors, p) for name, p in runtime_parts(spec, tensors.keys()).items()}
     stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix, follows)
@@ -114,13 +116,20 @@ def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, 
             memo.update(src=src, q=mode.quantize(sources[src].whole(), dtype, linear_stats))
         return shard_tensor(name, memo["q"][suffix], layout, follows).contiguous()
 
-    return {n: (shard_shape(n, stored[n][0], layout, stored[n][4]), stored[n][1], lambda n=n: produce(n))
-            for n in names}
+    out = {n: (shard_shape(n, stored[n][0], layout, stored[n][4]), stored[n][1], lambda n=n: produce(n))
+           for n in names}
+    kv = KV_FORMATS[kv_cache]
+    if kv.scaled:  # per layer, replicated: from the world-1 calibration, so every tp stores the same scales
+        for i in layout.layers:
+            absmax = lambda i=i: [float(stats[f"layers.{i}.attn"][s].max()) for s in ("k_absmax", "v_absmax")]
+            out[SCALE_NAME.format(i=i)] = ((2,), torch.float32, lambda a=absmax: kv.scales(*a()))
+    return out
 
 
-def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, rank: int,
+def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, calib: tuple, rank: int,
                 progress: bool = True) -> None:
-    plan = rank_plan(tensors, spec, dtype, RankLayout.of(spec, mapping, rank), quant)
+    """calib: (statistics or None, precision.kv_cache)."""
+    plan = rank_plan(tensors, spec, dtype, RankLayout.of(spec, mapping, rank), quant, *calib)
     with tqdm(total=len(plan), desc=f"build rank{rank}", unit="tensor", leave=False, disable=not progress) as bar:
         write_streaming(tmp / rank_file(rank), plan, metadata={"format": "engine-factory"}, progress=bar)
 
@@ -134,7 +143,8 @@ def _write_rank_in_worker(rank: int, threads: int) -> int:
     return rank
 
 
-def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, workers: int) -> None:
+def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, calib: tuple,
+                 workers: int) -> None:
     """Each rank's file by one process of `workers` (forked: they share the source's mapped pages);
     every file depends on its rank only, so the bytes are the same for any worker count."""
     global _JOB
@@ -142,13 +152,13 @@ def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quan
     workers = max(1, min(workers, world))
     if workers == 1:
         for rank in range(world):
-            _write_rank(tmp, tensors, spec, dtype, mapping, quant, rank)
+            _write_rank(tmp, tensors, spec, dtype, mapping, quant, calib, rank)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    _JOB = (tmp, tensors, spec, dtype, mapping, quant)
+    _JOB = (tmp, tensors, spec, dtype, mapping, quant, calib)
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             threads = max(1, (os.cpu_count() or 1) // workers)
@@ -161,10 +171,12 @@ def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quan
         _JOB = ()
 
 
-def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer_save) -> None:
+def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer_save, calib=None) -> None:
+    """calib: the calibration statistics (stages/calibrate.py) of precisions that need them."""
     mapping = engine_json["mapping"]
+    stats = None if calib is None else calib.stats
     _write_ranks(tmp, tensors, spec, DTYPES[cfg.precision.dtype], mapping, cfg.precision.quant,
-                 int(cfg.parallel.get("build_workers", 1)))
+                 (stats, cfg.precision.kv_cache), int(cfg.parallel.get("build_workers", 1)))
     if tokenizer_save is not None:
         tokenizer_save(tmp / TOKENIZER_DIR)
     write_json_atomic(tmp / ENGINE_JSON, engine_json)
