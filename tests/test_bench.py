@@ -61,8 +61,8 @@ def test_render_replaces_its_own_section_only(tmp_path):
     bench_table.render([gpu, cpu], doc)
     first = doc.read_text()
     assert first.startswith("# Benchmarks") and first.count("<!-- gpu -->") == first.count("<!-- cpu -->") == 1
-    assert "NVIDIA H200" in first and "gptfast-int8: 10 s left" in first and "| stories260K ≥ 2.0× HF generate" \
-        " | 2.50× | met |" in first
+    assert "NVIDIA H200" in first and "gptfast-int8: 10 s left" in first and "| stories260K ≥ 2.0× HF generate (eager; --compile)" \
+        " | 2.50×; —× | met |" in first
     gpu.write_text("".join(json.dumps(r) + "\n" for r in GPU_ROWS[:1]))  # a later GPU run: its section changes
     bench_table.render([gpu], doc)
     second = doc.read_text()
