@@ -141,7 +141,14 @@ def check_rank_file(path: Path, config: dict, rank: int) -> None:
         if found != (shape, _SAFETENSORS_DTYPES.get(dt, str(dt))):
             raise EngineError(f"{path}: tensor {name} is {_show(*found)} but engine.json's spec and mapping give "
                               f"{who} {_show(shape, dt)}; {_REBUILD}")
-    extra = sorted(set(have) - set(want))
+    from .kv_cache import SCALE_NAME  # a quantized KV cache's per-layer scales: (2,) float32, checked by the Decoder
+
+    kv = {SCALE_NAME.format(i=i) for i in RankLayout.of(spec, mapping, rank).layers}
+    for name in kv & set(have):
+        if have[name] != ((2,), "F32"):
+            raise EngineError(f"{path}: tensor {name} is {_show(*have[name])} but a KV-cache scale is [2] F32; "
+                              f"{_REBUILD}")
+    extra = sorted(set(have) - set(want) - kv)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise EngineError(f"{path}: holds tensor {extra[0]} ({_show(*have[extra[0]])}){more}, which is not "
