@@ -16,6 +16,14 @@ def test_every_conf_folder_is_a_listed_package():
     assert folders <= set(packages), f"add to [tool.setuptools] packages: {sorted(folders - set(packages))}"
 
 
+def test_every_python_package_is_listed():
+    """A subpackage missing from the explicit list works in the editable checkout and is absent from the wheel."""
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+             for top in ("runtime", "engine_factory") for init in (ROOT / top).rglob("__init__.py")}
+    assert found <= packages, f"add to [tool.setuptools] packages: {sorted(found - packages)}"
+
+
 def test_wheel_builds_quietly_and_holds_every_config(tmp_path):
     src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__"))
@@ -28,4 +36,5 @@ def test_wheel_builds_quietly_and_holds_every_config(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"engine_factory/conf/{f.relative_to(ROOT / 'conf').as_posix()}" for f in (ROOT / "conf").rglob("*.yaml")}
     want |= {f"engine_factory/recipes/{f.name}" for f in (ROOT / "recipes").glob("*.yaml")}
+    want |= {f.relative_to(ROOT).as_posix() for top in ("runtime", "engine_factory") for f in (ROOT / top).rglob("*.py")}
     assert want <= names, sorted(want - names)[:5]
