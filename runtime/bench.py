@@ -99,12 +99,13 @@ def main(argv=None) -> None:
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
     lim = engine.limits
     rows = [(b, args.input_len, args.output_len) for b in (args.batch_size or ([] if args.case else [1]))]
+    flags = [f"--input_len {args.input_len} --output_len {args.output_len}"] * len(rows)
     rows += args.case
-    for b, n_in, n_out in rows:
-        if n_in > lim["max_input_len"] or n_in + n_out > lim["max_seq_len"] or b > lim["max_batch_size"]:
-            raise UserError(f"batch {b}, {n_in} input + {n_out} output tokens: this engine takes at most batch "
-                            f"{lim['max_batch_size']}, {lim['max_input_len']} input and {lim['max_seq_len']} "
-                            "input + output tokens")
+    flags += [f"--case {b}x{n_in}+{n_out}" for b, n_in, n_out in args.case]
+    for (b, n_in, n_out), flag in zip(rows, flags):  # a batch above max_batch_size is run in chunks
+        if n_in > lim["max_input_len"] or n_in + n_out > lim["max_seq_len"]:
+            raise UserError(f"{flag}: this engine takes at most {lim['max_input_len']} input and "
+                            f"{lim['max_seq_len']} input + output tokens (rebuild with larger limits)")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
     if args.compile:
