@@ -138,6 +138,22 @@ def environment(device: str) -> dict:
     return info
 
 
+# engine cases: (precision overrides, limits) -> the rows benched on them. The quant cases are issue 11's.
+CASES = {
+    "tight": (["precision=bf16"], "tight"),
+    "big": (["precision=bf16"], "big"),
+    "int8_tight": (["precision=int8_wo"], "tight"),
+    "int4_g128_tight": (["precision=int4_wo_g128"], "tight"),
+    "sq_tight": (["precision=sq", "precision.per_token=true", "precision.per_channel=true"], "tight"),
+    "fp8_tight": (["precision=fp8"], "tight"),
+    # int8 K/V at twice the positions the bf16 cache fits at batch 64 next to the weights (3,072: BIG)
+    "kv_int8_2x": (["precision=bf16", "precision.kv_cache=int8"], "kv2x"),
+}
+KV2X = ["limits.max_batch_size=64", "limits.max_input_len=2048", "limits.max_output_len=4096"]
+PEERS = {"gptfast-bf16": [1, 64], "gptfast-int8": [1], "hf-eager": [1]}
+DEFAULT_CASES = "tight,warm,big,int8_tight"
+
+
 def gpu(args) -> None:
     out = Path(args.out)
     cache = out / "compile-cache" if args.quick else Path(f"/tmp/ef-bench-compile-{os.getpid()}")
@@ -145,50 +161,67 @@ def gpu(args) -> None:
     run = Run(out, "gpu", args.budget_s, env)
     run.record(environment("cuda"))
     q = args.quick
-    base, tight, big = (QUICK, QUICK_TIGHT, QUICK_BIG) if q else (LLAMA, TIGHT, BIG)
+    base = QUICK if q else LLAMA
+    limits = {"tight": QUICK_TIGHT if q else TIGHT, "big": QUICK_BIG if q else BIG,
+              "kv2x": ["limits.max_input_len=48", "limits.max_output_len=416"] if q else KV2X}
     B64, IN, OUT, LONG = (4, 16, 16, 48) if q else (64, 128, 256, 2048)
     dev = ["--device", "cpu"] if q else []
     common = dev + ["--compile", "--input_len", str(IN), "--output_len", str(OUT)]
-    bf16 = [] if q else ["precision=bf16"]
     doc = lambda: render([run.jsonl], Path(args.doc) if args.doc else None, out / "benchmarks.md")  # noqa: E731
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = set(wanted) - set(CASES) - {"warm"} - set(PEERS)
+    if unknown:
+        raise SystemExit(f"--cases {','.join(sorted(unknown))}: unknown; known: {', '.join([*CASES, 'warm', *PEERS])}")
+    cases = [c for c in wanted if c in CASES]
+    if "warm" in wanted and "tight" not in cases:
+        cases.insert(0, "tight")
 
-    # the big and int8 builds run on the CPU while the first bench compiles and runs on the GPU
-    t_eng = build(run, "bf16 tight", base + bf16 + tight, 240)
+    def overrides(case):
+        prec, lim = CASES[case]
+        return base + [p for p in prec if not (q and p == "precision=bf16")] + limits[lim]  # quick: fp32
+
+    # the first case builds in the foreground; the others on the CPU while the GPU benches
+    first = build(run, cases[0], overrides(cases[0]), 240) if cases else None
     bg = []
-    for name, ov in (("bf16 big", base + bf16 + big), ("int8_wo tight", base + ["precision=int8_wo"] + tight)):
-        log = open(out / f"build-{name.replace(' ', '_')}.log", "w")
-        bg.append((name, ov, time.time(), subprocess.Popen([PY, "-m", "engine_factory", *ov], cwd=REPO, env=env,
-                                                           stdout=subprocess.PIPE, stderr=log, text=True)))
-    bench(run, "bf16 tight (first process: cold compile cache)", t_eng,
-          common + ["--batch_size", "1", "--batch_size", str(B64)], 240, 60, {"engine_case": "tight", "startup": "cold"})
-    doc()
-    bench(run, "bf16 tight (second process: cached)", t_eng, common + ["--batch_size", "1"], 120, 20,
-          {"engine_case": "tight", "startup": "warm"})
-    doc()
-    peers(run, Path(args.peers), "gptfast-bf16", [1, 64], 200, 60) if not q else None
-    doc()
-    engines = {}
-    for name, ov, t0, p in bg:
-        try:
-            so, _ = p.communicate(timeout=max(1, min(300, run.left() - 30)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            so = ""
-        m = re.search(r"^engine: (.+)$", so or "", re.M)
-        engines[name] = m.group(1) if m and p.returncode == 0 else None
-        run.record({"kind": "build" if engines[name] else "failed", "name": name, "engine": engines[name],
-                    "overrides": ov, "wall_s": round(time.time() - t0, 1), "rc": p.returncode})
-    bench(run, "bf16 big limits", engines["bf16 big"], common + ["--batch_size", "1", "--batch_size", str(B64),
-                                                                "--case", f"1x{LONG}+{OUT}"], 220, 60,
-          {"engine_case": "big"})
-    doc()
-    bench(run, "int8_wo tight", engines["int8_wo tight"], common + ["--batch_size", "1", "--batch_size", str(B64)],
-          200, 60, {"engine_case": "int8_tight"})
-    doc()
-    if not q:
-        peers(run, Path(args.peers), "gptfast-int8", [1], 120, 60)
-        peers(run, Path(args.peers), "hf-eager", [1], 90, 45)
-    doc()
+    for case in cases[1:]:
+        log = open(out / f"build-{case}.log", "w")
+        bg.append((case, time.time(), subprocess.Popen([PY, "-m", "engine_factory", *overrides(case)], cwd=REPO,
+                                                       env=env, stdout=subprocess.PIPE, stderr=log, text=True)))
+    engines = {cases[0]: first} if cases else {}
+
+    def engine(case):
+        for c, t0, p in [x for x in bg if x[0] == case]:
+            try:
+                so, _ = p.communicate(timeout=max(1, min(400, run.left() - 30)))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                so = ""
+            m = re.search(r"^engine: (.+)$", so or "", re.M)
+            engines[c] = m.group(1) if m and p.returncode == 0 else None
+            run.record({"kind": "build" if engines[c] else "failed", "name": c, "engine": engines[c],
+                        "overrides": overrides(c), "wall_s": round(time.time() - t0, 1), "rc": p.returncode})
+            bg.remove((c, t0, p))
+        return engines.get(case)
+
+    for case in cases:
+        rows = ["--batch_size", "1", "--batch_size", str(B64)]
+        if case == "big":
+            rows += ["--case", f"1x{LONG}+{OUT}"]
+        if case == "kv_int8_2x":
+            rows = ["--batch_size", str(B64)]
+        bench(run, case + (" (first process: cold compile cache)" if case == "tight" else ""), engine(case),
+              common + rows, 240, 60, {"engine_case": case, **({"startup": "cold"} if case == "tight" else {})})
+        doc()
+        if case == "tight" and "warm" in wanted:
+            bench(run, "tight (second process: cached)", engines["tight"], common + ["--batch_size", "1"], 120, 20,
+                  {"engine_case": "tight", "startup": "warm"})
+            doc()
+        if case == "tight" and not q:  # the peers right after our baseline, in the same call
+            for name in [w for w in wanted if w in PEERS]:
+                peers(run, Path(args.peers), name, PEERS[name], 200, 60)
+                doc()
+    for c, _, p in bg:
+        p.kill()
 
 
 # ---- CPU: our engine vs transformers generate, same process, same prompt ----------------------------------
@@ -360,6 +393,30 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def quant_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) of issue 11's H200 row: each quant case against bf16 tight in the same run."""
+    def pick(case, big):
+        return next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == case
+                     and (r["batch"] > 1) == big and r.get("input_len") == 128 and r.get("startup") != "warm"), None)
+
+    tok = lambda r: _v(r, "total_tok_s")  # noqa: E731
+    t1, t64 = pick("tight", False), pick("tight", True)
+    out = []
+    for case, label, big, want in (("int4_g128_tight", "int4_wo_g128 batch 1", False, 2.5),
+                                   ("sq_tight", "SmoothQuant batch 64", True, 1.3),
+                                   ("fp8_tight", "fp8 batch 64", True, 1.3)):
+        r = _ratio(tok(pick(case, big)), tok(t64 if big else t1))
+        out.append((f"{label} ≥ {want}× bf16", f"{_fmt(tok(pick(case, big)))} tok/s = {_fmt(r, 2)}×",
+                    "not measured" if r is None else ("met" if r >= want else "missed")))
+    kv = pick("kv_int8_2x", True)
+    big64 = next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "big" and r["batch"] > 1), None)
+    ok = None if kv is None or big64 is None else kv["max_seq_len"] >= 2 * big64["max_seq_len"]
+    out.append(("int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits",
+                f"{_v(kv, 'max_seq_len')} vs {_v(big64, 'max_seq_len')} positions, {_fmt(tok(kv))} tok/s, "
+                f"peak {_fmt(_v(kv, 'peak_mem_GB'))} GB", "not measured" if ok is None else ("met" if ok else "missed")))
+    return out
+
+
 def cpu_targets(rows):
     out = []
     for model, want in (("stories260K", 2.0), ("SmolLM2-135M", 1.2)):
@@ -392,6 +449,8 @@ def section(rows: list[dict], mode: str) -> str:
              f"`python tests/perf/bench_table.py {mode}`. Raw JSON lines: `{mode}.jsonl`.", ""]
     if mode == "gpu":
         lines += ["### Targets (issue 10)", ""] + _table(["target", "measured", ""], targets(rows)) + [""]
+        lines += ["### Targets (issue 11, quantization)", ""] + _table(["target", "measured", ""], quant_targets(rows))
+        lines += [""]
         keys = ["batch", "input_len", "output_len", "max_seq_len", "ttft_ms", "decode_tok_s", "total_tok_s",
                 "achieved_weight_GB_s", "peak_mem_GB"]
         runs = [r for r in rows if r.get("kind") in ("ours", "peer")]
@@ -457,6 +516,9 @@ def main(argv=None) -> None:
         s.add_argument("--store", default=None, help="engine store (default: .store of the checkout)")
         s.add_argument("--budget_s", type=float, default=520 if mode == "gpu" else 1800)
         s.add_argument("--quick", action="store_true", help="tiny engine (stories260K), CPU: the same code path")
+        if mode == "gpu":
+            s.add_argument("--cases", default=DEFAULT_CASES + ",gptfast-bf16,gptfast-int8,hf-eager",
+                           help="comma-separated engine cases and peers to run: " + ", ".join([*CASES, "warm", *PEERS]))
         s.add_argument("--peers", default=str(REPO / ".peers") if (REPO / ".peers").is_dir()
                        else str(REPO.parent / "shared" / "peers"))
     r = sub.add_parser("render")
