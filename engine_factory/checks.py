@@ -45,7 +45,26 @@ def check_config(cfg) -> None:
     for key in ("max_batch_size", "max_input_len", "max_output_len"):
         if lim[key] < 1:
             raise UserError(f"limits.{key}={lim[key]} must be at least 1")
+    _check_quant_settings(cfg)
     check_calibration(cfg)  # a precision that calibrates has a usable calibration set
+
+
+def _check_quant_settings(cfg) -> None:
+    """A mode's precision.* settings are valid, and no other mode's setting is changed from its default
+    (precision=int8_wo precision.per_token=true would otherwise be silently ignored)."""
+    from omegaconf import OmegaConf
+
+    from .schema import PrecisionConfig
+
+    mode, p, default = MODES[cfg.precision.quant], OmegaConf.to_container(cfg.precision, resolve=True), PrecisionConfig()
+    for key in sorted({k for m in MODES.values() for k in m.settings_keys} - set(mode.settings_keys)):
+        if p[key] != getattr(default, key):
+            owner = next(m.name for m in MODES.values() if key in m.settings_keys)
+            raise UserError(f"precision.{key}={p[key]} is a setting of precision.quant={owner}, not of "
+                            f"{cfg.precision.quant}; drop it, or use precision={owner}")
+    problem = mode.check({k: p[k] for k in mode.settings_keys})
+    if problem:
+        raise UserError(problem)
 
 
 def check_model(cfg, spec: ModelSpec) -> None:

@@ -30,6 +30,10 @@ def setup() -> None:
     OmegaConf.register_new_resolver("ef.default_store", default_store, replace=True)
     OmegaConf.register_new_resolver("ef.job_root", job_root, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ef.pid", os.getpid, replace=True)
+    from runtime.quant.sq import mode_name
+
+    OmegaConf.register_new_resolver("ef.sq_mode", lambda per_token, per_channel: mode_name(bool(per_token),
+                                                                                          bool(per_channel)), replace=True)
     cs = ConfigStore.instance()
     for name in recipe_names():
         cs.store(group="recipe", name=name, node=OmegaConf.load(recipes_dir() / f"{name}.yaml"),

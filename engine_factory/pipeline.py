@@ -18,7 +18,7 @@ from .checks import check_config, check_model
 from .hashing import digest
 from .plan import check_fits, describe, engine_limits, mapping_of, plan
 from .sources import peek_config
-from .stages.build import build
+from .stages.build import build, quant_settings
 from .stages.calibrate import calibration
 from .stages.convert import CONVERT_VERSION, convert
 from .stages.fetch import fetch
@@ -37,6 +37,7 @@ def engine_identity(cfg, source, spec, calib=None) -> dict:
         "target": cfg.target, "source": source.digest, "spec": spec.to_dict(),
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
         "calibration": None if calib is None else calib.identity,  # statistics' digest + settings, no path
+        **({"quant_settings": qs} if (qs := quant_settings(cfg)) else {}),  # the mode's own (SmoothQuant's alpha, ...)
         "parallel": {k: v for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
                      if k != "build_workers"}, "limits": engine_limits(cfg, spec),
         "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),
@@ -134,7 +135,8 @@ def run(cfg, recipe: str | None = None) -> Path:
             "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
             "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
             "dtype": torch_name(cfg.precision.dtype),
-            "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache},
+            "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
+                      **({"settings": qs} if (qs := quant_settings(cfg)) else {})},
             "mapping": mapping_of(cfg),
             "limits": identity["limits"], "source": source.provenance, "family": family.model_type,
             "toolchain": _toolchain(), "target": {"device": cfg.target, "sm": None}, "backend": cfg.backend,

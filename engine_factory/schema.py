@@ -26,8 +26,13 @@ class ModelConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
-    quant: str = "none"  # none | int8_wo | int4_wo | int4_wo_g128 | int4_wo_g64 (a mode of runtime/quant)
+    quant: str = "none"  # none | int8_wo | int4_wo | int4_wo_g128 | int4_wo_g64 | sq* (a mode of runtime/quant)
     kv_cache: str = "auto"  # auto (the activation dtype) | int8 | fp8 (E4M3): runtime/kv_cache.py, calibrated scales
+    # SmoothQuant (precision=sq, runtime/quant/sq.py): quant resolves to sq[_per_token][_per_channel]
+    sq_alpha: float = 0.5  # migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1 - alpha)
+    per_token: bool = False  # activations: one dynamic scale per token (else one static, calibrated, per tensor)
+    per_channel: bool = False  # weights: one scale per output channel (else one per tensor)
+    sq_smooth: List[str] = field(default_factory=lambda: ["attn.qkv", "mlp.up"])  # the smoothed linears
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _quantized(name: str) -> bool:
 
 
 def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none",
-              stats: dict | None = None, kv_cache: str = "auto") -> dict:
+              stats: dict | None = None, kv_cache: str = "auto", quant_settings: dict | None = None) -> dict:
     """name -> (shape, dtype, produce) of one rank: the tensors runtime/shard.py gives it, each cut from
     the world-1 runtime tensor (fused from canonical parts) by the shard plan. With a quant mode, the four
     linears of a layer are stored as the mode's tensors (e.g. int8 weight + per-channel scale): the whole
@@ -91,9 +91,12 @@ def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, 
     follows: runtime/quant Stored), so the shards of every rank put together are the world-1 engine's
     tensors and every tp gives the same numbers (checks.py refused partitions a mode cannot take).
     stats: calibration statistics by linear prefix (layers.{i}.attn.qkv), for modes that need them, and
-    by layers.{i}.attn (K/V abs-max) for a scaled KV cache, whose [s_k, s_v] every rank stores per layer."""
+    by layers.{i}.attn (K/V abs-max) for a scaled KV cache, whose [s_k, s_v] every rank stores per layer.
+    quant_settings: the mode's precision.* settings (its settings_keys); the mode's prepare() may rewrite
+    the world-1 tensors and statistics first (SmoothQuant's smoothing), before anything is cut."""
     mode = quant_modes.get(quant)
     sources = {name: _Fused(tensors, p) for name, p in runtime_parts(spec, tensors.keys()).items()}
+    sources, stats = mode.prepare(sources, spec, stats, quant_settings)
     stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix, follows)
     for name, source in sources.items():
         if mode.quantizes and _quantized(name):
@@ -128,7 +131,7 @@ def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, 
 
 def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, calib: tuple, rank: int,
                 progress: bool = True) -> None:
-    """calib: (statistics or None, precision.kv_cache)."""
+    """calib: (statistics or None, precision.kv_cache, the quant mode's settings)."""
     plan = rank_plan(tensors, spec, dtype, RankLayout.of(spec, mapping, rank), quant, *calib)
     with tqdm(total=len(plan), desc=f"build rank{rank}", unit="tensor", leave=False, disable=not progress) as bar:
         write_streaming(tmp / rank_file(rank), plan, metadata={"format": "engine-factory"}, progress=bar)
@@ -176,11 +179,23 @@ def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer
     mapping = engine_json["mapping"]
     stats = None if calib is None else calib.stats
     _write_ranks(tmp, tensors, spec, DTYPES[cfg.precision.dtype], mapping, cfg.precision.quant,
-                 (stats, cfg.precision.kv_cache), int(cfg.parallel.get("build_workers", 1)))
+                 (stats, cfg.precision.kv_cache, quant_settings(cfg)), int(cfg.parallel.get("build_workers", 1)))
     if tokenizer_save is not None:
         tokenizer_save(tmp / TOKENIZER_DIR)
     write_json_atomic(tmp / ENGINE_JSON, engine_json)
     write_manifest(tmp)
+
+
+def quant_settings(cfg) -> dict | None:
+    """The precision.* settings the quant mode reads (its settings_keys), None for modes without any: part
+    of the engine's hash and of engine.json's quant."""
+    keys = quant_modes.get(cfg.precision.quant).settings_keys
+    if not keys:
+        return None
+    from omegaconf import OmegaConf
+
+    p = OmegaConf.to_container(cfg.precision, resolve=True)
+    return {k: p[k] for k in keys}
 
 
 def write_manifest(engine_dir: Path) -> None:

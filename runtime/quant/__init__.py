@@ -35,6 +35,7 @@ class QuantMode:
     quantizes = True  # False: the weight is stored in the float dtype as it is (the dense mode)
     needs_calibration = False  # quantize() reads calibration statistics
     bounds: tuple[float, float] | None = None  # validate's (max_rel_logits, min_token_agreement); None: the dtype's
+    settings_keys: tuple[str, ...] = ()  # the precision.* settings the build passes to prepare() (hashed)
 
     def stored(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, Stored]:
         """suffix -> what is stored for a world-1 weight of shape (out, in) and float dtype."""
@@ -44,6 +45,17 @@ class QuantMode:
         """Why this mode cannot store a weight of world-1 shape (out, in) whose ranks each hold
         in_per_rank input features (in / tp for row-parallel weights, in otherwise), or None."""
         return None
+
+    def check(self, settings: dict) -> str | None:
+        """What is wrong with these settings (settings_keys -> value), or None."""
+        return None
+
+    def prepare(self, sources: dict, spec, stats, settings: dict | None):
+        """The seam before quantize and shard: the world-1 runtime tensors (name -> a Sliceable with .shape,
+        .narrow and .whole()) and calibration statistics -> the ones to quantize and shard. A mode may
+        rewrite a layer's tensors here (SmoothQuant folds its smoothing into the norms and weights); every
+        rank sees the same world-1 numbers. Default: as they are."""
+        return sources, stats
 
     def quantize(self, weight: torch.Tensor, dtype: torch.dtype, stats=None) -> dict[str, torch.Tensor]:
         """The world-1 weight (out, in) -> {suffix: tensor} (shapes as stored()); stats: calibration
@@ -103,4 +115,4 @@ def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
     return get(mode).linear({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
-from . import dense, int4_wo, int8_wo  # noqa: E402,F401  (each registers its modes)
+from . import dense, int4_wo, int8_wo, sq  # noqa: E402,F401  (each registers its modes)

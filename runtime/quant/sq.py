@@ -1,0 +1,222 @@
+"""sq: SmoothQuant W8A8 (Xiao et al. 2023; the seeds' `--smoothquant ALPHA [--per_token] [--per_channel]`).
+
+Build half. `prepare` smooths the world-1 tensors before anything is quantized or sharded (so every tp
+gives the same numbers): for each smoothed linear (settings "smooth": attn.qkv and mlp.up by default,
+the linears right after a norm) and each of its input channels j,
+    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
+(max|X_j| from calibration, max|W_:,j| over all output rows: the fused q|k|v, gate|up), the preceding
+norm's weight and bias (LayerNorm families) are divided by s and the weight's columns multiplied by s:
+(x / s) (W diag(s))^T = x W^T, with the activation's outliers moved into the weight. attn.o and mlp.down
+have no norm before them to fold into: they are quantized W8A8 as they are (see README).
+`quantize` rounds the (smoothed) weight to int8, one scale per tensor or per output channel, and, for
+static activations, stores the per-tensor activation scale max|X / s| / 127 from calibration.
+
+Runtime half (W8A8Linear): x is quantized to int8 with the static scale or one scale per token (its own
+abs-max / 127: a row-parallel shard's tokens are scaled over that rank's input features), the int8 x
+int8 product accumulates in int32 and the epilogue multiplies by (activation scale x weight scale).
+CPU: the exact integer product through float64 (every int32 sum of int8 products is exact in float64);
+CUDA: torch._int_mm (cuBLASLt int8), padded to the shapes it takes; both then run the same epilogue.
+
+Modes, by the runtime choices (the name is engine.json's quant mode; precision=sq resolves
+precision.per_token / precision.per_channel to it): sq, sq_per_channel, sq_per_token, sq_per_token_per_channel.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from . import QuantMode, Stored, register
+
+QMAX = 127.0
+TINY = torch.finfo(torch.float32).tiny  # a scale is never 0 (an all-zero input stays finite)
+# a smoothed linear -> the norm right before it (runtime names of layer i)
+NORM_BEFORE = {"attn.qkv": "attn_norm", "mlp.up": "mlp_norm"}
+DEFAULT_SMOOTH = ("attn.qkv", "mlp.up")
+
+
+def mode_name(per_token: bool, per_channel: bool) -> str:
+    return "sq" + ("_per_token" if per_token else "") + ("_per_channel" if per_channel else "")
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s (in,) fp32 for a (out, in) weight whose input's per-channel abs-max is act_absmax (in,)."""
+    a = act_absmax.float().clamp(min=1e-5)
+    w = weight.float().abs().amax(dim=0).clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def int8_matmul(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 x (N, K) int8 -> (M, N) int32, exact: the CPU reference (float64 holds every partial
+    sum of K products of at most 127 * 127 exactly)."""
+    return (q.double() @ weight.double().T).to(torch.int32)
+
+
+def _pad_to(n: int, multiple: int, least: int = 0) -> int:
+    return max(least, -(-n // multiple) * multiple)
+
+
+class W8A8Linear:
+    """y = (int8(x / a) Wq^T) * (a * w) + b, with a the activation scale ((1,) static or (M, 1) per token)
+    and w the weight scale ((1,) or (out,))."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], per_token: bool):
+        self.weight = tensors["weight"]  # (out, in) int8
+        self.weight_scale = tensors["weight_scale"].float()  # (out,) or (1,)
+        self.act_scale = None if per_token else tensors["act_scale"].float()  # (1,)
+        self.bias = tensors.get("bias")
+        self.out_features, self.in_features = self.weight.shape
+        self.cuda = self.weight.device.type == "cuda"
+        if self.cuda:  # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
+            n, k = _pad_to(self.out_features, 8), _pad_to(self.in_features, 8)
+            w = F.pad(self.weight, (0, k - self.in_features, 0, n - self.out_features))
+            self.weight_t = w.t()  # (K, N) column-major: the layout cuBLASLt's int8 GEMM wants for B
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, in) -> (int8 (M, in), fp32 scale (1,) or (M, 1))."""
+        xf = x.float()
+        a = self.act_scale if self.act_scale is not None else \
+            (xf.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=TINY)
+        return torch.round(xf / a).clamp(-QMAX, QMAX).to(torch.int8), a
+
+    def _int_mm(self, q: torch.Tensor) -> torch.Tensor:
+        if not self.cuda:
+            return int8_matmul(q, self.weight)
+        m, k = q.shape
+        mp = _pad_to(m, 8, least=24)  # cuBLASLt: M > 16
+        q = F.pad(q, (0, self.weight_t.shape[0] - k, 0, mp - m))
+        return torch._int_mm(q, self.weight_t)[:m, :self.out_features]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, a = self.quantize_input(x.reshape(-1, shape[-1]))
+        y = (self._int_mm(q).float() * (a * self.weight_scale)).to(x.dtype)  # (M, out)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class _Smoothing:
+    """The smoothing of one linear and its norm, from world-1 sources; s is computed once (it reads the
+    whole weight once), the smoothed tensors each time they are read (only s is kept)."""
+
+    def __init__(self, sources, stats, linear: str, norm: str, alpha: float):
+        self.sources, self.stats, self.linear, self.norm, self.alpha = sources, stats, linear, norm, alpha
+        self._s = None
+
+    def s(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self._s is None:
+            if self.stats is None or self.linear not in self.stats:
+                raise ValueError(f"{self.linear}: SmoothQuant needs calibration statistics (input_absmax)")
+            w = weight if weight is not None else self.sources[f"{self.linear}.weight"].whole()
+            self._s = smoothing_scale(self.stats[self.linear]["input_absmax"], w, self.alpha)
+        return self._s
+
+    def tensor(self, name: str) -> torch.Tensor:
+        source = self.sources[name]
+        t = source.whole() if hasattr(source, "whole") else source
+        if name == f"{self.linear}.weight":
+            return t.float() * self.s(t)[None, :]  # (out, in): columns times s
+        return t.float() / self.s()  # the norm's weight or bias (in,)
+
+    def input_stats(self) -> dict:
+        return {**self.stats[self.linear], "input_absmax": self.stats[self.linear]["input_absmax"].float() / self.s()}
+
+
+class _SmoothedTensor:
+    """A world-1 tensor (Sliceable, like build's fused sources) that is read through a _Smoothing."""
+
+    def __init__(self, smoothing: _Smoothing, name: str, shape):
+        self.smoothing, self.name, self.shape = smoothing, name, tuple(shape)
+
+    def whole(self) -> torch.Tensor:
+        return self.smoothing.tensor(self.name)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.whole().narrow(dim, start, length)
+
+
+class _SmoothedStats(Mapping):
+    """Calibration statistics with each smoothed linear's input abs-max divided by its s (computed when read)."""
+
+    def __init__(self, stats, smoothings: dict[str, _Smoothing]):
+        self.base, self.smoothings = stats or {}, smoothings
+
+    def __getitem__(self, key):
+        return self.smoothings[key].input_stats() if key in self.smoothings else self.base[key]
+
+    def __iter__(self):
+        return iter(set(self.base) | set(self.smoothings))
+
+    def __len__(self):
+        return len(set(self.base) | set(self.smoothings))
+
+
+class SmoothQuant(QuantMode):
+    needs_calibration = True
+    settings_keys = ("sq_alpha", "sq_smooth", "per_token", "per_channel")
+    # measured on the tiny dummies of tests/test_smoothquant.py (fp32, random weights); see the README for SmolLM2
+    bounds = (2.5e-1, 0.6)
+
+    def __init__(self, per_token: bool, per_channel: bool):
+        self.per_token, self.per_channel = per_token, per_channel
+        self.name = mode_name(per_token, per_channel)
+
+    def check(self, settings: dict) -> str | None:
+        alpha, smooth = settings["sq_alpha"], list(settings["sq_smooth"])
+        if not 0.0 <= alpha <= 1.0:
+            return f"precision.sq_alpha={alpha} must be in [0, 1] (0.5 is the paper's default)"
+        bad = [s for s in smooth if s not in NORM_BEFORE]
+        if bad or len(set(smooth)) != len(smooth):
+            return (f"precision.sq_smooth={smooth}: each entry once, from {', '.join(NORM_BEFORE)} (the linears "
+                    "right after a norm, which takes the smoothing's 1/s); attn.o and mlp.down are quantized as they are")
+        for key, have in (("per_token", self.per_token), ("per_channel", self.per_channel)):
+            if bool(settings[key]) != have:
+                return (f"precision.quant={self.name} disagrees with precision.{key}={settings[key]}; use precision=sq "
+                        f"with precision.per_token / precision.per_channel")
+        return None
+
+    def stored(self, shape, dtype):
+        out, inp = shape
+        st = {"weight": Stored((out, inp), torch.int8, ("out", "in")),
+              "weight_scale": Stored((out,), torch.float32, ("out",)) if self.per_channel
+              else Stored((1,), torch.float32, ())}
+        if not self.per_token:  # one static scale of the whole input: the same on every rank
+            st["act_scale"] = Stored((1,), torch.float32, ())
+        return st
+
+    def prepare(self, sources: dict, spec, stats, settings: dict | None):
+        settings = settings or {}
+        alpha = float(settings.get("sq_alpha", 0.5))
+        smoothings: dict[str, _Smoothing] = {}
+        original, sources = dict(sources), dict(sources)
+        for i in range(spec.num_layers):
+            for lin in settings.get("sq_smooth", DEFAULT_SMOOTH):
+                linear, norm = f"layers.{i}.{lin}", f"layers.{i}.{NORM_BEFORE[lin]}"
+                sm = smoothings[linear] = _Smoothing(original, stats, linear, norm, alpha)
+                for name in (f"{linear}.weight", f"{norm}.weight", f"{norm}.bias"):
+                    if name in sources:
+                        sources[name] = _SmoothedTensor(sm, name, sources[name].shape)
+        return sources, _SmoothedStats(stats, smoothings)
+
+    def quantize(self, weight, dtype, stats=None):
+        w = weight.float()
+        if self.per_channel:
+            ws = (w.abs().amax(dim=1) / QMAX).clamp(min=TINY)  # (out,)
+        else:
+            ws = (w.abs().max() / QMAX).clamp(min=TINY).reshape(1)
+        out = {"weight": torch.round(w / ws[:, None] if self.per_channel else w / ws).clamp(-QMAX, QMAX).to(torch.int8),
+               "weight_scale": ws}
+        if not self.per_token:
+            if stats is None or "input_absmax" not in stats:
+                raise ValueError("a static activation scale needs calibration statistics (input_absmax)")
+            out["act_scale"] = (stats["input_absmax"].float().max() / QMAX).clamp(min=TINY).reshape(1)
+        return out
+
+    def linear(self, tensors):
+        return W8A8Linear(tensors, self.per_token)
+
+
+for _per_token in (False, True):
+    for _per_channel in (False, True):
+        register(SmoothQuant(_per_token, _per_channel))
