@@ -7,7 +7,7 @@ from runtime.kv_cache import KV_FORMATS
 from runtime.quant import MODES
 from runtime.spec import ModelSpec
 
-from .plan import GPUS
+from .plan import GPU_SM, GPUS
 from .store import check_name
 from .stages.calibrate import NEEDS_CALIBRATION, check_calibration
 
@@ -46,6 +46,7 @@ def check_config(cfg) -> None:
         if lim[key] < 1:
             raise UserError(f"limits.{key}={lim[key]} must be at least 1")
     _check_quant_settings(cfg)
+    _check_target_sm(cfg)
     check_calibration(cfg)  # a precision that calibrates has a usable calibration set
 
 
@@ -65,6 +66,17 @@ def _check_quant_settings(cfg) -> None:
     problem = mode.check({k: p[k] for k in mode.settings_keys})
     if problem:
         raise UserError(problem)
+
+
+def _check_target_sm(cfg) -> None:
+    """A mode that needs a newer GPU (fp8: sm >= 89) than target_gpu, for an engine that may run on CUDA."""
+    need = getattr(MODES.get(cfg.precision.quant), "min_sm", None)
+    if need is None or cfg.target == "cpu" or GPU_SM[cfg.target_gpu] >= need:
+        return
+    fits = ", ".join(g for g in sorted(GPUS) if GPU_SM[g] >= need)
+    raise UserError(f"precision.quant={cfg.precision.quant} needs a GPU with compute capability >= {need // 10}.{need % 10} "
+                    f"and target_gpu={cfg.target_gpu} is {GPU_SM[cfg.target_gpu] // 10}.{GPU_SM[cfg.target_gpu] % 10}; "
+                    f"name target_gpu={fits.replace(', ', '|')}, or build precision=int8_wo for it, or target=cpu")
 
 
 def check_model(cfg, spec: ModelSpec) -> None:

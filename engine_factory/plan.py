@@ -22,7 +22,10 @@ from .stages.build import rank_plan
 
 # GPU memory of the targets users name most (bytes, as the vendors count: 10^9)
 GPUS = {"h100": 80e9, "h200": 141e9, "a100-80gb": 80e9, "a100-40gb": 40e9, "l40s": 48e9, "l4": 24e9,
-        "a10g": 24e9, "b200": 180e9}
+        "a10g": 24e9, "b200": 180e9, "v100-16gb": 16e9, "v100-32gb": 32e9, "t4": 16e9}
+# their compute capability (major * 10 + minor): what a mode's min_sm (fp8: 89) is checked against
+GPU_SM = {"h100": 90, "h200": 90, "a100-80gb": 80, "a100-40gb": 80, "l40s": 89, "l4": 89, "a10g": 86, "b200": 100,
+          "v100-16gb": 70, "v100-32gb": 70, "t4": 75}
 WORKSPACE_BYTES = 1 << 30
 
 log = logging.getLogger(__name__)

@@ -121,7 +121,7 @@ def hf_model_like_nan(engine):
 def test_unknown_quant_mode_is_one_line(cli, store):
     rc, out, err = cli("precision.quant=int3_wo", f"store={store}", "model.source=dummy")
     assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("error: precision.quant=int3_wo is not one of int4_wo, int4_wo_g128, "
+    assert err.strip().splitlines()[-1] == ("error: precision.quant=int3_wo is not one of fp8, int4_wo, int4_wo_g128, "
                                             "int4_wo_g64, int8_wo, none, sq, sq_per_channel, sq_per_token, "
                                             "sq_per_token_per_channel")
 

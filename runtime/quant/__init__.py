@@ -115,4 +115,4 @@ def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
     return get(mode).linear({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
 
 
-from . import dense, int4_wo, int8_wo, sq  # noqa: E402,F401  (each registers its modes)
+from . import dense, fp8, int4_wo, int8_wo, sq  # noqa: E402,F401  (each registers its modes)
