@@ -144,10 +144,11 @@ CASES = {
     "big": (["precision=bf16"], "big"),
     "int8_tight": (["precision=int8_wo"], "tight"),
     "int4_g128_tight": (["precision=int4_wo_g128"], "tight"),
-    "sq_tight": (["precision=sq", "precision.per_token=true", "precision.per_channel=true"], "tight"),
+    "sq_tight": (["precision=sq", "precision.per_token=true", "precision.per_channel=true", "calibration.dataset=random"],
+                 "tight"),
     "fp8_tight": (["precision=fp8"], "tight"),
     # int8 K/V at twice the positions the bf16 cache fits at batch 64 next to the weights (3,072: BIG)
-    "kv_int8_2x": (["precision=bf16", "precision.kv_cache=int8"], "kv2x"),
+    "kv_int8_2x": (["precision=bf16", "precision.kv_cache=int8", "calibration.dataset=random"], "kv2x"),
 }
 KV2X = ["limits.max_batch_size=64", "limits.max_input_len=2048", "limits.max_output_len=4096"]
 PEERS = {"gptfast-bf16": [1, 64], "gptfast-int8": [1], "hf-eager": [1]}
