@@ -71,6 +71,8 @@ class _RowParallel:
         self.linear = make_linear(quant, {k: v for k, v in tensors.items() if k.startswith(prefix + ".")
                                           and k != bias}, prefix)
         self.bias, self.comm = tensors.get(bias), comm
+        if hasattr(self.linear, "row_max"):  # its per-token input scale is over the whole row (runtime/quant/sq.py)
+            self.linear.row_max = comm.all_reduce_max
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.comm.all_reduce(self.linear(x))

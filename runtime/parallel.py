@@ -140,6 +140,12 @@ class Comm:
             self._dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over the tp group, in place; returns x."""
+        if self.tp > 1:
+            self._dist.all_reduce(x, op=self._dist.ReduceOp.MAX, group=self.tp_group)
+        return x
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The tp group's pieces of x concatenated along dim, in tp-rank order."""
         if self.tp == 1:

@@ -11,8 +11,8 @@ have no norm before them to fold into: they are quantized W8A8 as they are (see 
 `quantize` rounds the (smoothed) weight to int8, one scale per tensor or per output channel, and, for
 static activations, stores the per-tensor activation scale max|X / s| / 127 from calibration.
 
-Runtime half (W8A8Linear): x is quantized to int8 with the static scale or one scale per token (its own
-abs-max / 127: a row-parallel shard's tokens are scaled over that rank's input features), the int8 x
+Runtime half (W8A8Linear): x is quantized to int8 with the static scale or one scale per token (its
+abs-max / 127; a row-parallel shard takes the max over the tp group: one small all-reduce), the int8 x
 int8 product accumulates in int32 and the epilogue multiplies by (activation scale x weight scale).
 CPU: the exact integer product through float64 (every int32 sum of int8 products is exact in float64);
 CUDA: torch._int_mm (cuBLASLt int8), padded to the shapes it takes; both then run the same epilogue.
@@ -66,6 +66,9 @@ class W8A8Linear:
         self.weight_scale = tensors["weight_scale"].float()  # (out,) or (1,)
         self.act_scale = None if per_token else tensors["act_scale"].float()  # (1,)
         self.bias = tensors.get("bias")
+        # a row-parallel linear's per-token abs-max is over this rank's input features: the decoder sets this to
+        # the tp group's max (runtime/model.py _RowParallel), so every tp quantizes a token as tp1 does
+        self.row_max = None
         self.out_features, self.in_features = self.weight.shape
         self.cuda = self.weight.device.type == "cuda"
         if self.cuda:  # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
@@ -76,8 +79,11 @@ class W8A8Linear:
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (M, in) -> (int8 (M, in), fp32 scale (1,) or (M, 1))."""
         xf = x.float()
-        a = self.act_scale if self.act_scale is not None else \
-            (xf.abs().amax(dim=-1, keepdim=True) / QMAX).clamp(min=TINY)
+        if self.act_scale is not None:
+            a = self.act_scale
+        else:
+            amax = xf.abs().amax(dim=-1, keepdim=True)  # (M, 1)
+            a = ((amax if self.row_max is None else self.row_max(amax)) / QMAX).clamp(min=TINY)
         return torch.round(xf / a).clamp(-QMAX, QMAX).to(torch.int8), a
 
     def _int_mm(self, q: torch.Tensor) -> torch.Tensor:
