@@ -166,6 +166,29 @@ def test_int4_levels_are_within_half_a_step(mode):
     assert (deq[3] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", INT4)
+def test_int4_cpu_weight_dequantized_once_gives_the_per_call_bits(mode, dtype):
+    """The CPU reference dequantizes when the linear is made; its outputs are those of dequantizing per call
+    (bit for bit), with and without a bias, and an input of another dtype still dequantizes per call."""
+    import torch.nn.functional as F
+
+    from runtime.quant import make_linear
+    from runtime.quant.int4_wo import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    stored = {f"l.{k}": v for k, v in MODES[mode].quantize(torch.randn(40, 256, generator=g), dtype).items()}
+    bias = torch.randn(40, generator=g).to(dtype)
+    for tensors, b, x_dtype in ((stored, None, dtype), ({**stored, "l.bias": bias}, bias, dtype),
+                                (stored, None, torch.float64)):  # float64: not the cached dtype
+        lin = make_linear(mode, tensors, "l")
+        assert lin.kernel == "torch" and lin.dequantized is not None and lin.dequantized.dtype == dtype
+        x = torch.randn(3, 7, 256, generator=g).to(x_dtype)
+        per_call = F.linear(x, dequantize(stored["l.weight"], stored["l.scale"], stored["l.zero"], x_dtype), b)
+        got = lin(x)
+        assert got.dtype == x_dtype and torch.equal(got, per_call)
+
+
 @pytest.fixture(scope="module")
 def wo_kernel():
     import importlib.util
