@@ -100,8 +100,10 @@ class FP8(QuantMode):
     name = "fp8"
     needs_calibration = True  # the static activation scale: calibrate's input_absmax of each linear
     min_sm = 89  # engine_factory/checks.py refuses a target_gpu below it before any work
-    # measured on the tiny random llama / gpt2 / bloom / gpt_bigcode (tests/test_fp8.py)
-    bounds = (1.5e-1, 0.7)
+    # measured against transformers fp32 (bf16 engines) on tests/tiny_families.py: llama 0.229 / 0.75, gpt2
+    # 0.092 / 0.77, bloom 0.116 / 0.97, gpt_bigcode 0.168 / 0.82 (int8_wo 0.042 / 0.93 at most): E4M3 keeps 3
+    # mantissa bits, ~2.5% RMS per weight where int8 per channel keeps ~0.6% on Gaussian rows
+    bounds = (3e-1, 0.65)
 
     def stored(self, shape, dtype):
         out, inp = shape
