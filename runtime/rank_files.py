@@ -29,8 +29,9 @@ _MAX_HEADER = 100 << 20  # safetensors' own limit
 _REBUILD = "rebuild the engine"
 
 
-def world_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every float tensor of the world-1 engine in runtime names, (out, in) for linears."""
+def world_shapes(spec: ModelSpec, fused: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every float tensor of the world-1 engine in runtime names, (out, in) for linears. fused=False: the
+    converted checkpoint's tensors instead (q/k/v and gate/up apart: engine_factory/layout.py)."""
     H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     out: dict[str, tuple[int, ...]] = {"embed.weight": (V, H)}
     if spec.position == "learned":
@@ -51,10 +52,18 @@ def world_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for i in range(spec.num_layers):
         p = f"layers.{i}"
         norm(f"{p}.attn_norm")
-        linear(f"{p}.attn.qkv", spec.q_size + 2 * spec.kv_size, H, spec.qkv_bias)
+        if fused:
+            linear(f"{p}.attn.qkv", spec.q_size + 2 * spec.kv_size, H, spec.qkv_bias)
+        else:
+            for part, size in (("q", spec.q_size), ("k", spec.kv_size), ("v", spec.kv_size)):
+                linear(f"{p}.attn.{part}", size, H, spec.qkv_bias)
         linear(f"{p}.attn.o", H, spec.q_size, spec.o_bias)
         norm(f"{p}.mlp_norm")
-        linear(f"{p}.mlp.up", (2 if spec.mlp == "gated" else 1) * I, H, spec.mlp_bias)
+        if fused:
+            linear(f"{p}.mlp.up", (2 if spec.mlp == "gated" else 1) * I, H, spec.mlp_bias)
+        else:
+            for part in ("gate", "up") if spec.mlp == "gated" else ("up",):
+                linear(f"{p}.mlp.{part}", I, H, spec.mlp_bias)
         linear(f"{p}.mlp.down", H, I, spec.mlp_bias)
     norm("final_norm")
     if not spec.tie_word_embeddings:
