@@ -50,9 +50,9 @@ def check_config(cfg) -> None:
     check_calibration(cfg)  # a precision that calibrates has a usable calibration set
 
 
-def _check_quant_settings(cfg) -> None:
-    """A mode's precision.* settings are valid, and no other mode's setting is changed from its default
-    (precision=int8_wo precision.per_token=true would otherwise be silently ignored)."""
+def _check_quant_settings(cfg, spec: ModelSpec | None = None) -> None:
+    """A mode's precision.* settings are valid (for the model, with spec), and no other mode's setting is
+    changed from its default (precision=int8_wo precision.per_token=true would otherwise be silently ignored)."""
     from omegaconf import OmegaConf
 
     from .schema import PrecisionConfig
@@ -63,7 +63,7 @@ def _check_quant_settings(cfg) -> None:
             owner = next(m.name for m in MODES.values() if key in m.settings_keys)
             raise UserError(f"precision.{key}={p[key]} is a setting of precision.quant={owner}, not of "
                             f"{cfg.precision.quant}; drop it, or use precision={owner}")
-    problem = mode.check({k: p[k] for k in mode.settings_keys})
+    problem = mode.check({k: p[k] for k in mode.settings_keys}, spec)
     if problem:
         raise UserError(problem)
 
@@ -104,6 +104,7 @@ def check_model(cfg, spec: ModelSpec) -> None:
     if spec.num_layers % pp:
         raise UserError(f"parallel.pp={pp} does not divide num_hidden_layers={spec.num_layers}")
     _check_quant_partition(cfg.precision.quant, spec, tp)
+    _check_quant_settings(cfg, spec)
 
 
 def _check_quant_partition(quant: str, spec: ModelSpec, tp: int) -> None:

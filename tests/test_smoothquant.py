@@ -87,26 +87,37 @@ def test_linear_is_the_exact_integer_gemm_and_close_to_float(mode):
 def _smooth(tensors, spec, alpha=0.5, smooth=("attn.qkv", "mlp.up"), seed=0):
     """The world-1 tensors through sq's prepare with synthetic statistics of wide per-channel ranges."""
     g = torch.Generator().manual_seed(seed)
-    stats = {f"layers.{i}.{lin}": {"input_absmax": torch.rand(spec.hidden_size, generator=g) ** 4 * 50 + 1e-3}
-             for i in range(spec.num_layers) for lin in ("attn.qkv", "mlp.up")}
+    width = {"attn.qkv": spec.hidden_size, "mlp.up": spec.hidden_size, "mlp.down": spec.intermediate_size}
+    stats = {f"layers.{i}.{lin}": {"input_absmax": torch.rand(n, generator=g) ** 4 * 50 + 1e-3}
+             for i in range(spec.num_layers) for lin, n in width.items()}
     sources, sstats = MODES["sq"].prepare(dict(tensors), spec, stats, {"sq_alpha": alpha, "sq_smooth": list(smooth)})
     return {n: (v.whole() if hasattr(v, "whole") else v) for n, v in sources.items()}, stats, sstats
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_smoothing_is_function_preserving_in_float(tmp_path, family):
-    """The fp32 engine's world-1 tensors with the smoothing folded in (norm weight and bias / s, weight columns x s):
-    the same logits within 1e-5; the tensors did change, and the smoothed input's abs-max is X / s."""
+@pytest.mark.parametrize("family,smooth", [(f, ("attn.qkv", "mlp.up")) for f in FAMILIES] +
+                         [("llama", ("attn.qkv", "mlp.up", "mlp.down")), ("llama", ("mlp.down",))])
+def test_smoothing_is_function_preserving_in_float(tmp_path, family, smooth):
+    """The fp32 engine's world-1 tensors with the smoothing folded in (norm weight and bias / s, or a gated
+    mlp.up's up rows / s for mlp.down; weight columns x s): the same logits within 1e-5; the tensors did change,
+    and the smoothed input's abs-max is X / s."""
     from runtime.model import Decoder
 
     d = _dummy(tmp_path, family, "precision=fp32", "validate.enabled=false")
     spec = ModelSpec.from_dict(json.loads((d / "engine.json").read_text())["spec"])
     tensors = load_file(str(d / "rank0.safetensors"))
-    smoothed, stats, sstats = _smooth(tensors, spec, alpha=0.5)
+    smoothed, stats, sstats = _smooth(tensors, spec, alpha=0.5, smooth=smooth)
     changed = [n for n in tensors if not torch.equal(tensors[n], smoothed[n])]
-    norms = {"attn_norm.weight", "mlp_norm.weight"} | ({"attn_norm.bias", "mlp_norm.bias"} if spec.norm_bias else set())
-    assert sorted(changed) == sorted(f"layers.{i}.{n}" for i in range(spec.num_layers)
-                                     for n in norms | {"attn.qkv.weight", "mlp.up.weight"})
+    bias = spec.norm_bias
+    makes = {"attn.qkv": ["attn_norm.weight"] + ["attn_norm.bias"] * bias,
+             "mlp.up": ["mlp_norm.weight"] + ["mlp_norm.bias"] * bias,
+             "mlp.down": ["mlp.up.weight"] + ["mlp.up.bias"] * spec.mlp_bias}
+    want = {n for lin in smooth for n in makes[lin] + [f"{lin}.weight"]}
+    assert sorted(changed) == sorted(f"layers.{i}.{n}" for i in range(spec.num_layers) for n in want)
+    if "mlp.down" in smooth and "mlp.up" not in smooth:  # only up's rows (after gate's) took 1/s
+        I = spec.intermediate_size
+        assert torch.equal(smoothed["layers.0.mlp.up.weight"][:I], tensors["layers.0.mlp.up.weight"][:I])
+    if "attn.qkv" not in smooth:
+        return
     w = tensors["layers.0.attn.qkv.weight"]
     s = smoothed["layers.0.attn.qkv.weight"][0] / w[0]
     a = stats["layers.0.attn.qkv"]["input_absmax"]
@@ -223,15 +234,17 @@ def test_settings_are_hashed_and_the_same_settings_hit_the_cache(tmp_path):
     (["precision=int8_wo", "precision.per_token=true"], ["precision.per_token=True", "precision=sq"]),
     (["precision=fp16", "precision.quant=sq_per_token"], ["precision.per_token=False", "precision=sq"]),
     (["precision=sq"], ["precision.quant=sq needs calibration statistics", "calibration=cnn_dailymail"]),
+    (["precision=sq", "calibration=random", "precision.sq_smooth=[mlp.down]", f"+model.config={{{FAMILIES['gpt2']}}}"],
+     ["precision.sq_smooth", "needs a gated MLP", "drop mlp.down"]),
 ])
 def test_bad_settings_are_one_line_before_any_work(tmp_path, overrides, fragments):
     from engine_factory import config
-    from engine_factory.checks import check_config
+    from engine_factory.pipeline import check_before_work
     from runtime.errors import UserError
 
     cfg = config.compose(["model.source=dummy", f"store={tmp_path}", *overrides])
     with pytest.raises(UserError) as e:
-        check_config(cfg)
+        check_before_work(cfg)
     msg = str(e.value)
     assert "\n" not in msg and all(f in msg for f in fragments), msg
 

@@ -46,8 +46,9 @@ class QuantMode:
         in_per_rank input features (in / tp for row-parallel weights, in otherwise), or None."""
         return None
 
-    def check(self, settings: dict) -> str | None:
-        """What is wrong with these settings (settings_keys -> value), or None."""
+    def check(self, settings: dict, spec=None) -> str | None:
+        """What is wrong with these settings (settings_keys -> value) for this model (spec; None: what the
+        config alone says), or None."""
         return None
 
     def prepare(self, sources: dict, spec, stats, settings: dict | None):

@@ -1,13 +1,14 @@
 """sq: SmoothQuant W8A8 (Xiao et al. 2023; the seeds' `--smoothquant ALPHA [--per_token] [--per_channel]`).
 
 Build half. `prepare` smooths the world-1 tensors before anything is quantized or sharded (so every tp
-gives the same numbers): for each smoothed linear (settings "smooth": attn.qkv and mlp.up by default,
-the linears right after a norm) and each of its input channels j,
+gives the same numbers): for each smoothed linear (setting sq_smooth: attn.qkv and mlp.up by default,
+the linears right after a norm; mlp.down of a gated MLP optional) and each of its input channels j,
     s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
 (max|X_j| from calibration, max|W_:,j| over all output rows: the fused q|k|v, gate|up), the preceding
 norm's weight and bias (LayerNorm families) are divided by s and the weight's columns multiplied by s:
-(x / s) (W diag(s))^T = x W^T, with the activation's outliers moved into the weight. attn.o and mlp.down
-have no norm before them to fold into: they are quantized W8A8 as they are (see README).
+(x / s) (W diag(s))^T = x W^T, with the activation's outliers moved into the weight. mlp.down of a gated
+MLP folds 1/s into up's rows instead (act(gate) * up / s). attn.o (input: attention over V) and the
+down of an act(up) MLP are quantized W8A8 without smoothing (see README).
 `quantize` rounds the (smoothed) weight to int8, one scale per tensor or per output channel, and, for
 static activations, stores the per-tensor activation scale max|X / s| / 127 from calibration.
 
@@ -34,6 +35,7 @@ TINY = torch.finfo(torch.float32).tiny  # a scale is never 0 (an all-zero input 
 # a smoothed linear -> the norm right before it (runtime names of layer i)
 NORM_BEFORE = {"attn.qkv": "attn_norm", "mlp.up": "mlp_norm"}
 DEFAULT_SMOOTH = ("attn.qkv", "mlp.up")
+SMOOTHABLE = ("attn.qkv", "mlp.up", "mlp.down")  # mlp.down: gated MLPs only (1/s into up's rows)
 
 
 def mode_name(per_token: bool, per_channel: bool) -> str:
@@ -103,27 +105,35 @@ class W8A8Linear:
 
 
 class _Smoothing:
-    """The smoothing of one linear and its norm, from world-1 sources; s is computed once (it reads the
-    whole weight once), the smoothed tensors each time they are read (only s is kept)."""
+    """The smoothing of one linear: its weight's columns times s, and 1/s folded into what makes its input
+    (`folds`: tensor name -> the rows of it that produce the input: a norm's weight and bias whole, the up
+    half of a gated mlp.up's rows). From world-1 sources; s is computed once (reading the whole weight
+    once), the smoothed tensors each time they are read (only s is kept)."""
 
-    def __init__(self, sources, stats, linear: str, norm: str, alpha: float):
-        self.sources, self.stats, self.linear, self.norm, self.alpha = sources, stats, linear, norm, alpha
+    def __init__(self, sources, stats, linear: str, folds: dict[str, slice], alpha: float):
+        self.sources, self.stats, self.linear, self.folds, self.alpha = sources, stats, linear, folds, alpha
         self._s = None
+
+    def _read(self, name: str) -> torch.Tensor:
+        source = self.sources[name]
+        return (source.whole() if hasattr(source, "whole") else source).float()
 
     def s(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self._s is None:
             if self.stats is None or self.linear not in self.stats:
                 raise ValueError(f"{self.linear}: SmoothQuant needs calibration statistics (input_absmax)")
-            w = weight if weight is not None else self.sources[f"{self.linear}.weight"].whole()
+            w = weight if weight is not None else self._read(f"{self.linear}.weight")
             self._s = smoothing_scale(self.stats[self.linear]["input_absmax"], w, self.alpha)
         return self._s
 
     def tensor(self, name: str) -> torch.Tensor:
-        source = self.sources[name]
-        t = source.whole() if hasattr(source, "whole") else source
+        t = self._read(name)
         if name == f"{self.linear}.weight":
-            return t.float() * self.s(t)[None, :]  # (out, in): columns times s
-        return t.float() / self.s()  # the norm's weight or bias (in,)
+            return t * self.s(t)[None, :]  # (out, in): columns times s
+        rows, s = self.folds[name], self.s()
+        t = t.clone()
+        t[rows] = t[rows] / (s[:, None] if t.dim() == 2 else s)  # the rows making input channel j, over s_j
+        return t
 
     def input_stats(self) -> dict:
         return {**self.stats[self.linear], "input_absmax": self.stats[self.linear]["input_absmax"].float() / self.s()}
@@ -168,14 +178,17 @@ class SmoothQuant(QuantMode):
         self.per_token, self.per_channel = per_token, per_channel
         self.name = mode_name(per_token, per_channel)
 
-    def check(self, settings: dict) -> str | None:
+    def check(self, settings: dict, spec=None) -> str | None:
         alpha, smooth = settings["sq_alpha"], list(settings["sq_smooth"])
         if not 0.0 <= alpha <= 1.0:
             return f"precision.sq_alpha={alpha} must be in [0, 1] (0.5 is the paper's default)"
-        bad = [s for s in smooth if s not in NORM_BEFORE]
+        bad = [s for s in smooth if s not in SMOOTHABLE]
         if bad or len(set(smooth)) != len(smooth):
-            return (f"precision.sq_smooth={smooth}: each entry once, from {', '.join(NORM_BEFORE)} (the linears "
-                    "right after a norm, which takes the smoothing's 1/s); attn.o and mlp.down are quantized as they are")
+            return (f"precision.sq_smooth={smooth}: each entry once, from {', '.join(SMOOTHABLE)} (a linear whose "
+                    "input's producer takes the smoothing's 1/s); attn.o is quantized without smoothing")
+        if spec is not None and "mlp.down" in smooth and spec.mlp != "gated":
+            return ("precision.sq_smooth=[..., mlp.down] needs a gated MLP (act(gate) * up: 1/s folds into up's rows); "
+                    f"this model's MLP is act(up) ({spec.activation}), which nothing can fold into: drop mlp.down")
         for key, have in (("per_token", self.per_token), ("per_channel", self.per_channel)):
             if bool(settings[key]) != have:
                 return (f"precision.quant={self.name} disagrees with precision.{key}={settings[key]}; use precision=sq "
@@ -192,15 +205,23 @@ class SmoothQuant(QuantMode):
         return st
 
     def prepare(self, sources: dict, spec, stats, settings: dict | None):
+        """mlp.down first (its 1/s goes into mlp.up's up rows), then attn.qkv / mlp.up over those tensors: the
+        up smoothing's column maxima are of the weight the down smoothing left."""
         settings = settings or {}
-        alpha = float(settings.get("sq_alpha", 0.5))
+        alpha, smooth = float(settings.get("sq_alpha", 0.5)), list(settings.get("sq_smooth", DEFAULT_SMOOTH))
         smoothings: dict[str, _Smoothing] = {}
-        original, sources = dict(sources), dict(sources)
-        for i in range(spec.num_layers):
-            for lin in settings.get("sq_smooth", DEFAULT_SMOOTH):
-                linear, norm = f"layers.{i}.{lin}", f"layers.{i}.{NORM_BEFORE[lin]}"
-                sm = smoothings[linear] = _Smoothing(original, stats, linear, norm, alpha)
-                for name in (f"{linear}.weight", f"{norm}.weight", f"{norm}.bias"):
+        sources = dict(sources)
+        for lin in [x for x in ("mlp.down", "attn.qkv", "mlp.up") if x in smooth]:
+            before = dict(sources)  # what this pass reads: the earlier passes' tensors
+            for i in range(spec.num_layers):
+                linear = f"layers.{i}.{lin}"
+                if lin == "mlp.down":  # act(gate) * up: input channel j is up's row j (rows I.. of [gate | up])
+                    I = spec.intermediate_size
+                    folds = {f"layers.{i}.mlp.up.{t}": slice(I, 2 * I) for t in ("weight", "bias")}
+                else:
+                    folds = {f"layers.{i}.{NORM_BEFORE[lin]}.{t}": slice(None) for t in ("weight", "bias")}
+                sm = smoothings[linear] = _Smoothing(before, stats, linear, folds, alpha)
+                for name in [f"{linear}.weight", *folds]:
                     if name in sources:
                         sources[name] = _SmoothedTensor(sm, name, sources[name].shape)
         return sources, _SmoothedStats(stats, smoothings)
