@@ -202,15 +202,17 @@ def test_smoothing_lowers_the_error_of_every_combination_on_outlier_channels(tmp
 
 
 @pytest.mark.slow  # ~8 s each (a tp1 and a tp2 engine, the tp2 one on 2 gloo ranks)
-@pytest.mark.parametrize("family,mode", [("llama", m) for m in SQ] + [("bloom", "sq_per_token")])
-def test_tp2_gives_tp1_greedy_tokens_for_each_combination(tmp_path, family, mode):
+@pytest.mark.parametrize("family,mode,smooth", [("llama", m, "[attn.qkv,mlp.up]") for m in SQ] +
+                         [("bloom", "sq_per_token", "[attn.qkv,mlp.up]"),
+                          ("llama", "sq_per_token_per_channel", "[attn.qkv,mlp.up,mlp.down]")])
+def test_tp2_gives_tp1_greedy_tokens_for_each_combination(tmp_path, family, mode, smooth):
     """Smoothing and quantization happen on the world-1 tensors, then each stored tensor is cut by its weight's
     rule (a per-tensor scale replicated): tp2 stores tp1's numbers. A per-token scale of a row-parallel shard is
     the max over the tp group (an all-reduce), so a token is quantized to tp1's levels."""
     toks = []
     for tp in (1, 2):
         d = _dummy(tmp_path, family, f"precision={mode}", "precision.dtype=fp32", f"parallel.tp={tp}",
-                   "validate.enabled=false", "calibration=random")
+                   f"precision.sq_smooth={smooth}", "validate.enabled=false", "calibration=random")
         eng = Engine.load(d, device="cpu")
         try:
             toks.append([o.output_ids for o in eng.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)])
