@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -91,14 +92,73 @@ def build_in_process(source, store: Path, *overrides: str) -> Path:
     return pipeline.run(cfg)
 
 
+class _Zygote:
+    """The client of tests/zygote.py: `python -m` commands forked from one pre-imported process (see
+    there). None when it cannot run here (no fork, threads at import, $EF_TEST_ZYGOTE=0)."""
+    _proc = None
+    _env: dict | None = None
+
+    @classmethod
+    def get(cls, env: dict):
+        if cls._proc is False or os.environ.get("EF_TEST_ZYGOTE") == "0" or not hasattr(os, "fork"):
+            return None
+        if cls._proc is None or cls._proc.poll() is not None:
+            cls._proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=str(ROOT),
+                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            cls._env = dict(env)
+            import atexit
+
+            atexit.register(cls._proc.kill)
+            if not json.loads(cls._proc.stdout.readline() or "{}").get("ready"):
+                cls._proc.kill()
+                cls._proc = False
+                return None
+        return cls._proc
+
+    @classmethod
+    def fits(cls, env: dict) -> bool:
+        """Only what our code reads at call time may differ from the zygote's environment (EF_* settings,
+        the thread count): anything else (HF_HUB_*, TRITON_*, CUDA_*) is read at import."""
+        keys = set(env) | set(cls._env or {})
+        return all(k.startswith("EF_") or k == "OMP_NUM_THREADS" or env.get(k) == (cls._env or {}).get(k)
+                   for k in keys)
+
+
+def _forked(module, argv, cwd, env, timeout, raw):
+    import tempfile
+
+    zyg = _Zygote.get(env)
+    if zyg is None or not _Zygote.fits(env) or any(isinstance(a, bytes) for a in argv):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "out", Path(tmp) / "err"
+        zyg.stdin.write(json.dumps({"module": module, "argv": argv, "cwd": cwd, "env": env, "out": str(out),
+                                    "err": str(err), "timeout": timeout}) + "\n")
+        zyg.stdin.flush()
+        line = zyg.stdout.readline()
+        if not line:  # the zygote died (killed by a test?): start another for the next command
+            _Zygote._proc = None
+            return None
+        reply = json.loads(line)
+        stdout, stderr = out.read_bytes(), err.read_bytes()
+    if reply.get("timeout"):
+        raise subprocess.TimeoutExpired([module, *argv], timeout, stdout, stderr)
+    return reply["rc"], stdout if raw else stdout.decode(), stderr.decode(errors="replace")
+
+
 def run_module(module: str, *args, cwd: Path | None = None, env: dict | None = None,
                timeout: float = 300, raw: bool = False) -> tuple[int, str | bytes, str]:
-    """python -m module args... -> (returncode, stdout, stderr); stdout as bytes when raw."""
+    """python -m module args... -> (returncode, stdout, stderr); stdout as bytes when raw. Forked from a
+    pre-imported process (tests/zygote.py) where the environment allows; a real subprocess otherwise."""
     # tiny models: one thread (see conftest.one_thread) unless the caller's environment says otherwise
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                 **(env or {})}
     # bytes pass through as they are (argv that is not UTF-8); anything else as str
     argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    got = _forked(module, argv, str(cwd or ROOT), full_env, timeout, raw)
+    if got is not None:
+        return got
     p = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True,
                        cwd=str(cwd or ROOT), env=full_env, timeout=timeout)
     out = p.stdout if raw else p.stdout.decode()

@@ -286,11 +286,11 @@ def test_smollm2_gguf_at_tp3_summarizes_as_tp1(need_shared, tmp_path):
     for tp in (1, 3):
         cfg = config.compose([f"model.source={gguf}", f"store={tmp_path / 'store'}", "precision=fp32",
                               "validate.enabled=false", f"parallel.tp={tp}", "limits.max_input_len=256",
-                              "limits.max_output_len=32", "limits.max_batch_size=5"])
+                              "limits.max_output_len=32", "limits.max_batch_size=10"])
         engine = pipeline.run(cfg)
         out = tmp_path / f"tp{tp}.json"
         rc, stdout, err = run_module("runtime.summarize", "--engine_dir", engine, "--dataset", data,
-                                     "--max_articles", 10, "--batch_size", 5, "--output_len", 32, "--device", "cpu",
+                                     "--max_articles", 10, "--batch_size", 10, "--output_len", 32, "--device", "cpu",
                                      "--test_engine", "--json_out", out, timeout=600)
         assert rc == 0, err[-3000:]
         runs[tp] = (json.loads(stdout.strip().splitlines()[-1])["engine"],
