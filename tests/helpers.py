@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -97,6 +98,7 @@ class _Zygote:
     there). None when it cannot run here (no fork, threads at import, $EF_TEST_ZYGOTE=0)."""
     _proc = None
     _env: dict | None = None
+    lock = threading.Lock()
 
     @classmethod
     def get(cls, env: dict):
@@ -126,6 +128,17 @@ class _Zygote:
 
 
 def _forked(module, argv, cwd, env, timeout, raw):
+    """One command through the zygote, or None. It runs one command at a time: a command started while
+    another runs (tests that run builds at once, from threads) takes a real subprocess, so they overlap."""
+    if not _Zygote.lock.acquire(blocking=False):
+        return None
+    try:
+        return _forked_locked(module, argv, cwd, env, timeout, raw)
+    finally:
+        _Zygote.lock.release()
+
+
+def _forked_locked(module, argv, cwd, env, timeout, raw):
     import tempfile
 
     zyg = _Zygote.get(env)
