@@ -10,9 +10,8 @@ from typing import Callable
 
 import torch
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-           torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64",
-           torch.float8_e4m3fn: "F8_E4M3"}
+from runtime.dtypes import SAFETENSORS_DTYPES as _DTYPES
+
 
 
 def write_streaming(path: Path, plan: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],

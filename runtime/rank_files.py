@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 from .errors import EngineError
 from .parallel import RankLayout
 from .shard import rank_tensor_names, shard_shape, style_of
 from .spec import ModelSpec
 
 _QUANTIZED_STYLES = ("column_qkv", "column_up", "row")  # the four linears of a layer: a quant mode's
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3"}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 _REBUILD = "rebuild the engine"
 
