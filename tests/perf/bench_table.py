@@ -146,7 +146,7 @@ CASES = {
     "int4_g128_tight": (["precision=int4_wo_g128"], "tight"),
     "sq_tight": (["precision=sq", "precision.per_token=true", "precision.per_channel=true", "calibration.dataset=random"],
                  "tight"),
-    "fp8_tight": (["precision=fp8"], "tight"),
+    "fp8_tight": (["precision=fp8", "calibration.dataset=random"], "tight"),
     # int8 K/V at twice the positions the bf16 cache fits at batch 64 next to the weights (3,072: BIG)
     "kv_int8_2x": (["precision=bf16", "precision.kv_cache=int8", "calibration.dataset=random"], "kv2x"),
 }
