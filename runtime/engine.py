@@ -143,17 +143,16 @@ class Engine:
         masks of each layer). The first decode of each batch-size bucket compiles (tens of seconds for a 7B
         model); on CUDA the compiled step is then captured in the bucket's CUDA graph. On a one-rank CUDA
         engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes). Compiled
-        kernels are cached in compile_cache_dir() for the next process."""
-        if self.model.comm.world_size > 1:  # every rank raises this alike, before any collective
-            # torch.compile of a tp2 decode step with gloo all-reduces compiles and matches eager on CPU (4e-6,
-            # ~60 s per rank on 2 cores); not yet tested end to end through Engine (lockstep
-            # compile on every rank, CUDA graphs with NCCL), nor with the pipeline's isend/irecv.
-            raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for one-rank engines "
-                            f"(this one has {self.model.comm.world_size} ranks: a compiled step with its "
-                            f"collectives is not tested through the engine yet); run it without compiling")
+        kernels are cached in compile_cache_dir() for the next process. A tensor-parallel engine compiles on
+        every rank alike (Dynamo traces the all-reduces as functional collectives; with gloo, ranks sharing
+        a GPU, no CUDA graph captures them); pipeline stages are refused."""
+        if self.model.comm.pp > 1:  # every rank raises this alike, before any collective
+            raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for engines without pipeline "
+                            f"stages (this one has pp={self.model.comm.pp}: its stages' send/recv are not traced); "
+                            "run it without compiling")
         use_compile_cache()
         self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.model.comm.world_size == 1:
             self.model.compile_prefill()
         self._graphs.clear()
         self.compiled = True

@@ -128,8 +128,6 @@ def test_engine_load_drives_local_ranks(engines, reference, one_thread):
         # rank 0 alone streams and compiles nothing multi-rank: refused before the workers start the call
         with pytest.raises(UserError, match="streamer=123"):
             eng.generate([[5, 6]], max_new_tokens=3, streamer=123)
-        with pytest.raises(UserError, match="one-rank engines"):
-            eng.compile()
         streamed = []
         gen = eng.generate([[5, 6]], max_new_tokens=3, streamer=lambda i, t: streamed.append(t))
         assert streamed == gen[0].output_ids == tp1.generate([[5, 6]], max_new_tokens=3)[0].output_ids
@@ -163,10 +161,11 @@ def test_killed_rank_ends_the_call_with_one_line(engines, one_thread):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
-@pytest.mark.parametrize("engine", ["tp2", "tp2pp2"])
-def test_ranks_on_cuda_give_tp1_tokens(engines, engine, one_thread):
+@pytest.mark.parametrize("engine, compiled", [("tp2", False), ("tp2pp2", False), ("tp2", True)])
+def test_ranks_on_cuda_give_tp1_tokens(engines, engine, compiled, one_thread):
     """With a GPU per rank: NCCL, and the decode step with its collectives captured in CUDA graphs; with
-    ranks sharing GPUs (one H200: both ranks on it): gloo, pipeline send/recv through host memory, no graphs."""
+    ranks sharing GPUs (one H200: both ranks on it): gloo, pipeline send/recv through host memory, no graphs.
+    compiled: Engine.compile() on every rank first."""
     from runtime.engine import Engine
 
     tp1 = Engine.load(engines["tp1"], device="cuda")
@@ -175,10 +174,41 @@ def test_ranks_on_cuda_give_tp1_tokens(engines, engine, one_thread):
     try:
         nccl = eng.ranks.size <= torch.cuda.device_count()
         assert (eng.ranks.backend, eng.use_cuda_graphs) == (("nccl", True) if nccl else ("gloo", False))
+        if compiled:
+            eng.compile()
         got = [g.output_ids for g in eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)]
     finally:
         eng.close()
     assert got == want
+
+
+@pytest.mark.slow
+def test_compiled_tp2_gives_tp1_tokens(engines, reference, one_thread, tmp_path, monkeypatch):
+    """Engine.compile() of a tp2 engine: every rank compiles its decode step with the all-reduces in it
+    (gloo on CPU); the tokens stay tp1's. A pipeline engine is refused with one line on every rank."""
+    from runtime.engine import Engine
+
+    monkeypatch.setenv("EF_COMPILE_CACHE", str(tmp_path / "compile"))  # the workers inherit it
+    eng = Engine.load(engines["tp2"], device="cpu")
+    try:
+        eng.compile()
+        assert eng.compiled
+        assert [g.output_ids for g in eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)] == reference
+    finally:
+        eng.close()
+    eng = Engine.load(engines["tp2pp2"], device="cpu")
+    try:
+        with pytest.raises(UserError, match="pp=2"):
+            eng.compile()
+        assert eng.generate([[5, 6]], max_new_tokens=3)[0].output_ids == reference_short(engines)
+    finally:
+        eng.close()
+
+
+def reference_short(engines) -> list[int]:
+    from runtime.engine import Engine
+
+    return Engine.load(engines["tp1"], device="cpu").generate([[5, 6]], max_new_tokens=3)[0].output_ids
 
 
 @pytest.mark.parametrize("when", ["between calls", "during a call"])

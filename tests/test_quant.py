@@ -202,7 +202,8 @@ def wo_kernel():
         yield kernel
 
 
-def _kernel_vs_reference(kernel, mode, M, dtype, device, N=48, K=256):
+def _kernel_vs_reference(kernel, mode, M, dtype, device, N=48, K=256, **cfg):
+    """The kernel (default launch shape for M, or cfg: e.g. SPLIT_K, GEMV) against the torch reference."""
     from runtime.quant import make_linear
 
     g = torch.Generator().manual_seed(M)
@@ -213,7 +214,10 @@ def _kernel_vs_reference(kernel, mode, M, dtype, device, N=48, K=256):
     ref_linear.kernel = "torch"
     want = ref_linear(x.cpu().float()).to(torch.float64)  # the oracle, in fp32
     bits = 8 if mode == "int8_wo" else 4
-    got = kernel.weight_only_linear(x, stored["l.weight"], stored["l.scale"], stored.get("l.zero"), bits)
+    if cfg:
+        got = kernel.launch(x, stored["l.weight"], stored["l.scale"], stored.get("l.zero"), bits, **cfg)
+    else:
+        got = kernel.weight_only_linear(x, stored["l.weight"], stored["l.scale"], stored.get("l.zero"), bits)
     assert got.dtype == dtype and got.shape == (M, N)
     err = (got.cpu().double() - want).abs().max() / want.abs().max()
     assert err <= {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], err
@@ -231,7 +235,11 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
     code = ("import torch, test_quant as t, runtime.quant.triton_wo as k\n"
             "for dt in (torch.float32, torch.float16):\n"
             "    for mode, M in (('int4_wo_g64', 1), ('int4_wo_g128', 8), ('int4_wo', 3), ('int8_wo', 5)):\n"
-            "        t._kernel_vs_reference(k, mode, M, dt, 'cpu')\n")
+            "        t._kernel_vs_reference(k, mode, M, dt, 'cpu')\n"
+            "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"  # split K, and the batch-1 GEMV split or not
+            "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)\n"
+            "        for split in (1, 3):\n"
+            "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)\n")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
                        capture_output=True, text=True, timeout=300)
@@ -245,6 +253,9 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
 def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
     for M in (1, 8, 64, 300):  # decode batches and a prefill
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048)
+    for M, cfg in ((1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}),
+                   (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4})):
+        _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
 
 
 @pytest.mark.cuda

@@ -2,7 +2,8 @@
 1..64) and prefill on CUDA; the kernel of runtime/quant/int8_wo.py and int4_wo.py there (the CPU path
 and the oracle stay plain torch).
 
-Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); each program walks K in BLOCK_K tiles. A tile never straddles
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); each program walks every SPLIT_K-th BLOCK_K tile of K
+(SPLIT_K > 1: fp32 partial sums, added in a fixed order after, so the result does not depend on timing). A tile never straddles
 a group (BLOCK_K divides the group size; per channel the group is the whole row), so a tile's integer
 levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
 partial sum is scaled once per output column: acc += (x_tile @ (q - zero)) * scale[group]. int4 bytes
@@ -19,9 +20,10 @@ from torch.library import triton_op, wrap_triton
 @triton.jit
 def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = m < M, n < N
@@ -30,7 +32,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
     x_rows = X + m.to(tl.int64)[:, None] * stride_xm
     w_cols = W + n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         g = k0 // GROUP  # one group per tile
         if HAS_ZERO:
             z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.int32)
@@ -60,14 +62,55 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             else:
                 part = tl.dot(x, w)
         acc += part * s[None, :]
-    out = OUT + m.to(tl.int64)[:, None] * stride_om + n[None, :]
+    out = OUT + pid_k.to(tl.int64) * M * stride_om + m.to(tl.int64)[:, None] * stride_om + n[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
+                    GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
+    multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x))."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    HALF: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
+    j = tl.arange(0, HALF)
+    w_rows = W + n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        g = k0 // GROUP
+        s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
+        if INT4:
+            kk = k0 + 2 * j
+            kmask = kk < K
+            b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+            xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
+            dot = tl.sum((b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :], axis=1)
+            xsum = tl.sum(xe + xo, axis=0)
+        else:
+            kk = k0 + j
+            kmask = kk < K
+            q = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
+            x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            dot = tl.sum(q * x[None, :], axis=1)
+            xsum = tl.sum(x, axis=0)
+        if HAS_ZERO:
+            z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
+            dot = dot - z * xsum
+        acc += dot * s
+    tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
 
 
 def default_config(M: int, group: int) -> dict:
     """Launch shape from static sizes: small M (decode) takes narrow N tiles so that a 7B layer still
     fills the GPU at batch 1; BLOCK_K divides the group."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
+    if M == 1:
+        return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 1, "num_warps": 4}
     if M <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
     if M <= 64:  # (ranges, not next_power_of_2(M): a compiled prefill with dynamic M guards on these only)
@@ -85,15 +128,26 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     G = scale.numel() // N
     group = K // G
     assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
-    cfg = cfg or default_config(M, group)
+    cfg = dict(cfg or default_config(M, group))
+    cfg.setdefault("SPLIT_K", 1)
+    gemv = cfg.pop("GEMV", False)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    wrap_triton(_wo_kernel)[grid](
-        x, weight, scale, zero if zero is not None else scale, out, M, N, K, G,
-        x.stride(0), weight.stride(0), out.stride(0),
-        GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
-    return out
+    split = cfg["SPLIT_K"]
+    # split K: fp32 partials (SPLIT_K, M, N), summed in order below
+    out = torch.empty((split, M, N) if split > 1 else (M, N), dtype=torch.float32 if split > 1 else x.dtype,
+                      device=x.device)
+    z = zero if zero is not None else scale
+    if gemv:
+        assert M == 1, M
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
+        wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, out, N, K, G, weight.stride(0),
+                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, **cfg)
+    else:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+        wrap_triton(_wo_kernel)[grid](
+            x, weight, scale, z, out, M, N, K, G, x.stride(0), weight.stride(0), N,
+            GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
+    return out.sum(0).to(x.dtype) if split > 1 else out
 
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())

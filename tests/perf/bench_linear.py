@@ -1,0 +1,175 @@
+"""The linears of one LLaMA-2-7B layer, alone, per quant mode and batch: time, bytes read, ×bf16 (a
+measurement on the GPU, not a test). And a launch-shape sweep of the weight-only Triton kernel per shape.
+
+    python tests/perf/bench_linear.py --out OUT [--modes none,int8_wo,...] [--batches 1,8,64,512] [--sweep]
+
+Each mode's runtime linear (runtime.quant.make_linear, as an engine builds it) on random weights of the
+four shapes of a layer (attn.qkv 12288x4096, attn.o 4096x4096, mlp.up 22016x4096, mlp.down 4096x11008),
+COPIES distinct copies each so that the weights are several times the L2; every call of a shape replays
+one CUDA graph of all copies (eager kernels, as captured in the decode graph; the engine's --compile also
+fuses the elementwise work around them). The time is the median of REPS replays over the copies.
+--sweep: for int8_wo and int4_wo_g128 at batch 1 and 64, each launch shape of runtime/quant/triton_wo.py
+in a small grid, per linear shape; the best next to the default.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from runtime.quant import MODES, make_linear  # noqa: E402
+
+SHAPES = {"attn.qkv": (12288, 4096), "attn.o": (4096, 4096), "mlp.up": (22016, 4096), "mlp.down": (4096, 11008)}
+COPIES, REPS = 4, 15
+
+
+def quantized(mode: str, shape, dtype, gen) -> dict:
+    N, K = shape
+    w = torch.randn(N, K, device="cuda", generator=gen, dtype=torch.float32) * 0.02
+    if mode == "none":
+        return {"weight": w.to(dtype)}
+    stats = {"input_absmax": torch.full((K,), 4.0, device="cuda")}
+    return {k: v.cuda() for k, v in MODES[mode].quantize(w, dtype, stats).items()}
+
+
+def timed(fn, reps: int = REPS) -> float:
+    """Median microseconds of one call of fn, replayed in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def modes_table(args, out) -> None:
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = {}
+    for mode in args.modes:
+        for lin, shape in SHAPES.items():
+            try:
+                stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
+                linears = [make_linear(mode, {f"l.{k}": v for k, v in t.items()}, "l") for t in stored]
+            except Exception as e:  # noqa: BLE001 (a measurement: say it and go on)
+                out({"kind": "failed", "mode": mode, "linear": lin, "why": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            wbytes = nbytes(stored[0])
+            for M in args.batches:
+                x = torch.randn(M, shape[1], device="cuda", dtype=dtype)
+                try:
+                    us = timed(lambda: [f(x) for f in linears]) / COPIES
+                except Exception as e:  # noqa: BLE001
+                    out({"kind": "failed", "mode": mode, "linear": lin, "M": M, "why": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                if mode == "none":
+                    base[lin, M] = us
+                kernel = getattr(linears[0], "kernel", "cublas")
+                out({"kind": "linear", "mode": mode, "kernel": kernel, "linear": lin, "N": shape[0], "K": shape[1],
+                     "M": M, "us": round(us, 2), "weight_bytes": wbytes, "GB_s": round(wbytes / us / 1e3, 1),
+                     "TFLOP_s": round(2 * M * shape[0] * shape[1] / us / 1e6, 1),
+                     "x_bf16": round(base[lin, M] / us, 3) if (lin, M) in base else None})
+            del stored, linears
+            torch.cuda.empty_cache()
+
+
+def sweep(args, out) -> None:
+    from runtime.quant import triton_wo
+
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    grids = {
+        1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
+            for bn, bk, sk, nw in itertools.product((16, 32, 64), (128, 256), (1, 2, 4), (4, 8))]
+           + [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4}
+              for bn, bk, sk in itertools.product((32, 64), (64, 128), (1, 2, 4))],
+        64: [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
+             for bn, bk, sk, nw, ns in itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4))],
+    }
+    t_end = time.time() + args.sweep_s
+    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8)):
+        for lin, shape in SHAPES.items():
+            stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
+            group = shape[1] // (stored[0]["scale"].numel() // shape[0])
+            for M, grid in grids.items():
+                x = torch.randn(M, shape[1], device="cuda", dtype=dtype)
+                default = triton_wo.default_config(M, group)
+                results = []
+                for cfg in [default, *grid]:
+                    if group % cfg["BLOCK_K"]:  # a tile may not straddle two groups
+                        continue
+                    if time.time() > t_end:
+                        break
+                    try:
+                        us = timed(lambda: [triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), bits, **cfg)
+                                            for t in stored], reps=7) / COPIES
+                    except Exception as e:  # noqa: BLE001
+                        results.append((float("inf"), cfg, f"{type(e).__name__}: {e}"[:120]))
+                        continue
+                    results.append((us, cfg, None))
+                ok = sorted((r for r in results if r[2] is None), key=lambda r: r[0])
+                if not ok:
+                    out({"kind": "sweep_failed", "mode": mode, "linear": lin, "M": M,
+                         "why": [r[2] for r in results][:3]})
+                    continue
+                d = next((r[0] for r in results if r[1] is default and r[2] is None), None)
+                wbytes = nbytes(stored[0])
+                out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(results),
+                     "default_us": round(d, 2) if d else None, "best_us": round(ok[0][0], 2), "best": ok[0][1],
+                     "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1), "top3": [(round(u, 2), c) for u, c, _ in ok[:3]]})
+            del stored
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--modes", default="none,int8_wo,int4_wo_g128,int4_wo,sq_per_token_per_channel,sq_per_channel,fp8")
+    ap.add_argument("--batches", default="1,8,64,512")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep_s", type=float, default=150)
+    args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    sink = open(Path(args.out) / "linear.jsonl", "a")
+
+    def out(rec):
+        line = json.dumps(rec)
+        print(line, flush=True)
+        sink.write(line + "\n")
+        sink.flush()
+
+    out({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+    modes_table(args, out)
+    if args.sweep:
+        sweep(args, out)
+
+
+if __name__ == "__main__":
+    main()
