@@ -72,6 +72,38 @@ def bench(engine: Engine, batch: int, input_len: int, output_len: int, reps: int
     }
 
 
+def profile(engine: Engine, batch: int, input_len: int, steps: int = 32, top: int = 15) -> dict:
+    """Where a decode step's GPU time goes: torch.profiler over a prefill alone and over the same prefill
+    plus `steps` decode steps; each kernel's time in the second minus the first, per step (kernels
+    replayed from CUDA graphs included). Returns a JSON-able row: the top kernels and their shares."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, engine.spec.vocab_size, (input_len,), generator=g).tolist() for _ in range(batch)]
+    engine.generate(prompts, max_new_tokens=steps + 1, ignore_eos=True)  # warm: graphs and compilation
+
+    def kernels(new_tokens: int) -> dict[str, float]:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+            _sync(engine.device)
+        times: dict[str, float] = {}
+        for e in prof.events():  # the kernels themselves (a CPU op's device time would count them twice)
+            if e.device_type == DeviceType.CUDA:
+                times[e.name] = times.get(e.name, 0.0) + e.device_time_total
+        return times
+
+    base, full = kernels(1), kernels(steps + 1)
+    per_step = {k: (v - base.get(k, 0.0)) / steps for k, v in full.items()}
+    per_step = {k: v for k, v in per_step.items() if v > 0}
+    total = sum(per_step.values())
+    rows = sorted(per_step.items(), key=lambda kv: -kv[1])[:top]
+    return {"profile": engine.engine_dir.name, "batch": batch, "input_len": input_len, "steps": steps,
+            "gpu_us_per_step": round(total, 1),
+            "top": [{"kernel": k[:120], "us_per_step": round(v, 1), "share": round(v / total, 3)} for k, v in rows]}
+
+
 def _case(text: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"\s*(\d+)x(\d+)\+(\d+)\s*", text)
     if not m or min(int(x) for x in m.groups()) < 1:
@@ -93,6 +125,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=count, default=3, help=">= 1")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles at warm-up)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the rows, one JSON line per --batch_size: the GPU kernels of a decode step (torch.profiler)")
     args = p.parse_args(argv)
     t0 = float(os.environ.get("EF_BENCH_T0") or time.time())
     setup_logging()
@@ -112,6 +146,9 @@ def main(argv=None) -> None:
         engine.compile()
     for i, (b, n_in, n_out) in enumerate(rows):
         print(json.dumps(bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)), flush=True)
+    if args.profile and engine.device.type == "cuda":
+        for b in args.batch_size or [1]:
+            print(json.dumps(profile(engine, b, args.input_len)), flush=True)
 
 
 if __name__ == "__main__":

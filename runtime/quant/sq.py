@@ -93,8 +93,10 @@ class W8A8Linear:
             return int8_matmul(q, self.weight)
         m, k = q.shape
         mp = _pad_to(m, 8, least=24)  # cuBLASLt: M > 16
-        q = F.pad(q, (0, self.weight_t.shape[0] - k, 0, mp - m))
-        return torch._int_mm(q, self.weight_t)[:m, :self.out_features]
+        if mp != m or self.weight_t.shape[0] != k:  # (no copy when the shapes already fit)
+            q = F.pad(q, (0, self.weight_t.shape[0] - k, 0, mp - m))
+        y = torch._int_mm(q, self.weight_t)
+        return y if (mp, y.shape[1]) == (m, self.out_features) else y[:m, :self.out_features]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -9,7 +9,8 @@ COPIES distinct copies each so that the weights are several times the L2; every 
 one CUDA graph of all copies (eager kernels, as captured in the decode graph; the engine's --compile also
 fuses the elementwise work around them). The time is the median of REPS replays over the copies.
 --sweep: for int8_wo and int4_wo_g128 at batch 1 and 64, each launch shape of runtime/quant/triton_wo.py
-in a small grid, per linear shape; the best next to the default.
+in a small grid, per linear shape; the best next to the default; and bf16 weights through its batch-1
+GEMV kernel (to set against cuBLAS's bf16 GEMV in the table).
 """
 from __future__ import annotations
 
@@ -112,15 +113,23 @@ def sweep(args, out) -> None:
              for bn, bk, sk, nw, ns in itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4))],
     }
     t_end = time.time() + args.sweep_s
-    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8)):
+    # "none": bf16 weights through the GEMV kernel (scale 1 per row): a Triton batch-1 GEMV against cuBLAS
+    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8), ("none", 8)):
         for lin, shape in SHAPES.items():
             stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
+            if mode == "none":
+                for t in stored:
+                    t["scale"] = torch.ones(shape[0], device="cuda", dtype=dtype)
             group = shape[1] // (stored[0]["scale"].numel() // shape[0])
             for M, grid in grids.items():
+                if mode == "none":
+                    if M != 1:
+                        continue
+                    grid = [c for c in grid if c.get("GEMV")]
                 x = torch.randn(M, shape[1], device="cuda", dtype=dtype)
                 default = triton_wo.default_config(M, group)
                 results = []
-                for cfg in [default, *grid]:
+                for cfg in ([default] if mode != "none" else []) + grid:
                     if group % cfg["BLOCK_K"]:  # a tile may not straddle two groups
                         continue
                     if time.time() > t_end:

@@ -110,9 +110,9 @@ def bench(run: Run, name: str, engine: str | None, args: list[str], timeout: flo
         run.record({"kind": "skipped", "step": name, "why": "its engine did not build"})
         return []
     rc, out, wall = run.sh(name, [PY, "-m", "runtime.bench", "--engine_dir", engine, *args], timeout, need)
-    rows = [run.record({"kind": "ours", "name": name, "wall_s": round(wall, 1), **(extra or {}), **r})
-            for r in json_lines(out)]
-    return rows
+    rows = [run.record({"kind": "profile" if "profile" in r else "ours", "name": name, "wall_s": round(wall, 1),
+                        **(extra or {}), **r}) for r in json_lines(out)]
+    return [r for r in rows if r["kind"] == "ours"]
 
 
 def peers(run: Run, peers_dir: Path, which: str, batches: list[int], timeout: float, need: float) -> None:
@@ -210,6 +210,8 @@ def gpu(args) -> None:
             rows += ["--case", f"1x{LONG}+{OUT}"]
         if case == "kv_int8_2x":
             rows = ["--batch_size", str(B64)]
+        if case in ("tight", "int4_g128_tight", "int8_tight", "sq_tight", "fp8_tight"):
+            rows += ["--profile"]  # where a decode step's GPU time goes (runtime.bench; CUDA only)
         bench(run, case + (" (first process: cold compile cache)" if case == "tight" else ""), engine(case),
               common + rows, 240, 60, {"engine_case": case, **({"startup": "cold"} if case == "tight" else {})})
         doc()
@@ -472,6 +474,12 @@ def section(rows: list[dict], mode: str) -> str:
                          "× HF"], [[r["model"], r["impl"], r["input_len"], r["output_len"], _v(r, "max_seq_len") or "—",
                                     _v(r, "decode_attention") or "—", r["total_tok_s"], _v(r, "vs_hf") or "—"]
                                    for r in rows if r.get("kind") == "cpu"]) + [""]
+    for prof in (r for r in rows if r.get("kind") == "profile"):
+        lines += [f"Decode step of {prof['name']} at batch {prof['batch']} ({prof['input_len']}-token prompts): "
+                  f"{_fmt(prof['gpu_us_per_step'])} µs of GPU kernels a step (torch.profiler, {prof['steps']} steps "
+                  "less the prefill); the top kernels:", ""]
+        lines += _table(["kernel", "µs / step", "share"], [[f"`{k['kernel'].replace('|', '/')}`", _fmt(k["us_per_step"]),
+                                                           f"{100 * k['share']:.1f}%"] for k in prof["top"]]) + [""]
     builds = [r for r in rows if r.get("kind") == "build"]
     if builds:
         lines += ["Builds: " + "; ".join(f"{r['name']} {r['wall_s']} s (`{' '.join(r['overrides'])}`)"
