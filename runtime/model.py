@@ -167,15 +167,23 @@ class Decoder:
         return (self.k_cache[0].shape[0], self.k_cache[0].shape[2]) if self.k_cache else (0, 0)
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: (T, n, hd), pos: (T,)
+    def _rope_at(self, pos: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) (T, 1, rotary_dim) in dtype at positions pos (T,), once per forward for every layer;
+        None without rotary."""
+        if self._rope is None:
+            return None
         cos, sin = self._rope
-        cos, sin = cos[pos][:, None, :].to(x.dtype), sin[pos][:, None, :].to(x.dtype)
+        return cos[pos][:, None, :].to(dtype), sin[pos][:, None, :].to(dtype)
+
+    def _rotate(self, x: torch.Tensor, rope) -> torch.Tensor:
+        # x: (T, n, hd); rope: _rope_at's (cos, sin)
+        cos, sin = rope
         rd = self.spec.rotary_dim
-        xr, xp = x[..., :rd], x[..., rd:]
+        xr = x[..., :rd] if rd < x.shape[-1] else x
         half = rd // 2
         rot = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-        return torch.cat([xr * cos + rot * sin, xp], dim=-1)
+        y = xr * cos + rot * sin
+        return y if rd == x.shape[-1] else torch.cat([y, x[..., rd:]], dim=-1)
 
     def _embed(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.embedding_split == "vocab":  # rows [start, start + n) here: look up those, sum over ranks
@@ -193,15 +201,15 @@ class Decoder:
             h = self.embed_norm(h)
         return h
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, pos: torch.Tensor):
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rope):
         T = x.shape[0]
         qkv = layer.qkv(layer.attn_norm(x))  # (T, (nh + 2 nkv) hd)
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(T, self.n_heads, self.hd)
         k = k.view(T, self.n_kv, self.hd)
         v = v.view(T, self.n_kv, self.hd)
-        if self._rope is not None:
-            q, k = self._rotate(q, pos), self._rotate(k, pos)
+        if rope is not None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
         return q, k, v
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -277,8 +285,9 @@ class Decoder:
         """This stage's layers over packed tokens h (T, H): one attention call and one indexed K/V write
         per layer for all prompts."""
         T = h.shape[0]
+        rope = self._rope_at(packed.pos, h.dtype)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, packed.pos)  # (T, n, hd)
+            q, k, v = self._qkv(layer, h, rope)  # (T, n, hd)
             if self.k_cache:
                 kc, vc = self.k_cache[li], self.v_cache[li]  # (Bmax, nkv, S, hd)
                 kc[packed.slot, :, packed.pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
@@ -323,8 +332,9 @@ class Decoder:
         bidx = torch.arange(first, first + B, device=self.device)
         attn = self.decode_attention  # runtime/attention.py: "torch" masks the whole cache, "triton" reads live K/V
         state = attn.prepare(pos, S, self.slopes, h.dtype)  # shared by every layer (the torch entry's mask)
+        rope = self._rope_at(pos, h.dtype)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, pos)  # (B, n, hd)
+            q, k, v = self._qkv(layer, h, rope)  # (B, n, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[bidx, :, pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
             vc[bidx, :, pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
