@@ -105,17 +105,35 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
     tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
 
 
-def default_config(M: int, group: int) -> dict:
-    """Launch shape from static sizes: small M (decode) takes narrow N tiles so that a 7B layer still
-    fills the GPU at batch 1; BLOCK_K divides the group."""
+def _sm_count(device: torch.device) -> int:
+    from ..attention_triton import _sm_count as sms
+
+    return sms(device)
+
+
+def default_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
+    """Launch shape from static sizes (the same launch every decode step): batch 1 takes the GEMV kernel,
+    small M narrow N tiles; K is split until there are about WAVES programs per multiprocessor (a 4096-wide
+    attn.o has only 128 tiles of 32 outputs for 132 SMs). BLOCK_K divides the group."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1:
-        return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 1, "num_warps": 4}
-    if M <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
-    if M <= 64:  # (ranges, not next_power_of_2(M): a compiled prefill with dynamic M guards on these only)
-        return {"BLOCK_M": 32 if M <= 32 else 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8}
+        cfg = {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
+        tiles = triton.cdiv(N, 32)
+    elif M <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
+        tiles = triton.cdiv(N, 32)
+    elif M <= 64:  # (ranges, not next_power_of_2(M): a compiled prefill with dynamic M guards on these only)
+        cfg = {"BLOCK_M": 32 if M <= 32 else 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4}
+        tiles = triton.cdiv(N, 64)
+    else:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8, "SPLIT_K": 1}
+    split = 1
+    while tiles * split < WAVES * sms and K // (cfg["BLOCK_K"] * split * 2) >= 4:  # >= 4 tiles of K per program
+        split *= 2
+    return {**cfg, "SPLIT_K": split}
+
+
+WAVES = 4
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -128,7 +146,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     G = scale.numel() // N
     group = K // G
     assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
-    cfg = dict(cfg or default_config(M, group))
+    cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups

@@ -100,59 +100,58 @@ def modes_table(args, out) -> None:
 
 
 def sweep(args, out) -> None:
+    """Per (mode, batch): every launch shape of the grid on every linear shape (config outside, shapes
+    inside: a launch shape compiles once for all shapes), against the default; within --sweep_s."""
     from runtime.quant import triton_wo
 
     dtype = torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     grids = {
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
-            for bn, bk, sk, nw in itertools.product((16, 32, 64), (128, 256), (1, 2, 4), (4, 8))]
-           + [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4}
-              for bn, bk, sk in itertools.product((32, 64), (64, 128), (1, 2, 4))],
+            for bn, bk, sk, nw in itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 8), (4, 8))],
         64: [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
-             for bn, bk, sk, nw, ns in itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4))],
+             for bn, bk, sk, nw, ns in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))],
     }
     t_end = time.time() + args.sweep_s
-    # "none": bf16 weights through the GEMV kernel (scale 1 per row): a Triton batch-1 GEMV against cuBLAS
-    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8), ("none", 8)):
-        for lin, shape in SHAPES.items():
-            stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
-            if mode == "none":
-                for t in stored:
-                    t["scale"] = torch.ones(shape[0], device="cuda", dtype=dtype)
-            group = shape[1] // (stored[0]["scale"].numel() // shape[0])
-            for M, grid in grids.items():
-                if mode == "none":
-                    if M != 1:
+    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8)):
+        stored = {lin: [quantized(mode, shape, dtype, gen) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
+        for M, grid in grids.items():
+            xs = {lin: torch.randn(M, shape[1], device="cuda", dtype=dtype) for lin, shape in SHAPES.items()}
+            res = {lin: [] for lin in SHAPES}  # (us, cfg)
+            defaults = {}
+            for lin, shape in SHAPES.items():
+                group = shape[1] // (stored[lin][0]["scale"].numel() // shape[0])
+                defaults[lin] = triton_wo.default_config(M, shape[0], shape[1], group, sms)
+            for cfg in [None, *grid]:
+                if time.time() > t_end:
+                    break
+                for lin, shape in SHAPES.items():
+                    c = defaults[lin] if cfg is None else cfg
+                    group = shape[1] // (stored[lin][0]["scale"].numel() // shape[0])
+                    if group % c["BLOCK_K"] or c["BLOCK_K"] * c["SPLIT_K"] > shape[1]:
                         continue
-                    grid = [c for c in grid if c.get("GEMV")]
-                x = torch.randn(M, shape[1], device="cuda", dtype=dtype)
-                default = triton_wo.default_config(M, group)
-                results = []
-                for cfg in ([default] if mode != "none" else []) + grid:
-                    if group % cfg["BLOCK_K"]:  # a tile may not straddle two groups
-                        continue
-                    if time.time() > t_end:
-                        break
+                    x = xs[lin]
                     try:
-                        us = timed(lambda: [triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), bits, **cfg)
-                                            for t in stored], reps=7) / COPIES
+                        us = timed(lambda: [triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), bits, **c)
+                                            for t in stored[lin]], reps=7) / COPIES
                     except Exception as e:  # noqa: BLE001
-                        results.append((float("inf"), cfg, f"{type(e).__name__}: {e}"[:120]))
-                        continue
-                    results.append((us, cfg, None))
-                ok = sorted((r for r in results if r[2] is None), key=lambda r: r[0])
+                        out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
+                        break
+                    res[lin].append((us, "default" if cfg is None else c))
+            for lin, shape in SHAPES.items():
+                ok = sorted(res[lin], key=lambda r: r[0])
                 if not ok:
-                    out({"kind": "sweep_failed", "mode": mode, "linear": lin, "M": M,
-                         "why": [r[2] for r in results][:3]})
                     continue
-                d = next((r[0] for r in results if r[1] is default and r[2] is None), None)
-                wbytes = nbytes(stored[0])
-                out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(results),
-                     "default_us": round(d, 2) if d else None, "best_us": round(ok[0][0], 2), "best": ok[0][1],
-                     "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1), "top3": [(round(u, 2), c) for u, c, _ in ok[:3]]})
-            del stored
-            torch.cuda.empty_cache()
+                d = next((u for u, c in res[lin] if c == "default"), None)
+                wbytes = nbytes(stored[lin][0])
+                out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(res[lin]),
+                     "default": defaults[lin], "default_us": round(d, 2) if d else None,
+                     "default_GB_s": round(wbytes / d / 1e3, 1) if d else None, "best_us": round(ok[0][0], 2),
+                     "best": ok[0][1], "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1),
+                     "top5": [(round(u, 2), c) for u, c in ok[:5]]})
+        del stored
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
