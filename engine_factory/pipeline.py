@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from runtime.dtypes import torch_name
 from runtime.errors import EngineError, UserError
 from runtime.format import FORMAT_VERSION, VALIDATION_JSON, verify_engine
+from runtime.quant import get as quant_mode
 
 from . import __version__, families
 from .checks import check_config, check_model
@@ -38,6 +39,8 @@ def engine_identity(cfg, source, spec, calib=None) -> dict:
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
         "calibration": None if calib is None else calib.identity,  # statistics' digest + settings, no path
         **({"quant_settings": qs} if (qs := quant_settings(cfg)) else {}),  # the mode's own (SmoothQuant's alpha, ...)
+        # the version of the mode's quantize(): a change of its bytes is a new engine (float engines: no key)
+        **({"quant_version": m.version} if (m := quant_mode(cfg.precision.quant)).quantizes else {}),
         "parallel": {k: v for k, v in OmegaConf.to_container(cfg.parallel, resolve=True).items()
                      if k != "build_workers"}, "limits": engine_limits(cfg, spec),
         "plugins": OmegaConf.to_container(cfg.plugins, resolve=True),

@@ -332,3 +332,17 @@ def test_group_that_straddles_ranks_is_one_line(cli, store):
     assert_one_clear_line(cli("model.source=dummy", f"+model.config={{{FAMILIES['llama']}}}", f"store={store}",
                               "precision=int4_wo_g128", "parallel.tp=2"),
                           "attn.o", "tp=2", "64 per rank", "int4_wo_g64", "parallel.tp=1")
+
+
+def test_a_quant_mode_version_is_in_the_hash(tmp_path, monkeypatch, one_thread):
+    """A mode whose quantize() changes says so by its version: the same recipe is then another engine (a
+    stale cache hit would serve the old bytes); float engines carry no such key."""
+    from runtime.quant import MODES
+
+    first = _dummy(tmp_path, "llama", "precision=int8_wo", "validate.enabled=false")
+    fp16 = _dummy(tmp_path, "llama", "precision=fp16", "validate.enabled=false")
+    assert _dummy(tmp_path, "llama", "precision=int8_wo", "validate.enabled=false") == first
+    monkeypatch.setattr(MODES["int8_wo"], "version", 2, raising=False)
+    monkeypatch.setattr(MODES["none"], "version", 2, raising=False)
+    assert _dummy(tmp_path, "llama", "precision=int8_wo", "validate.enabled=false") != first
+    assert _dummy(tmp_path, "llama", "precision=fp16", "validate.enabled=false") == fp16

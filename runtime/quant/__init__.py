@@ -36,6 +36,7 @@ class QuantMode:
     needs_calibration = False  # quantize() reads calibration statistics
     bounds: tuple[float, float] | None = None  # validate's (max_rel_logits, min_token_agreement); None: the dtype's
     settings_keys: tuple[str, ...] = ()  # the precision.* settings the build passes to prepare() (hashed)
+    version = 1  # in the engine's hash: bump it when quantize() / prepare() would write other bytes
 
     def stored(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, Stored]:
         """suffix -> what is stored for a world-1 weight of shape (out, in) and float dtype."""
