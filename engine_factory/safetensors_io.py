@@ -38,7 +38,8 @@ def write_streaming(path: Path, plan: dict[str, tuple[tuple[int, ...], torch.dty
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise AssertionError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
             t = t.contiguous().cpu()
-            # bytes through uint8 view: numpy has no bfloat16
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # bytes through a uint8 view (numpy has no bfloat16), written from the tensor's memory (no copy)
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
             if progress is not None:
                 progress.update(1)
