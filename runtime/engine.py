@@ -40,6 +40,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+STOP_CHECK = 8  # decode steps between the host's reads of "has every row stopped?" (each read is a GPU sync)
 COMPILE_CACHE_ENV = "EF_COMPILE_CACHE"  # where compiled artifacts persist between processes
 
 
@@ -356,7 +357,10 @@ class Engine:
                     streamer(offset + i, t)
             if stop_strings and self._hit_stop_strings(out[:, :n], stop_strings):
                 break
-            if step + 1 == max_new or bool(finished.all()):
+            # reading `finished` waits for the GPU: only every STOP_CHECK steps (and each step when a streamer
+            # already waits), so the host queues the next steps while the GPU runs; steps past the last
+            # row's stop only cost time: _finish cuts every row at its first stop
+            if step + 1 == max_new or ((streamer is not None or n % STOP_CHECK == 0) and bool(finished.all())):
                 break
             nxt = self._decode_step(nxt, pos, temperature, top_k, top_p, gen)
             pos = pos + 1

@@ -176,3 +176,25 @@ def test_compiled_decode_matches_transformers(engine_of, reference, tmp_path):
     assert compiled.compiled
     for ids, g in zip(prompts, outs):
         assert g.output_ids == hf_greedy(reference("tiny_llama"), ids, 12)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_rows_stopping_at_different_steps_give_the_same_tokens_whatever_the_stop_check(tiny_llama, tmp_path,
+                                                                                         monkeypatch, check_every):
+    """The decode loop reads "has every row stopped?" from the device only every STOP_CHECK steps (no sync
+    per step): rows that stop at different steps, and a batch that stops before max_new_tokens, give the
+    tokens and finish reasons of a loop that checks each step."""
+    import runtime.engine as engine_mod
+    from helpers import build_in_process
+
+    eng = engine_mod.Engine.load(build_in_process(tiny_llama, tmp_path, "precision=fp32", "validate.enabled=false"),
+                                 device="cpu")
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
+    free = eng.generate(prompts, max_new_tokens=24, ignore_eos=True)
+    stops = [free[0].output_ids[4], free[1].output_ids[9], free[2].output_ids[13]]  # each row stops somewhere
+    monkeypatch.setattr(engine_mod, "STOP_CHECK", 1)
+    want = eng.generate(prompts, max_new_tokens=40, stop_token_ids=stops)
+    monkeypatch.setattr(engine_mod, "STOP_CHECK", check_every)
+    got = eng.generate(prompts, max_new_tokens=40, stop_token_ids=stops)
+    assert [(g.output_ids, g.finish_reason) for g in got] == [(g.output_ids, g.finish_reason) for g in want]
+    assert all(g.finish_reason == "stop" for g in got)

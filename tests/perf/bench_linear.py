@@ -109,7 +109,7 @@ def sweep(args, out) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grids = {
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
-            for bn, bk, sk, nw in itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 8), (4, 8))],
+            for bn, bk, sk, nw in itertools.product((32, 64, 128, 16), (128, 256, 512, 64), (1, 2, 4, 8), (4, 8))],
         64: [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
              for bn, bk, sk, nw, ns in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))],
     }
@@ -117,6 +117,8 @@ def sweep(args, out) -> None:
     for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8)):
         stored = {lin: [quantized(mode, shape, dtype, gen) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
         for M, grid in grids.items():
+            if M not in args.sweep_batches:
+                continue
             xs = {lin: torch.randn(M, shape[1], device="cuda", dtype=dtype) for lin, shape in SHAPES.items()}
             res = {lin: [] for lin in SHAPES}  # (us, cfg)
             defaults = {}
@@ -161,9 +163,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64,512")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep_s", type=float, default=150)
+    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 64")
     args = ap.parse_args()
-    args.modes = [m for m in args.modes.split(",") if m]
+    args.modes = [m for m in args.modes.split(",") if m and m != "-"]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     sink = open(Path(args.out) / "linear.jsonl", "a")
 
@@ -174,7 +178,8 @@ def main() -> None:
         sink.flush()
 
     out({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__})
-    modes_table(args, out)
+    if args.modes:
+        modes_table(args, out)
     if args.sweep:
         sweep(args, out)
 
