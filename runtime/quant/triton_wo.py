@@ -111,15 +111,22 @@ def _sm_count(device: torch.device) -> int:
     return sms(device)
 
 
-def default_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
-    """Launch shape from static sizes (the same launch every decode step): batch 1 takes the GEMV kernel,
-    small M narrow N tiles; K is split until there are about WAVES programs per multiprocessor (a 4096-wide
-    attn.o has only 128 tiles of 32 outputs for 132 SMs). BLOCK_K divides the group."""
+def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) -> dict:
+    """Launch shape from static sizes (the same launch every decode step); BLOCK_K divides the group.
+
+    Batch 1 takes the GEMV kernel with K split 8 ways: the best or within 3% of it for every linear of a
+    LLaMA-7B layer in the H200 sweep (tests/perf/bench_linear.py --sweep, 2026-12-03: int8 32 x 256 tiles,
+    89.8 us a layer against 102.6 for the SM-count rule and 88.7 for each shape's best; packed int4 128
+    rows x one 128-group, 174 against 225). Small M: narrow N tiles, K split until there are about WAVES
+    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1:
-        cfg = {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
-        tiles = triton.cdiv(N, 32)
-    elif M <= 16:
+        wide = 256 if bits == 8 and group % 256 == 0 else block_k
+        split = 8
+        while split > 1 and K // (wide * split) < 2:  # at least two K tiles a program
+            split //= 2
+        return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4}
+    if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)
     elif M <= 64:  # (ranges, not next_power_of_2(M): a compiled prefill with dynamic M guards on these only)
@@ -146,7 +153,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     G = scale.numel() // N
     group = K // G
     assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
-    cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132))
+    cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups

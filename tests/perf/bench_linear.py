@@ -124,7 +124,7 @@ def sweep(args, out) -> None:
             defaults = {}
             for lin, shape in SHAPES.items():
                 group = shape[1] // (stored[lin][0]["scale"].numel() // shape[0])
-                defaults[lin] = triton_wo.default_config(M, shape[0], shape[1], group, sms)
+                defaults[lin] = triton_wo.default_config(M, shape[0], shape[1], group, sms, bits)
             for cfg in [None, *grid]:
                 if time.time() > t_end:
                     break
