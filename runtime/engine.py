@@ -40,7 +40,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-STOP_CHECK = 8  # decode steps between the host's reads of "has every row stopped?" (each read is a GPU sync)
+STOP_CHECK = 8  # CUDA: decode steps between the host's reads of "has every row stopped?" (each read is a sync)
 COMPILE_CACHE_ENV = "EF_COMPILE_CACHE"  # where compiled artifacts persist between processes
 
 
@@ -132,6 +132,8 @@ class Engine:
         self._step = model.decode
         self.compiled = False
         self.ranks = None  # runtime.dist.Ranks of a multi-rank engine: this process's rank among them
+        # decode steps between reads of "every row stopped?": on CUDA a read waits for the GPU, on CPU it is free
+        self.stop_check = STOP_CHECK if self.device.type == "cuda" else 1
 
     def close(self) -> None:
         """A multi-rank engine: stop the local ranks that it started, leave the process group (also at exit)."""
@@ -357,10 +359,10 @@ class Engine:
                     streamer(offset + i, t)
             if stop_strings and self._hit_stop_strings(out[:, :n], stop_strings):
                 break
-            # reading `finished` waits for the GPU: only every STOP_CHECK steps (and each step when a streamer
+            # reading `finished` waits for the GPU: only every stop_check steps (and each step when a streamer
             # already waits), so the host queues the next steps while the GPU runs; steps past the last
             # row's stop only cost time: _finish cuts every row at its first stop
-            if step + 1 == max_new or ((streamer is not None or n % STOP_CHECK == 0) and bool(finished.all())):
+            if step + 1 == max_new or ((streamer is not None or n % self.stop_check == 0) and bool(finished.all())):
                 break
             nxt = self._decode_step(nxt, pos, temperature, top_k, top_p, gen)
             pos = pos + 1
