@@ -21,7 +21,7 @@ from .dtypes import DTYPES
 
 
 
-def _time_graph(fn, reps: int = 20) -> float:
+def time_graph(fn, reps: int = 20) -> float:
     """Median seconds of one replay of a CUDA graph of fn()."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -49,7 +49,7 @@ def copy_bandwidth(dev, gb: float = 4.0) -> float:
     n = int(gb * 1e9 / 2)
     x = torch.empty(n, dtype=torch.uint8, device=dev).random_()
     y = torch.empty_like(x)
-    return 2 * n / _time_graph(lambda: y.copy_(x), reps=10)
+    return 2 * n / time_graph(lambda: y.copy_(x), reps=10)
 
 
 def case(B: int, live: int, S: int, nh: int, nkv: int, hd: int, dtype, layers: int, sweep: bool, dev) -> list[dict]:
@@ -68,14 +68,14 @@ def case(B: int, live: int, S: int, nh: int, nkv: int, hd: int, dtype, layers: i
     rows = []
 
     def record(impl: str, fn, **extra):
-        t = _time_graph(lambda: [fn(k, v) for k, v in zip(ks, vs)]) / layers
+        t = time_graph(lambda: [fn(k, v) for k, v in zip(ks, vs)]) / layers
         rows.append({**base, "impl": impl, **extra, "us_per_layer": round(t * 1e6, 2),
                      "live_GB_s": round(live_bytes / t / 1e9, 1)})
 
     torch_entry = DECODE_ATTENTION["torch"]
     mask = torch_entry.prepare(pos, S, None, dtype)
     record("torch_sdpa_masked_cache", lambda k, v: torch_entry.attend(q, k, v, pos, mask))
-    rows[-1]["prepare_us_per_step"] = round(_time_graph(lambda: torch_entry.prepare(pos, S, None, dtype)) * 1e6, 2)
+    rows[-1]["prepare_us_per_step"] = round(time_graph(lambda: torch_entry.prepare(pos, S, None, dtype)) * 1e6, 2)
     # what an exact-length SDPA would cost (all rows one length, host-known: not graph-safe in the decoder)
     record("torch_sdpa_sliced_live", lambda k, v: F.scaled_dot_product_attention(
         q[:, :, None], k[:, :, :live], v[:, :, :live])[:, :, 0])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from runtime.bench_attention import time_graph  # noqa: E402
 from runtime.quant import MODES, make_linear  # noqa: E402
 
 SHAPES = {"attn.qkv": (12288, 4096), "attn.o": (4096, 4096), "mlp.up": (22016, 4096), "mlp.down": (4096, 11008)}
@@ -41,27 +41,8 @@ def quantized(mode: str, shape, dtype, gen) -> dict:
 
 
 def timed(fn, reps: int = REPS) -> float:
-    """Median microseconds of one call of fn, replayed in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+    """Median microseconds of one call of fn, replayed in a CUDA graph (runtime.bench_attention's timer)."""
+    return time_graph(fn, reps) * 1e6
 
 
 def nbytes(tensors: dict) -> int:
