@@ -95,9 +95,14 @@ _AUTO_ORDER = {"cuda": ["triton", "torch"]}  # device type -> preference; every 
 
 # ---- sliced: the torch entry over the live positions only (CPU, eager) --------------------------------
 def _sliced_prepare(pos, S, slopes, dtype):
-    """(L, mask over 0..L-1): L = the longest live length of the batch, read on the host (free on CPU).
+    """(L, mask over 0..L-1): L = the longest live length of the batch, read on the host (free on CPU); no
+    mask (None) where every row is at position L - 1 and there is no ALiBi bias.
     Traced for torch.compile the step keeps static shapes: the whole cache, as the torch entry."""
-    L = S if torch.compiler.is_compiling() else min(int(pos.max()) + 1, S)
+    if torch.compiler.is_compiling():
+        return S, _torch_prepare(pos, S, slopes, dtype)
+    L = min(int(pos.max()) + 1, S)
+    if slopes is None and int(pos.min()) + 1 == L:  # every row sees all L positions (batch 1 always): no mask
+        return L, None
     return L, _torch_prepare(pos, L, slopes, dtype)
 
 

@@ -204,13 +204,12 @@ class Decoder:
     def _qkv(self, layer: _Layer, x: torch.Tensor, rope):
         T = x.shape[0]
         qkv = layer.qkv(layer.attn_norm(x))  # (T, (nh + 2 nkv) hd)
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = q.view(T, self.n_heads, self.hd)
-        k = k.view(T, self.n_kv, self.hd)
-        v = v.view(T, self.n_kv, self.hd)
-        if rope is not None:
-            q, k = self._rotate(q, rope), self._rotate(k, rope)
-        return q, k, v
+        qk, v = qkv.split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
+        qk = qk.view(T, self.n_heads + self.n_kv, self.hd)
+        if rope is not None:  # q's and k's heads rotated in one go (the same per-head arithmetic)
+            qk = self._rotate(qk, rope)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        return q, k, v.view(T, self.n_kv, self.hd)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = layer.up(layer.mlp_norm(x))

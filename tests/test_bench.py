@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.attention import decode_attention, select_decode_attention
+from runtime.attention import DECODE_ATTENTION, decode_attention, select_decode_attention
 from runtime.engine import compile_cache_dir, use_compile_cache
 from runtime.model import alibi_slopes
 from test_attention import reference
@@ -86,13 +86,19 @@ def test_compile_cache_is_a_user_folder_outside_the_engine(monkeypatch, tmp_path
 
 def test_sliced_entry_reads_only_live_positions(one_thread):
     """Positions past the longest live one are NaN: the sliced entry never reads them (the torch entry
-    would: NaN * 0 in its masked softmax), and it matches float64 on GQA, MQA and ALiBi."""
+    would: NaN * 0 in its masked softmax), and it matches float64 on GQA, MQA and ALiBi; rows all at one
+    position without ALiBi (batch 1 always) take SDPA without a mask."""
     assert select_decode_attention(torch.device("cpu"), 64).name == "sliced"
-    for B, nh, nkv, S, hd, alibi in [(3, 8, 2, 100, 16, False), (2, 16, 1, 75, 64, True), (1, 4, 4, 40, 32, True)]:
+    for B, nh, nkv, S, hd, alibi, same in [(3, 8, 2, 100, 16, False, False), (2, 16, 1, 75, 64, True, False),
+                                           (1, 4, 4, 40, 32, True, False), (1, 8, 2, 50, 16, False, True),
+                                           (3, 4, 1, 30, 32, False, True)]:
         g = torch.Generator().manual_seed(B)
         q = torch.randn(B, nh, hd, generator=g)
         k, v = torch.randn(B, nkv, S, hd, generator=g), torch.randn(B, nkv, S, hd, generator=g)
         pos = torch.randint(0, S // 2, (B,), generator=g)
+        if same:
+            pos = pos[:1].expand(B).contiguous()
+            assert DECODE_ATTENTION["sliced"].prepare(pos, S, None, q.dtype)[1] is None
         slopes = alibi_slopes(nh) if alibi else None
         ref = reference(q, k, v, pos, hd ** -0.5, slopes)
         k[:, :, int(pos.max()) + 1:] = float("nan")
