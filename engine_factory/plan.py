@@ -12,6 +12,7 @@ import math
 
 from omegaconf import OmegaConf
 
+from runtime import quant as quant_modes
 from runtime.dtypes import DTYPES
 from runtime.errors import UserError
 from runtime.kv_cache import KV_FORMATS
@@ -73,13 +74,15 @@ def gpu_memory(cfg) -> int:
 
 
 def plan(cfg, spec) -> dict:
-    """{"ranks": [{rank, params, weight_bytes, kv_cache_bytes, activation_bytes, total_bytes}, ...],
+    """{"ranks": [{rank, params, weight_bytes, kernel_copy_bytes, kv_cache_bytes, activation_bytes, total_bytes},
+    ...],
     "gpu_memory_bytes", "fits", "max_batch_size_that_fits"}."""
     lim = engine_limits(cfg, spec)
     mapping = mapping_of(cfg)
     dtype = DTYPES[cfg.precision.dtype]
     act_bytes = dtype.itemsize
     kv_bytes = KV_FORMATS[cfg.precision.kv_cache].bytes_per_element(dtype)  # auto: the activation dtype
+    mode = quant_modes.get(cfg.precision.quant)
     shapes = _Shapes(canonical_shapes(spec))
     gpu = gpu_memory(cfg)
     B, T_in, S = lim["max_batch_size"], lim["max_input_len"], lim["max_seq_len"]
@@ -88,6 +91,9 @@ def plan(cfg, spec) -> dict:
         layout = RankLayout.of(spec, mapping, r)
         entries = rank_plan(shapes, spec, dtype, layout, cfg.precision.quant, kv_cache=cfg.precision.kv_cache)
         weight = sum(math.prod(shape) * dt.itemsize for shape, dt, _ in entries.values())
+        # what the mode's CUDA linears hold beside the rank file (int4 in bf16: torch's tinygemm tiles)
+        tiles = sum(mode.kernel_copy_bytes(name.rsplit(".", 1)[-1], shape, dt, dtype)
+                    for name, (shape, dt, _) in entries.items())
         # parameters: the float layout's elements (a quant mode packs them and adds scales)
         params = sum(math.prod(shape) for shape, _, _ in rank_plan(shapes, spec, dtype, layout).values())
         hd, nh, nkv = spec.head_dim, len(layout.heads), len(layout.kv_heads)
@@ -100,10 +106,11 @@ def plan(cfg, spec) -> dict:
         act_seq = T_in * per_token + 2 * layout.padded_vocab * 4
         if spec.position == "alibi":  # the prefill's ALiBi bias of one prompt, (heads, T, T)
             act_seq += nh * T_in * T_in * act_bytes
-        total = weight + B * (kv_seq + act_seq) + WORKSPACE_BYTES
-        room = max(0, (gpu - weight - WORKSPACE_BYTES) // (kv_seq + act_seq))
+        total = weight + tiles + B * (kv_seq + act_seq) + WORKSPACE_BYTES
+        room = max(0, (gpu - weight - tiles - WORKSPACE_BYTES) // (kv_seq + act_seq))
         fit_batch = room if fit_batch is None else min(fit_batch, room)
-        ranks.append({"rank": r, "params": params, "weight_bytes": weight, "kv_cache_bytes": B * kv_seq,
+        ranks.append({"rank": r, "params": params, "weight_bytes": weight, "kernel_copy_bytes": tiles,
+                      "kv_cache_bytes": B * kv_seq,
                       "activation_bytes": B * act_seq + WORKSPACE_BYTES, "total_bytes": total})
     return {"ranks": ranks, "gpu_memory_bytes": gpu, "fits": all(x["total_bytes"] <= gpu for x in ranks),
             "max_batch_size_that_fits": int(fit_batch)}
@@ -121,7 +128,8 @@ def describe(cfg, p: dict) -> list[str]:
              f"{'' if cfg.precision.quant == 'none' else ' ' + cfg.precision.quant}, limits {lim.max_batch_size} x "
              f"({lim.max_input_len} in + {lim.max_output_len} out), {target}: {_gb(gpu)} per GPU"]
     for x in p["ranks"]:
-        lines.append(f"rank {x['rank']}: {x['params'] / 1e9:.3f} B parameters, weights {_gb(x['weight_bytes'])}, "
+        tiles = f" (+ {_gb(x['kernel_copy_bytes'])} of int4 tinygemm tiles)" if x["kernel_copy_bytes"] else ""
+        lines.append(f"rank {x['rank']}: {x['params'] / 1e9:.3f} B parameters, weights {_gb(x['weight_bytes'])}{tiles}, "
                      f"KV cache {_gb(x['kv_cache_bytes'])}, activations + workspace {_gb(x['activation_bytes'])}, "
                      f"total {_gb(x['total_bytes'])}")
     worst = max(p["ranks"], key=lambda x: x["total_bytes"])

@@ -23,7 +23,9 @@ def test_plan_needs_only_the_config(cli, store, tiny_llama, tmp_path):
     shutil.copy(tiny_llama / "config.json", only_config)  # no weights at all: the plan reads none
     p = _plan(cli(f"model.source={only_config}", f"store={store}", "plan=true", "precision=fp32", *LIMITS))
     (rank,) = p["ranks"]
-    assert set(rank) == {"rank", "params", "weight_bytes", "kv_cache_bytes", "activation_bytes", "total_bytes"}
+    assert set(rank) == {"rank", "params", "weight_bytes", "kernel_copy_bytes", "kv_cache_bytes", "activation_bytes",
+                         "total_bytes"}
+    assert rank["kernel_copy_bytes"] == 0
     assert p["fits"] and p["gpu_memory_bytes"] == 80e9
     # 2 layers x K and V x 2 KV heads x head_dim 8 x 128 positions x fp32, for 4 sequences
     assert rank["kv_cache_bytes"] == 4 * 2 * 2 * 2 * 8 * 128 * 4
@@ -56,3 +58,13 @@ def test_the_product_cards_70b_plan_fits_an_h100_per_rank(cli, store):
     # 69.0 B parameters in fp16 over 8 ranks, the embedding replicated on each
     total = sum(r["params"] for r in p["ranks"]) - 7 * 32000 * 8192
     assert abs(total - 68_976_648_192) < 0.001 * total
+
+
+def test_an_int4_bf16_plan_counts_the_tinygemm_tiles(cli, store, tiny_llama):
+    """On a GPU, int4 in bf16 holds torch's tinygemm tiles next to the packed bytes: as many bytes again as the
+    packed weights, in the total; fp16 (the Triton kernel only) holds none."""
+    plans = {dt: _plan(cli(f"model.source={tiny_llama}", f"store={store}", "plan=true", "precision=int4_wo",
+                           f"precision.dtype={dt}", *LIMITS))["ranks"][0] for dt in ("bf16", "fp16")}
+    packed = plans["bf16"]["kernel_copy_bytes"]
+    assert plans["fp16"]["kernel_copy_bytes"] == 0 and 0 < packed < plans["bf16"]["weight_bytes"]
+    assert plans["bf16"]["total_bytes"] - plans["fp16"]["total_bytes"] == packed

@@ -226,6 +226,20 @@ def _kernel_vs_reference(kernel, mode, M, dtype, device, N=48, K=256, **cfg):
     assert err <= {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], err
 
 
+def _dequantize_vs_reference(kernel, mode, dtype, device, N=40, K=320):
+    """The one-pass dequantize of the prefill path gives the plain-torch dequantized weight, bit for bit."""
+    from runtime.quant import int4_wo
+
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N))
+    t = {k: v.to(device) for k, v in MODES[mode].quantize(w, dtype).items()}
+    bits = 8 if mode == "int8_wo" else 4
+    got = kernel.dequantize(t["weight"], t["scale"], t.get("zero"), bits).cpu()
+    t = {k: v.cpu() for k, v in t.items()}
+    want = (t["weight"].to(dtype) * t["scale"][:, None] if bits == 8
+            else int4_wo.dequantize(t["weight"], t["scale"], t["zero"], dtype))
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_triton_weight_only_kernel_matches_the_torch_reference():
     """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
     imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""
@@ -242,7 +256,9 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"  # split K, and the batch-1 GEMV split or not
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)\n"
             "        for split in (1, 3):\n"
-            "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)\n")
+            "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)\n"
+            "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"
+            "        t._dequantize_vs_reference(k, mode, dt, 'cpu')\n")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
                        capture_output=True, text=True, timeout=300)
@@ -256,9 +272,34 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
 def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
     for M in (1, 8, 64, 300):  # decode batches and a prefill
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048)
+    _dequantize_vs_reference(wo_kernel, mode, dtype, "cuda", N=1024, K=2048)
     for M, cfg in ((1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}),
                    (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["int4_wo_g128", "int4_wo_g32", "int4_wo", "int8_wo"])
+def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel, mode, dtype):
+    """What an engine runs on CUDA (EF_WO_KERNEL=auto: tinygemm / Triton / dequantize + cuBLAS by batch size)
+    against the plain-torch reference, on each side of each switch; int4 in bf16 takes tinygemm."""
+    from runtime.quant import make_linear
+
+    w = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(3))
+    stored = {f"l.{k}": v.cuda() for k, v in MODES[mode].quantize(w, dtype).items()}
+    lin = make_linear(mode, stored, "l")
+    assert lin.kernel == "cuda"
+    assert (getattr(lin, "tiny", None) is not None) == (mode != "int8_wo" and dtype == torch.bfloat16)
+    ref = make_linear(mode, {k: v.cpu() for k, v in stored.items()}, "l")
+    for M in (1, 2, 16, 17, 64, 65, 300):
+        x = torch.randn(M, 2048, generator=torch.Generator().manual_seed(M)).to(dtype)
+        want = ref(x.float()).double()
+        got = lin(x.cuda())
+        assert got.dtype == dtype and got.shape == (M, 1024)
+        err = (got.cpu().double() - want).abs().max() / want.abs().max()
+        assert err <= {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], (M, err)
 
 
 @pytest.mark.cuda
@@ -268,12 +309,16 @@ def test_triton_weight_only_kernel_compiles_and_graph_captures(wo_kernel):
 
     q = {f"l.{k}": v.cuda() for k, v in MODES["int4_wo_g128"].quantize(torch.randn(512, 1024), torch.float16).items()}
     lin = make_linear("int4_wo_g128", q, "l")
-    assert lin.kernel == "triton"
-    x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
-    f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):
-        y = f(x)
-    torch.testing.assert_close(y, lin(x))
+    assert lin.kernel == "cuda"
+    for dtype, M in ((torch.float16, 8), (torch.bfloat16, 4), (torch.bfloat16, 80)):  # Triton, tinygemm, dequant
+        if dtype == torch.bfloat16:
+            q16 = MODES["int4_wo_g128"].quantize(torch.randn(512, 1024), dtype).items()
+            lin = make_linear("int4_wo_g128", {f"l.{k}": v.cuda() for k, v in q16}, "l")
+        x = torch.randn(M, 1024, device="cuda", dtype=dtype)
+        f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            y = f(x)
+        torch.testing.assert_close(y, lin(x))
 
 
 @pytest.mark.slow

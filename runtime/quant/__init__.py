@@ -69,6 +69,12 @@ class QuantMode:
         when the linear adds its own), called like F.linear(x, W, b)."""
         raise NotImplementedError
 
+    def kernel_copy_bytes(self, suffix: str, shape: tuple[int, ...], stored_dtype: torch.dtype,
+                          dtype: torch.dtype) -> int:
+        """GPU bytes the CUDA linear holds beside a stored tensor (suffix, shape, dtype as stored; float dtype
+        dtype), e.g. a library kernel's own layout of the weight made at load. Default: none."""
+        return 0
+
     def bytes_per_weight(self, dtype: torch.dtype, shape: tuple[int, int] = (4096, 4096)) -> float:
         """Stored bytes per weight element (scales included), for size estimates."""
         return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.stored(shape, dtype).values()) / math.prod(shape)
@@ -89,12 +95,14 @@ def get(name: str) -> QuantMode:
         raise ValueError(f"no quant mode {name!r}; known: {', '.join(sorted(MODES))}") from None
 
 
-KERNELS = ("auto", "torch", "triton")
+KERNELS = ("auto", "torch", "triton", "cuda")
 
 
 def select_kernel(device: torch.device) -> str:
-    """The weight-only GEMM of a quantized linear: $EF_WO_KERNEL (auto | torch | triton); auto is the
-    Triton kernel (runtime/quant/triton_wo.py) on CUDA when triton is installed, plain torch elsewhere."""
+    """The weight-only GEMM of a quantized linear: $EF_WO_KERNEL (auto | torch | triton | cuda); auto is
+    cuda on a CUDA device when triton is installed (triton_wo.cuda_linear: per batch size the fastest of
+    torch's int4 tinygemm, the Triton kernel and dequantize + cuBLAS), plain torch elsewhere; triton: the
+    Triton kernel (runtime/quant/triton_wo.py) at every batch size."""
     import importlib.util
     import os
 
@@ -104,11 +112,11 @@ def select_kernel(device: torch.device) -> str:
     if name not in KERNELS:
         raise UserError(f"EF_WO_KERNEL={name} is unknown; use one of {', '.join(KERNELS)}")
     has_triton = importlib.util.find_spec("triton") is not None
-    if name == "triton" and (device.type != "cuda" or not has_triton):
-        raise UserError(f"EF_WO_KERNEL=triton cannot run here: {'not a CUDA device' if device.type != 'cuda' else 'triton is not installed'}"
+    if name in ("triton", "cuda") and (device.type != "cuda" or not has_triton):
+        raise UserError(f"EF_WO_KERNEL={name} cannot run here: {'not a CUDA device' if device.type != 'cuda' else 'triton is not installed'}"
                         "; use EF_WO_KERNEL=torch")
     if name == "auto":
-        name = "triton" if device.type == "cuda" and has_triton else "torch"
+        name = "cuda" if device.type == "cuda" and has_triton else "torch"
     return name
 
 

@@ -15,6 +15,8 @@ channel. All follow the weight's dims, so a row-parallel rank holds its input fe
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -44,9 +46,11 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 
 
 class Int4WeightOnlyLinear:
-    """On CUDA the Triton kernel (runtime/quant/triton_wo.py: the packed bytes dequantized in registers);
-    elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernel):
-    unpack, dequantize to the activation dtype, matmul.
+    """On CUDA, triton_wo.cuda_linear: torch's int4 tinygemm up to batch 16 (bf16; its tiles of the weight are
+    made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the
+    Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
+    at every batch. Elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the
+    kernels): unpack, dequantize to the activation dtype, matmul.
 
     On CPU the weight is dequantized once, here, in the float dtype of its scales (the engine's activation
     dtype): unpacking every call cost 55 s an article of SmolLM2-135M summarize on 2 cores. It is the per-call arithmetic done early, so the products are bit-identical; an input of
@@ -60,16 +64,22 @@ class Int4WeightOnlyLinear:
         self.kernel = select_kernel(self.weight.device)
         self.dequantized = (dequantize(self.weight, self.scale, self.zero, self.scale.dtype)  # (out, in)
                             if self.weight.device.type == "cpu" else None)
+        self.tiny = None  # torch's int4 tinygemm operands for small batches (runtime/quant/triton_wo.py)
+        if self.kernel == "cuda":
+            from .triton_wo import tinygemm_operands
+
+            self.tiny = tinygemm_operands(self.weight, self.scale, self.zero)
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton":
-            from .triton_wo import weight_only_linear
+        if self.kernel in ("triton", "cuda"):
+            from . import triton_wo
 
-            y = weight_only_linear(x, self.weight, self.scale, self.zero, 4)
+            y = (triton_wo.cuda_linear(x, self.weight, self.scale, self.zero, 4, self.tiny) if self.kernel == "cuda"
+                 else triton_wo.weight_only_linear(x, self.weight, self.scale, self.zero, 4))
             return y if self.bias is None else y + self.bias
         w = self.dequantized
         if w is None or w.dtype != x.dtype:
@@ -117,6 +127,11 @@ class Int4WeightOnly(QuantMode):
         q = (torch.round(wg / s[..., None]) + zero[..., None]).clamp(0, 15).reshape(out, inp)
         shape = (out,) if self.group_size is None else (out, self._groups(inp))
         return {"weight": pack(q), "scale": scale.reshape(shape), "zero": zero.to(torch.uint8).reshape(shape)}
+
+    def kernel_copy_bytes(self, suffix, shape, stored_dtype, dtype):
+        """In bf16 the CUDA linear also holds torch's tinygemm tiles of the packed weight: as many bytes again."""
+        packed = suffix == "weight" and stored_dtype == torch.uint8  # a quantized linear's bytes (not a norm's)
+        return math.prod(shape) if packed and dtype == torch.bfloat16 else 0
 
     def linear(self, tensors):
         return Int4WeightOnlyLinear(tensors)

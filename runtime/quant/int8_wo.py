@@ -37,10 +37,11 @@ class Int8WeightOnlyLinear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton":
-            from .triton_wo import weight_only_linear
+        if self.kernel in ("triton", "cuda"):
+            from . import triton_wo
 
-            y = weight_only_linear(x, self.weight, self.raw_scale, None, 8)
+            y = (triton_wo.cuda_linear(x, self.weight, self.raw_scale, None, 8) if self.kernel == "cuda"
+                 else triton_wo.weight_only_linear(x, self.weight, self.raw_scale, None, 8))
         else:
             y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias

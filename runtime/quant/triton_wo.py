@@ -8,6 +8,16 @@ a group (BLOCK_K divides the group size; per channel the group is the whole row)
 levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
 partial sum is scaled once per output column: acc += (x_tile @ (q - zero)) * scale[group]. int4 bytes
 hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and odd columns, two dots.
+
+`cuda_linear` is what a weight-only linear runs on CUDA ($EF_WO_KERNEL=auto): per batch the fastest of three
+paths, from the H200 probe of a LLaMA-7B layer (tests/perf/gemv_probe.py, 2026-12-03, µs for its four
+linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
+- int4 with bf16 activations, batch <= 16: torch's own int4 tinygemm (`aten._weight_int4pack_mm`, the kernel
+  of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1 against 176 for the Triton GEMV here;
+- batch above DEQUANT_ABOVE (64): one Triton pass writes the float weight and cuBLAS multiplies (prefill; int4
+  at 512: the Triton GEMM took 8,271, tinygemm slower still). The first version of that pass ran at 0.4 TB/s
+  (int4 batch 64 at 47 ms a step, H200); this one reads each byte once, and its speed is not measured yet;
+- otherwise the Triton kernels here (int8 at batch 1: 91.1; int4 at batch 64: 437 against tinygemm's 917).
 """
 from __future__ import annotations
 
@@ -173,6 +183,92 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
             x, weight, scale, z, out, M, N, K, G, x.stride(0), weight.stride(0), N,
             GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
     return out.sum(0).to(x.dtype) if split > 1 else out
+
+
+@triton.jit
+def _dequant_kernel(W, SCALE, ZERO, OUT, N, K, G, stride_wn, GROUP: tl.constexpr, INT4: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (N, K) float weight: (q - zero) in the output dtype (an exact integer) times the scale, rounded
+    once: the arithmetic of the plain-torch dequantize (int4_wo.dequantize), so the same bits. A tile of
+    BLOCK_K features lies in one group (BLOCK_K divides GROUP): one scale and zero per row, and int4 bytes are
+    read once, their two levels interleaved back into feature order (tl.join)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    nmask = n < N
+    meta = n.to(tl.int64) * G + k0 // GROUP
+    s = tl.load(SCALE + meta, mask=nmask, other=0.0)
+    rows = W + n.to(tl.int64)[:, None] * stride_wn
+    if INT4:
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(rows + j[None, :], mask=nmask[:, None] & (j < K // 2)[None, :], other=0).to(tl.int32)
+        q = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(rows + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0).to(tl.int32)
+    if HAS_ZERO:
+        q = q - tl.load(ZERO + meta, mask=nmask, other=0).to(tl.int32)[:, None]
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(OUT + n.to(tl.int64)[:, None] * K + k[None, :], q.to(s.dtype) * s[:, None],
+             mask=nmask[:, None] & (k < K)[None, :])
+
+
+@triton_op("engine_factory::weight_only_dequantize", mutates_args=())
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """weight (N, K) int8 or (N, K/2) packed uint8 -> (N, K) in the scale's dtype, one pass."""
+    N = weight.shape[0]
+    K = weight.shape[1] * (2 if bits == 4 else 1)
+    G = scale.numel() // N
+    out = torch.empty((N, K), dtype=scale.dtype, device=weight.device)
+    group = K // G
+    block_k = next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if group % b == 0)  # a tile within one group
+    grid = (triton.cdiv(N, 32), triton.cdiv(K, block_k))
+    wrap_triton(_dequant_kernel)[grid](weight, scale, zero if zero is not None else scale, out, N, K, G,
+                                       weight.stride(0), GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None,
+                                       BLOCK_N=32, BLOCK_K=block_k)
+    return out
+
+
+def tinygemm_operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple | None:
+    """Our int4 (weight (N, K/2) uint8 with feature 2j in the low nibble; scale, zero (N, groups) or (N,)) as
+    torch's tinygemm takes it, or None where it cannot (not bf16, or sizes it does not tile). tinygemm
+    computes (q - 8) * scale + offset: offset = (8 - zero) * scale, rounded to bf16 (the one difference from
+    our arithmetic, ~6e-4 relative on a 7B layer's outputs). Per channel becomes groups of the same scale."""
+    if weight.device.type != "cuda" or scale.dtype != torch.bfloat16 \
+            or torch.cuda.get_device_capability(weight.device) < (8, 0):  # tinygemm needs sm >= 80 (and bf16)
+        return None
+    N, K = weight.shape[0], weight.shape[1] * 2
+    s, z = scale.reshape(N, -1), zero.reshape(N, -1)
+    group = K // s.shape[1]
+    if s.shape[1] == 1:  # per channel: the same scale for each group of 128 (or less) features
+        group = next((g for g in (128, 64, 32) if K % g == 0), None)
+        if group is None:
+            return None
+        s, z = s.expand(N, K // group), z.expand(N, K // group)
+    inner = next((t for t in (8, 4, 2) if K % (16 * t) == 0), None)
+    if group not in (32, 64, 128, 256) or inner is None or N % 8:
+        return None
+    swapped = ((weight << 4) | (weight >> 4)).contiguous()  # tinygemm's byte holds feature 2j in the high nibble
+    packed = torch.ops.aten._convert_weight_to_int4pack(swapped, inner)
+    offset = ((8.0 - z.float()) * s.float()).to(torch.bfloat16)
+    return packed, torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous(), group  # (groups, N, 2)
+
+
+TINYGEMM_UP_TO = 16
+DEQUANT_ABOVE = 64
+
+
+def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                tiny: tuple | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) by the fastest path for its batch (module docstring); tiny: tinygemm_operands."""
+    M = x.numel() // x.shape[-1]
+    if tiny is not None and M <= TINYGEMM_UP_TO and x.dtype == torch.bfloat16:
+        packed, scale_offset, group = tiny
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(M, x.shape[-1]).contiguous(), packed, group, scale_offset)
+        return y.reshape(*lead, y.shape[-1])
+    if M > DEQUANT_ABOVE:
+        return torch.nn.functional.linear(x, dequantize(weight, scale, zero, bits).to(x.dtype))
+    return weight_only_linear(x, weight, scale, zero, bits)
 
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())
