@@ -7,6 +7,9 @@ tp1 generates greedily; both engines then score the same sequences (teacher forc
 line: the largest |logit difference| relative to the logits' spread, the share of positions whose argmax
 agrees, and for each disagreeing position tp1's margin between its best and second-best logit next to
 the difference there: a disagreement explained by rounding has a margin smaller than the difference.
+
+--oracle ENGINE (e.g. the fp32 tp1 engine of the same weights): both engines' logits are also set against
+the oracle's on the same sequences; a multi-rank engine that is right is as far from it as tp1 is.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def main() -> None:
     p.add_argument("--other", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--new", type=int, default=32)
+    p.add_argument("--oracle", help="an engine of higher precision: how far are ref and other from it")
     a = p.parse_args()
     ref = Engine.load(a.ref, device=a.device, verify="size")
     other = Engine.load(a.other, device=a.device, verify="size")
@@ -51,6 +55,20 @@ def main() -> None:
             "median_ref_margin": round(float(margin.median()), 5),
         })
     print(json.dumps(out), flush=True)
+    if a.oracle:
+        oracle = Engine.load(a.oracle, device=a.device, verify="size")
+        rows = []
+        for s in seqs:
+            lx = oracle.score(s).float()
+            spread = (lx.max(-1).values - lx.min(-1).values).clamp(min=1e-9)
+            row = {"tokens": len(s)}
+            for name, eng in (("ref", ref), ("other", other)):
+                le = eng.score(s).float()
+                row[name] = {"max_rel_logit_diff": round(float(((le - lx).abs().max(-1).values / spread).max()), 6),
+                             "mean_abs_logit_diff": round(float((le - lx).abs().mean()), 6),
+                             "argmax_agreement": round(float((le.argmax(-1) == lx.argmax(-1)).float().mean()), 4)}
+            rows.append(row)
+        print(json.dumps({"oracle": a.oracle, "dtype": oracle.config["dtype"], "against_oracle": rows}), flush=True)
     other.close()
 
 
