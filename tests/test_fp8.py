@@ -1,7 +1,7 @@
 """precision=fp8 (runtime/quant/fp8.py): E4M3 weights and activations, per-tensor scales. What the rank file
 stores against the float engine's weights, what the engine computes against the fp32 engine and transformers,
 tp2 against tp1, the refusals before any work (a target_gpu without FP8) and at load (a GPU below sm 8.9),
-and on the GPU the torch._scaled_mm linear against the CPU reference."""
+and on the GPU the Triton / torch._scaled_mm linear against the CPU reference."""
 from __future__ import annotations
 
 import json
@@ -166,16 +166,19 @@ def test_loading_fp8_on_a_gpu_below_sm89_is_one_line(monkeypatch, cap, name, ok)
 # ---- the GPU --------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8, sm >= 89 (run via the device tool)")
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_scaled_mm_linear_matches_the_cpu_reference_on_the_gpu(dtype):
-    """M: decode batches and a prefill; N and K not multiples of 16 (the padding) as well as aligned ones."""
-    for M, N, K in ((1, 1024, 2048), (8, 1000, 2040), (64, 48, 200), (300, 4096, 1024)):
+def test_gpu_fp8_linear_matches_the_cpu_reference(dtype, kernel, monkeypatch):
+    """M: decode batches (the Triton E4M3 GEMM) and, on each side of its SMALL_M switch, a prefill
+    (torch._scaled_mm with EF_WO_KERNEL=auto, Triton with =triton); N and K not multiples of 16 (the padding)."""
+    monkeypatch.setenv("EF_WO_KERNEL", kernel)
+    for M, N, K in ((1, 1024, 2048), (8, 1000, 2040), (64, 48, 200), (65, 1024, 2048), (300, 4096, 1024)):
         g = torch.Generator().manual_seed(M)
         w, x, b = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3, torch.randn(N, generator=g)
         stored = {**FP8.quantize(w, dtype, {"input_absmax": x.abs().amax(0) * 0.8}), "bias": b.to(dtype)}  # some saturate
         ref = make_linear("fp8", {f"l.{k}": v for k, v in stored.items()}, "l")
         gpu = make_linear("fp8", {f"l.{k}": v.cuda() for k, v in stored.items()}, "l")
-        assert ref.kernel == "torch" and gpu.kernel == "scaled_mm"
+        assert ref.kernel == "torch" and gpu.kernel == ("cuda" if kernel == "auto" else kernel)
         want = ref(x.to(dtype).float()).double()  # the oracle in fp32, on the input the GPU sees
         got = gpu(x.to("cuda", dtype))
         assert got.dtype == dtype and got.shape == (M, N)

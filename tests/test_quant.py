@@ -265,6 +265,70 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def _w8a8_vs_reference(kernel, fmt, M, N, K, dtype, device, per_row, **cfg):
+    """The W8A8 GEMM (runtime/quant/triton_w8a8.py) against the reference arithmetic: int8 gives its bits (the
+    int32 is exact, the epilogue the same), E4M3 its fp32 matmul within fp32 rounding."""
+    from runtime.quant.fp8 import E4M3
+    from runtime.quant.sq import int8_matmul
+
+    g = torch.Generator().manual_seed(M * N + K)
+    if fmt == "int8":
+        x, w = (torch.randint(-127, 128, s, generator=g, dtype=torch.int8) for s in ((M, K), (N, K)))
+    else:
+        x, w = ((torch.randn(s, generator=g) * 40).clamp(-448, 448).to(E4M3) for s in ((M, K), (N, K)))
+    xs = (torch.rand(M, 1, generator=g) if per_row else torch.rand(1, generator=g)) * 1e-3
+    ws = (torch.rand(N, generator=g) if per_row else torch.rand(1, generator=g)) * 1e-3
+    acc = int8_matmul(x, w).float() if fmt == "int8" else x.double() @ w.double().T
+    want = (acc.float() * (xs * ws)).to(dtype)
+    got = kernel.launch(x.to(device), w.to(device), xs.to(device), ws.to(device), dtype, **cfg).cpu()
+    assert got.dtype == dtype and got.shape == (M, N)
+    if fmt == "int8":
+        assert torch.equal(got, want), (M, N, K, cfg)
+    else:
+        err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+        assert err <= {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype], (M, N, K, cfg, err)
+
+
+def test_triton_w8a8_gemm_matches_the_reference():
+    """int8 x int8 and E4M3 x E4M3 through Triton's interpreter on CPU (a fresh process, as above): per-row and
+    per-tensor scales, M of one and of several tiles, split K, ragged N and K."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    code = ("import torch, test_quant as t, runtime.quant.triton_w8a8 as k\n"
+            "for fmt in ('int8', 'fp8'):\n"
+            "    for dt in (torch.float32, torch.float16):\n"
+            "        for per_row in (True, False):\n"
+            "            t._w8a8_vs_reference(k, fmt, 5, 48, 256, dt, 'cpu', per_row)\n"
+            "            t._w8a8_vs_reference(k, fmt, 1, 40, 384, dt, 'cpu', per_row)\n"
+            "            t._w8a8_vs_reference(k, fmt, 20, 72, 300, dt, 'cpu', per_row, BLOCK_M=16, BLOCK_N=16,\n"
+            "                                 BLOCK_K=64, SPLIT_K=3, num_warps=4)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_triton_w8a8_gemm_on_cuda(fmt, dtype):
+    import runtime.quant.triton_w8a8 as kernel
+
+    if fmt == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 tensor cores need sm >= 89")
+    for M in (1, 8, 17, 64):  # decode batches: each BLOCK_M, one and several K splits
+        for N, K in ((1024, 2048), (4096, 4096), (1000, 2040)):
+            for per_row in (True, False):
+                _w8a8_vs_reference(kernel, fmt, M, N, K, dtype, "cuda", per_row)
+    _w8a8_vs_reference(kernel, fmt, 24, 520, 1000, dtype, "cuda", True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=5,
+                       num_warps=4)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -255,18 +255,22 @@ def test_bad_settings_are_one_line_before_any_work(tmp_path, overrides, fragment
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", ["auto", "triton", "torch"])
 @pytest.mark.parametrize("mode", SQ)
-def test_cuda_int8_gemm_matches_the_cpu_reference(mode, dtype):
-    """torch._int_mm (padded to M > 16 and K, N multiples of 8) against the CPU linear on the same inputs: the
-    int32 accumulators are exact on both, so only the quantization of x (fp32 on both) and the epilogue's cast
-    can differ: within one fp16 / bf16 rounding of the output."""
-    for M, N, K in ((1, 48, 256), (8, 1024, 2048), (17, 50, 72), (300, 1024, 2048)):
+def test_cuda_int8_gemm_matches_the_cpu_reference(mode, dtype, kernel, monkeypatch):
+    """The CUDA int8 GEMMs against the CPU linear on the same inputs: EF_WO_KERNEL=auto takes the Triton GEMM up
+    to SMALL_M rows and torch._int_mm (padded to M > 16 and K, N multiples of 8) above; =triton, =torch one of
+    them at every size. The int32 accumulators are exact on all, so only the quantization of x (fp32 on both)
+    and the epilogue's cast can differ: within one fp16 / bf16 rounding of the output."""
+    monkeypatch.setenv("EF_WO_KERNEL", kernel)
+    for M, N, K in ((1, 48, 256), (8, 1024, 2048), (17, 50, 72), (64, 1024, 2048), (65, 1000, 2040), (300, 1024, 2048)):
         g = torch.Generator().manual_seed(M)
         w = torch.randn(N, K, generator=g)
         x = (torch.randn(M, K, generator=g) * torch.logspace(-1, 1, K)).to(dtype)
         stored = MODES[mode].quantize(w, dtype, {"input_absmax": x.float().abs().amax(0)})
         cpu = make_linear(mode, {f"l.{k}": v for k, v in stored.items()}, "l")
         gpu = make_linear(mode, {f"l.{k}": v.cuda() for k, v in stored.items()}, "l")
+        assert gpu.kernel == ("cuda" if kernel == "auto" else kernel)
         want = cpu(x.float()).to(dtype).float()  # the oracle: fp32 activations, the same int8 levels
         got = gpu(x.cuda())
         assert got.dtype == dtype and got.shape == (M, N)
@@ -280,17 +284,18 @@ def test_cuda_int8_gemm_matches_the_cpu_reference(mode, dtype):
 def test_cuda_int8_gemm_compiles_and_graph_captures(mode):
     stored = MODES[mode].quantize(torch.randn(512, 1024), torch.float16, {"input_absmax": torch.rand(1024) * 3})
     lin = make_linear(mode, {f"l.{k}": v.cuda() for k, v in stored.items()}, "l")
-    x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
-    f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):
-        y = f(x)
-    torch.testing.assert_close(y, lin(x), rtol=2e-3, atol=2e-3)
+    for M in (8, 80):  # the Triton GEMM, torch._int_mm
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
+        f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            y = f(x)
+        torch.testing.assert_close(y, lin(x), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 def test_cuda_sq_engine_matches_its_cpu_run(tmp_path):
-    """The fp16 per-token per-channel engine on the GPU (int8 GEMMs by torch._int_mm, CUDA graphs) gives the
+    """The fp16 per-token per-channel engine on the GPU (int8 GEMMs by Triton at decode, torch._int_mm at prefill; CUDA graphs) gives the
     CPU engine's greedy tokens on the llama dummy."""
     d = _dummy(tmp_path, "llama", "precision=sq_per_token_per_channel", "calibration=random", "validate.enabled=false")
     toks = []

@@ -12,18 +12,18 @@ at every tp; a static one gives each rank tp1's numbers, does not make one seque
 the others in its batch, and costs no abs-max reduction per linear. Inputs past the calibrated range
 saturate at +-448 steps (clamped, never inf).
 
-The CPU path (and $EF_WO_KERNEL=torch on CUDA) is the oracle of the kernel: (x_q * sx) @ (w_q * sw)^T in
-fp32, the weight dequantized once at load.
+On CUDA ($EF_WO_KERNEL=auto) up to triton_w8a8.SMALL_M rows (decode) the Triton E4M3 GEMM with the scale
+epilogue (runtime/quant/triton_w8a8.py), above (prefill) torch._scaled_mm; $EF_WO_KERNEL=triton: the Triton
+GEMM at every size. The CPU path (and $EF_WO_KERNEL=torch on CUDA) is the oracle of the kernels:
+(x_q * sx) @ (w_q * sw)^T in fp32, the weight dequantized once at load.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import EngineError
-from . import QuantMode, Stored, register
+from . import QuantMode, Stored, register, select_kernel
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
@@ -60,11 +60,10 @@ class FP8Linear:
         self.input_scale = tensors["input_scale"].float().reshape(())
         self.bias = tensors.get("bias")
         require_fp8(self.weight.device)
-        # $EF_WO_KERNEL=torch (the weight-only modes' switch) runs the reference on CUDA too
-        cuda = self.weight.device.type == "cuda" and os.environ.get("EF_WO_KERNEL", "auto") != "torch"
-        self.kernel = "scaled_mm" if cuda else "torch"
+        # CPU: torch (the reference); CUDA: cuda (Triton for decode, _scaled_mm above), triton, or torch
+        self.kernel = select_kernel(self.weight.device)
         out, inp = self.weight.shape
-        if self.kernel == "scaled_mm":
+        if self.kernel == "cuda":
             # _scaled_mm: A (M, K) row-major, B (K, N) column-major, K and N multiples of 16: zero rows and
             # columns added once here (a zero column of W meets the zero padding of x)
             self.pad_k, self.pad_n = _round16(inp) - inp, _round16(out) - out
@@ -73,7 +72,7 @@ class FP8Linear:
                 w = torch.zeros((out + self.pad_n, inp + self.pad_k), dtype=E4M3, device=w.device)
                 w[:out, :inp] = self.weight
             self.w_t = w.t()  # (K, N), strides (1, K): column-major
-        else:
+        elif self.kernel == "torch":
             self.w_ref = self.weight.float() * self.weight_scale  # (out, in) fp32, the dequantized weight
 
     @property
@@ -83,7 +82,15 @@ class FP8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead, inp = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, inp)  # (M, in)
-        if self.kernel == "scaled_mm":
+        small = False
+        if self.kernel in ("cuda", "triton"):
+            from . import triton_w8a8
+
+            small = self.kernel == "triton" or x2.shape[0] <= triton_w8a8.SMALL_M
+        if small:
+            y = triton_w8a8.w8a8_linear(to_e4m3(x2, self.input_scale), self.weight, self.input_scale,
+                                        self.weight_scale, x.dtype)
+        elif self.kernel == "cuda":
             if self.pad_k:
                 x2 = F.pad(x2, (0, self.pad_k))
             y = torch._scaled_mm(to_e4m3(x2, self.input_scale), self.w_t, scale_a=self.input_scale,

@@ -16,7 +16,10 @@ Runtime half (W8A8Linear): x is quantized to int8 with the static scale or one s
 abs-max / 127; a row-parallel shard takes the max over the tp group: one small all-reduce), the int8 x
 int8 product accumulates in int32 and the epilogue multiplies by (activation scale x weight scale).
 CPU: the exact integer product through float64 (every int32 sum of int8 products is exact in float64);
-CUDA: torch._int_mm (cuBLASLt int8), padded to the shapes it takes; both then run the same epilogue.
+CUDA ($EF_WO_KERNEL=auto): up to triton_w8a8.SMALL_M rows (decode) the Triton int8 GEMM with the epilogue
+fused (runtime/quant/triton_w8a8.py), above (prefill) torch._int_mm (cuBLASLt int8), padded to the shapes
+it takes; $EF_WO_KERNEL=triton: the Triton GEMM at every size, =torch: torch._int_mm at every size. Every
+path computes the same exact int32 and runs the same epilogue.
 
 Modes, by the runtime choices (the name is engine.json's quant mode; precision=sq resolves
 precision.per_token / precision.per_channel to it): sq, sq_per_channel, sq_per_token, sq_per_token_per_channel.
@@ -28,7 +31,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from . import QuantMode, Stored, register
+from . import QuantMode, Stored, register, select_kernel
 
 QMAX = 127.0
 TINY = torch.finfo(torch.float32).tiny  # a scale is never 0 (an all-zero input stays finite)
@@ -73,7 +76,8 @@ class W8A8Linear:
         self.row_max = None
         self.out_features, self.in_features = self.weight.shape
         self.cuda = self.weight.device.type == "cuda"
-        if self.cuda:  # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
+        self.kernel = select_kernel(self.weight.device)  # CPU: torch (the reference); CUDA: cuda | triton | torch
+        if self.cuda and self.kernel != "triton":  # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
             n, k = _pad_to(self.out_features, 8), _pad_to(self.in_features, 8)
             w = F.pad(self.weight, (0, k - self.in_features, 0, n - self.out_features))
             self.weight_t = w.t()  # (K, N) column-major: the layout cuBLASLt's int8 GEMM wants for B
@@ -101,7 +105,14 @@ class W8A8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q, a = self.quantize_input(x.reshape(-1, shape[-1]))
-        y = (self._int_mm(q).float() * (a * self.weight_scale)).to(x.dtype)  # (M, out)
+        y = None
+        if self.kernel in ("cuda", "triton"):
+            from . import triton_w8a8
+
+            if self.kernel == "triton" or q.shape[0] <= triton_w8a8.SMALL_M:  # the same int32, the same epilogue
+                y = triton_w8a8.w8a8_linear(q, self.weight, a, self.weight_scale, x.dtype)
+        if y is None:
+            y = (self._int_mm(q).float() * (a * self.weight_scale)).to(x.dtype)  # (M, out)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
