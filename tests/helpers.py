@@ -35,10 +35,14 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 @torch.inference_mode()
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     """n greedy tokens from transformers' forward with its own KV cache; EOS is an ordinary token here."""
+    import inspect
+
+    # transformers >= 5.2x names the cache `cache` (in and out; `past_key_values` warns), older ones past_key_values
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=torch.tensor([ids]), use_cache=True)
     toks = [int(out.logits[0, -1].argmax())]
     while len(toks) < n:
-        out = model(input_ids=torch.tensor([toks[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([toks[-1:]]), use_cache=True, **{key: out[key]})
         toks.append(int(out.logits[0, -1].argmax()))
     return toks
 
