@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines take the local CPU build of torch; on a GPU machine set TORCH= to keep your CUDA build.
 TORCH  ?= torch==2.13.0
+# `make test` with the CPU torch adds triton: its interpreter (TRITON_INTERPRET=1) runs the GPU kernels' tests
+# on the CPU against the torch reference. With TORCH= (a GPU machine) the triton that came with your torch stays.
+TRITON ?= $(if $(TORCH),triton==3.9.0)
 STORE  ?= $(CURDIR)/.store
 export EF_STORE := $(STORE)
 
@@ -40,9 +43,13 @@ demo: install
 # TEST_WORKERS pytest-xdist workers, each taking whole files (module fixtures build once): 2 cut the wall time
 # on a 2-core CI machine (24.6 -> 16.4 min); TEST_WORKERS=0 runs in this process, one test after the other.
 TEST_WORKERS ?= 2
-test: install
+test: install $(VENV)/.triton
 	$(MAKE) reproduce
 	$(PY) -m pytest -q -ra --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
+
+$(VENV)/.triton: $(VENV)/.installed
+	$(if $(TRITON),$(PY) -m pip install -q "$(TRITON)")
+	touch $@
 
 # Every published recipe this machine can build, into $(STORE): skipped ones say why; built ones are cache hits.
 engines: install

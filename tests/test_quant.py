@@ -240,15 +240,24 @@ def _dequantize_vs_reference(kernel, mode, dtype, device, N=40, K=320):
     assert got.dtype == dtype and torch.equal(got, want)
 
 
-def test_triton_weight_only_kernel_matches_the_torch_reference():
-    """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
-    imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""
+def _interpreted(code: str) -> None:
+    """Run code (importing test_quant as t) in a fresh process through Triton's interpreter on CPU:
+    TRITON_INTERPRET is read when triton is imported, and earlier tests of a session import it."""
     import importlib.util
     import subprocess
     import sys
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_triton_weight_only_kernel_matches_the_torch_reference():
+    """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
+    imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""
     code = ("import torch, test_quant as t, runtime.quant.triton_wo as k\n"
             "for dt in (torch.float32, torch.float16):\n"
             "    for mode, M in (('int4_wo_g64', 1), ('int4_wo_g128', 8), ('int4_wo', 3), ('int8_wo', 5)):\n"
@@ -259,10 +268,7 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split)\n"
             "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"
             "        t._dequantize_vs_reference(k, mode, dt, 'cpu')\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    _interpreted(code)
 
 
 def _w8a8_vs_reference(kernel, fmt, M, N, K, dtype, device, per_row, **cfg):
@@ -292,12 +298,6 @@ def _w8a8_vs_reference(kernel, fmt, M, N, K, dtype, device, per_row, **cfg):
 def test_triton_w8a8_gemm_matches_the_reference():
     """int8 x int8 and E4M3 x E4M3 through Triton's interpreter on CPU (a fresh process, as above): per-row and
     per-tensor scales, M of one and of several tiles, split K, ragged N and K."""
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
     code = ("import torch, test_quant as t, runtime.quant.triton_w8a8 as k\n"
             "for fmt in ('int8', 'fp8'):\n"
             "    for dt in (torch.float32, torch.float16):\n"
@@ -306,10 +306,7 @@ def test_triton_w8a8_gemm_matches_the_reference():
             "            t._w8a8_vs_reference(k, fmt, 1, 40, 384, dt, 'cpu', per_row)\n"
             "            t._w8a8_vs_reference(k, fmt, 20, 72, 300, dt, 'cpu', per_row, BLOCK_M=16, BLOCK_N=16,\n"
             "                                 BLOCK_K=64, SPLIT_K=3, num_warps=4)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.run([sys.executable, "-c", code], cwd=str(Path(__file__).parent), env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    _interpreted(code)
 
 
 @pytest.mark.cuda
