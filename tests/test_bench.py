@@ -115,3 +115,30 @@ def test_quant_targets_compare_with_bf16_of_the_same_run():
     assert got["SmoothQuant batch 64"] == ("10,800.0 tok/s = 1.20×", "missed")  # 10,800 / 9,000
     assert got["fp8 batch 64"][1] == "not measured"
     assert got["int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits"][1] == "met"  # 6144 vs 3072
+
+
+def test_bench_linear_runs_every_path_it_would_time_on_the_gpu(tmp_path):
+    """tests/perf/bench_linear.py --dry_run through Triton's interpreter: every mode under auto and library, the
+    sweep of each Triton kernel (weight-only and W8A8 / FP8), with no row failed; a broken bench script
+    otherwise shows up only when GPU time is spent on it."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    modes = "none,int8_wo,int4_wo_g128,sq_per_token_per_channel,fp8"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "perf" / "bench_linear.py"), "--dry_run", "--out",
+                        str(tmp_path), "--modes", modes, "--kernels", "auto,library", "--batches", "1,64", "--sweep",
+                        "--sweep_modes", "int4_wo_g128,int8_wo,sq_per_token_per_channel,fp8", "--sweep_batches", "1,64"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "linear.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] in ("failed", "sweep_error")]
+    timed = {(r["mode"], r["variant"]) for r in rows if r["kind"] == "linear"}
+    assert timed == {("none", "auto")} | {(m, v) for m in modes.split(",")[1:] for v in ("auto", "library")}
+    swept = {(r["mode"], r["M"]) for r in rows if r["kind"] == "sweep"}
+    assert swept == {(m, M) for m in ("int4_wo_g128", "int8_wo", "sq_per_token_per_channel", "fp8") for M in (1, 64)}

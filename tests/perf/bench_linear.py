@@ -1,16 +1,20 @@
 """The linears of one LLaMA-2-7B layer, alone, per quant mode and batch: time, bytes read, ×bf16 (a
-measurement on the GPU, not a test). And a launch-shape sweep of the weight-only Triton kernel per shape.
+measurement on the GPU, not a test). And a launch-shape sweep of the Triton kernels per shape.
 
-    python tests/perf/bench_linear.py --out OUT [--modes none,int8_wo,...] [--batches 1,8,64,512] [--sweep]
+    python tests/perf/bench_linear.py --out OUT [--modes none,int8_wo,...] [--batches 1,8,64,512]
+        [--kernels auto,library] [--sweep [--sweep_modes int4_wo_g128,int8_wo,sq_per_token_per_channel,fp8]]
 
 Each mode's runtime linear (runtime.quant.make_linear, as an engine builds it) on random weights of the
 four shapes of a layer (attn.qkv 12288x4096, attn.o 4096x4096, mlp.up 22016x4096, mlp.down 4096x11008),
 COPIES distinct copies each so that the weights are several times the L2; every call of a shape replays
 one CUDA graph of all copies (eager kernels, as captured in the decode graph; the engine's --compile also
 fuses the elementwise work around them). The time is the median of REPS replays over the copies.
---sweep: for int8_wo and int4_wo_g128 at batch 1 and 64, each launch shape of runtime/quant/triton_wo.py
-in a small grid, per linear shape; the best next to the default; and bf16 weights through its batch-1
-GEMV kernel (to set against cuBLAS's bf16 GEMV in the table).
+--kernels: each mode under each kernel choice, in the same call ($EF_WO_KERNEL auto / torch / triton, and
+library: the W8A8 / FP8 linears on torch._int_mm / torch._scaled_mm at every batch).
+--sweep: per mode of --sweep_modes and batch of --sweep_batches, each launch shape of its Triton kernel
+(runtime/quant/triton_wo.py, triton_w8a8.py) in a small grid, per linear shape; the best next to the default.
+--dry_run: on the CPU through Triton's interpreter (TRITON_INTERPRET=1), tiny shapes, nothing timed: that
+every path runs, before GPU time is spent on it.
 """
 from __future__ import annotations
 
@@ -29,95 +33,197 @@ from runtime.quant import MODES, make_linear  # noqa: E402
 
 SHAPES = {"attn.qkv": (12288, 4096), "attn.o": (4096, 4096), "mlp.up": (22016, 4096), "mlp.down": (4096, 11008)}
 COPIES, REPS = 4, 15
+DEVICE = "cuda"  # --dry_run: "cpu", tiny shapes, each call made once and not timed (run with TRITON_INTERPRET=1)
 
 
 def quantized(mode: str, shape, dtype, gen) -> dict:
     N, K = shape
-    w = torch.randn(N, K, device="cuda", generator=gen, dtype=torch.float32) * 0.02
+    w = torch.randn(N, K, device=DEVICE, generator=gen, dtype=torch.float32) * 0.02
     if mode == "none":
         return {"weight": w.to(dtype)}
-    stats = {"input_absmax": torch.full((K,), 4.0, device="cuda")}
-    return {k: v.cuda() for k, v in MODES[mode].quantize(w, dtype, stats).items()}
+    stats = {"input_absmax": torch.full((K,), 4.0, device=DEVICE)}
+    return {k: v.to(DEVICE) for k, v in MODES[mode].quantize(w, dtype, stats).items()}
 
 
 def timed(fn, reps: int = REPS) -> float:
     """Median microseconds of one call of fn, replayed in a CUDA graph (runtime.bench_attention's timer)."""
+    if DEVICE == "cpu":  # --dry_run
+        fn()
+        return 1.0
     return time_graph(fn, reps) * 1e6
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        _empty_cache()
 
 
 def nbytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+class _Variant:
+    """A kernel choice while the linears are made and captured: auto | torch | triton ($EF_WO_KERNEL), or
+    library (auto, with the W8A8 / FP8 linears on torch._int_mm / torch._scaled_mm at every size)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        import os
+
+        from runtime.quant import triton_w8a8
+
+        self.env, self.small = os.environ.get("EF_WO_KERNEL"), triton_w8a8.SMALL_M
+        os.environ["EF_WO_KERNEL"] = "auto" if self.name == "library" else self.name
+        if self.name == "library":
+            triton_w8a8.SMALL_M = 0
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        from runtime.quant import triton_w8a8
+
+        triton_w8a8.SMALL_M = self.small
+        if self.env is None:
+            os.environ.pop("EF_WO_KERNEL", None)
+        else:
+            os.environ["EF_WO_KERNEL"] = self.env
+
+
 def modes_table(args, out) -> None:
     dtype = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     base = {}
-    for mode in args.modes:
+    for mode, variant in itertools.product(args.modes, args.kernels):
+        if mode == "none" and variant != args.kernels[0]:
+            continue  # cuBLAS: one kernel
         for lin, shape in SHAPES.items():
-            try:
-                stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
-                linears = [make_linear(mode, {f"l.{k}": v for k, v in t.items()}, "l") for t in stored]
-            except Exception as e:  # noqa: BLE001 (a measurement: say it and go on)
-                out({"kind": "failed", "mode": mode, "linear": lin, "why": f"{type(e).__name__}: {e}"[:300]})
-                continue
-            wbytes = nbytes(stored[0])
-            for M in args.batches:
-                x = torch.randn(M, shape[1], device="cuda", dtype=dtype)
-                try:
-                    us = timed(lambda: [f(x) for f in linears]) / COPIES
-                except Exception as e:  # noqa: BLE001
-                    out({"kind": "failed", "mode": mode, "linear": lin, "M": M, "why": f"{type(e).__name__}: {e}"[:300]})
-                    continue
-                if mode == "none":
-                    base[lin, M] = us
-                kernel = getattr(linears[0], "kernel", "cublas")
-                out({"kind": "linear", "mode": mode, "kernel": kernel, "linear": lin, "N": shape[0], "K": shape[1],
-                     "M": M, "us": round(us, 2), "weight_bytes": wbytes, "GB_s": round(wbytes / us / 1e3, 1),
-                     "TFLOP_s": round(2 * M * shape[0] * shape[1] / us / 1e6, 1),
-                     "x_bf16": round(base[lin, M] / us, 3) if (lin, M) in base else None})
-            del stored, linears
-            torch.cuda.empty_cache()
+            with _Variant(variant):  # the linears are made, and their graphs captured, under the choice
+                _time_linear(args, out, base, mode, variant, lin, shape, dtype, gen)
+            _empty_cache()
 
 
-def sweep(args, out) -> None:
-    """Per (mode, batch): every launch shape of the grid on every linear shape (config outside, shapes
-    inside: a launch shape compiles once for all shapes), against the default; within --sweep_s."""
-    from runtime.quant import triton_wo
+def _time_linear(args, out, base, mode, variant, lin, shape, dtype, gen) -> None:
+    try:
+        stored = [quantized(mode, shape, dtype, gen) for _ in range(COPIES)]
+        linears = [make_linear(mode, {f"l.{k}": v for k, v in t.items()}, "l") for t in stored]
+    except Exception as e:  # noqa: BLE001 (a measurement: say it and go on)
+        out({"kind": "failed", "mode": mode, "variant": variant, "linear": lin, "why": f"{type(e).__name__}: {e}"[:300]})
+        return
+    wbytes = nbytes(stored[0])
+    for M in args.batches:
+        x = torch.randn(M, shape[1], device=DEVICE, dtype=dtype)
+        try:
+            us = timed(lambda: [f(x) for f in linears]) / COPIES
+        except Exception as e:  # noqa: BLE001
+            out({"kind": "failed", "mode": mode, "variant": variant, "linear": lin, "M": M,
+                 "why": f"{type(e).__name__}: {e}"[:300]})
+            continue
+        if mode == "none":
+            base[lin, M] = us
+        out({"kind": "linear", "mode": mode, "kernel": getattr(linears[0], "kernel", "cublas"), "variant": variant,
+             "linear": lin, "N": shape[0], "K": shape[1], "M": M, "us": round(us, 2), "weight_bytes": wbytes,
+             "GB_s": round(wbytes / us / 1e3, 1), "TFLOP_s": round(2 * M * shape[0] * shape[1] / us / 1e6, 1),
+             "x_bf16": round(base[lin, M] / us, 3) if (lin, M) in base else None})
 
-    dtype = torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+class _WeightOnly:
+    """The weight-only Triton kernel (runtime/quant/triton_wo.py) for one mode: its operands, launch, default."""
     grids = {
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
             for bn, bk, sk, nw in itertools.product((32, 64, 128, 16), (128, 256, 512, 64), (1, 2, 4, 8), (4, 8))],
         64: [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
              for bn, bk, sk, nw, ns in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))],
     }
+
+    def __init__(self, mode: str, bits: int):
+        self.mode, self.bits = mode, bits
+
+    def operands(self, shape, dtype, gen, M):
+        t = quantized(self.mode, shape, dtype, gen)
+        return t, torch.randn(M, shape[1], device=DEVICE, dtype=dtype)
+
+    def _group(self, t, shape):
+        return shape[1] // (t["scale"].numel() // shape[0])
+
+    def default(self, t, shape, M, sms):
+        from runtime.quant import triton_wo
+
+        return triton_wo.default_config(M, shape[0], shape[1], self._group(t, shape), sms, self.bits)
+
+    def fits(self, t, shape, cfg):
+        return not self._group(t, shape) % cfg["BLOCK_K"] and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
+
+    def launch(self, t, x, cfg):
+        from runtime.quant import triton_wo
+
+        return triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), self.bits, **cfg)
+
+
+class _W8A8:
+    """The W8A8 / E4M3 Triton GEMM (runtime/quant/triton_w8a8.py) for sq (per token, per channel) or fp8, on
+    inputs quantized beforehand (as the linears do, a fused elementwise pass under --compile)."""
+    grids = {M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
+                 for bn, bk, sk, nw, ns in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8), (4,), (3, 4))]
+             for M, bm in ((1, 16), (16, 16), (64, 64))}
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def operands(self, shape, dtype, gen, M):
+        from runtime.quant.fp8 import to_e4m3
+
+        t = quantized(self.mode, shape, dtype, gen)
+        x = torch.randn(M, shape[1], device=DEVICE, dtype=dtype)
+        if self.mode == "fp8":
+            return {**t, "x_scale": t["input_scale"]}, to_e4m3(x, t["input_scale"])
+        a = x.float().abs().amax(-1, keepdim=True) / 127
+        return {**t, "x_scale": a}, torch.round(x.float() / a).clamp(-127, 127).to(torch.int8)
+
+    def default(self, t, shape, M, sms):
+        from runtime.quant import triton_w8a8
+
+        return triton_w8a8.default_config(M, shape[0], shape[1], sms)
+
+    def fits(self, t, shape, cfg):
+        return cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
+
+    def launch(self, t, x, cfg):
+        from runtime.quant import triton_w8a8
+
+        return triton_w8a8.launch(x, t["weight"], t["x_scale"], t["weight_scale"], torch.bfloat16, **cfg)
+
+
+SWEPT = {"int4_wo_g128": _WeightOnly("int4_wo_g128", 4), "int8_wo": _WeightOnly("int8_wo", 8),
+         "sq_per_token_per_channel": _W8A8("sq_per_token_per_channel"), "fp8": _W8A8("fp8")}
+
+
+def sweep(args, out) -> None:
+    """Per (kernel, batch): every launch shape of its grid on every linear shape (config outside, shapes
+    inside: a launch shape compiles once for all shapes), against the default; within --sweep_s."""
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
     t_end = time.time() + args.sweep_s
-    for mode, bits in (("int4_wo_g128", 4), ("int8_wo", 8)):
-        stored = {lin: [quantized(mode, shape, dtype, gen) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
-        for M, grid in grids.items():
+    for mode in args.sweep_modes:
+        k = SWEPT[mode]
+        for M, grid in k.grids.items():
             if M not in args.sweep_batches:
                 continue
-            xs = {lin: torch.randn(M, shape[1], device="cuda", dtype=dtype) for lin, shape in SHAPES.items()}
+            ops = {lin: [k.operands(shape, dtype, gen, M) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
             res = {lin: [] for lin in SHAPES}  # (us, cfg)
-            defaults = {}
-            for lin, shape in SHAPES.items():
-                group = shape[1] // (stored[lin][0]["scale"].numel() // shape[0])
-                defaults[lin] = triton_wo.default_config(M, shape[0], shape[1], group, sms, bits)
+            defaults = {lin: k.default(ops[lin][0][0], shape, M, sms) for lin, shape in SHAPES.items()}
             for cfg in [None, *grid]:
                 if time.time() > t_end:
                     break
                 for lin, shape in SHAPES.items():
                     c = defaults[lin] if cfg is None else cfg
-                    group = shape[1] // (stored[lin][0]["scale"].numel() // shape[0])
-                    if group % c["BLOCK_K"] or c["BLOCK_K"] * c["SPLIT_K"] > shape[1]:
+                    if not k.fits(ops[lin][0][0], shape, c):
                         continue
-                    x = xs[lin]
                     try:
-                        us = timed(lambda: [triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), bits, **c)
-                                            for t in stored[lin]], reps=7) / COPIES
+                        us = timed(lambda: [k.launch(t, x, c) for t, x in ops[lin]], reps=7) / COPIES
                     except Exception as e:  # noqa: BLE001
                         out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
                         break
@@ -127,14 +233,14 @@ def sweep(args, out) -> None:
                 if not ok:
                     continue
                 d = next((u for u, c in res[lin] if c == "default"), None)
-                wbytes = nbytes(stored[lin][0])
+                wbytes = nbytes({n: v for n, v in ops[lin][0][0].items() if n != "x_scale"})
                 out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(res[lin]),
                      "default": defaults[lin], "default_us": round(d, 2) if d else None,
                      "default_GB_s": round(wbytes / d / 1e3, 1) if d else None, "best_us": round(ok[0][0], 2),
                      "best": ok[0][1], "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1),
                      "top5": [(round(u, 2), c) for u, c in ok[:5]]})
-        del stored
-        torch.cuda.empty_cache()
+            del ops
+            _empty_cache()
 
 
 def main() -> None:
@@ -142,13 +248,20 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--modes", default="none,int8_wo,int4_wo_g128,int4_wo,sq_per_token_per_channel,sq_per_channel,fp8")
     ap.add_argument("--batches", default="1,8,64,512")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma list of auto, torch, triton ($EF_WO_KERNEL) and library (auto with the W8A8 / FP8 "
+                         "linears on torch._int_mm / _scaled_mm at every size): each mode under each")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--dry_run", action="store_true", help="on the CPU, tiny shapes, nothing timed: does it run")
     ap.add_argument("--sweep_s", type=float, default=150)
-    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 64")
+    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 64 (and 16 for the W8A8 GEMM)")
+    ap.add_argument("--sweep_modes", default="int4_wo_g128,int8_wo", help=f"of {', '.join(SWEPT)}")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m and m != "-"]
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.kernels = args.kernels.split(",")
     args.sweep_batches = [int(b) for b in args.sweep_batches.split(",")]
+    args.sweep_modes = args.sweep_modes.split(",")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     sink = open(Path(args.out) / "linear.jsonl", "a")
 
@@ -158,7 +271,14 @@ def main() -> None:
         sink.write(line + "\n")
         sink.flush()
 
-    out({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+    if args.dry_run:
+        global DEVICE, SHAPES, COPIES
+        DEVICE, COPIES = "cpu", 1
+        SHAPES = {"attn.qkv": (96, 256), "mlp.down": (64, 512)}
+        for k in SWEPT.values():  # two launch shapes of each grid
+            k.grids = {M: grid[:2] for M, grid in k.grids.items()}
+    out({"kind": "env", "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+         "torch": torch.__version__})
     if args.modes:
         modes_table(args, out)
     if args.sweep:
