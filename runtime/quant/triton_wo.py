@@ -28,9 +28,21 @@ from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
+def _dot(x, w, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(x, w, input_precision="ieee")
+    return tl.dot(x, w)
+
+
+@triton.jit
 def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               NATURAL: tl.constexpr = False):
+    """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
+    nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
+    the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
+    features. (The same products; which is faster is the sweep's question: tests/perf/bench_linear.py.)"""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -41,6 +53,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
     j = tl.arange(0, HALF)
     x_rows = X + m.to(tl.int64)[:, None] * stride_xm
     w_cols = W + n.to(tl.int64)[None, :] * stride_wn
+    w_rows = W + n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         g = k0 // GROUP  # one group per tile
@@ -49,7 +62,17 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
         else:
             z = tl.zeros([BLOCK_N], tl.int32)
         s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
-        if INT4:
+        if NATURAL:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :], other=0.0)
+            jj = k0 // 2 + j if INT4 else k0 + j
+            b = tl.load(w_rows + jj[None, :], mask=nmask[:, None] & (jj < (K // 2 if INT4 else K))[None, :],
+                        other=0).to(tl.int32)  # (BLOCK_N, HALF)
+            if INT4:
+                b = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1 in order
+            w = tl.trans((b - z[:, None]).to(X.dtype.element_ty))  # (BLOCK_K, BLOCK_N)
+            part = _dot(x, w, IEEE)
+        elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
@@ -57,20 +80,14 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
             x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(x_even, lo, input_precision="ieee") + tl.dot(x_odd, hi, input_precision="ieee")
-            else:
-                part = tl.dot(x_even, lo) + tl.dot(x_odd, hi)
+            part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE)
         else:
             kk = k0 + j
             kmask = kk < K
             q = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
             w = (q - z[None, :]).to(X.dtype.element_ty)
             x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(x, w, input_precision="ieee")
-            else:
-                part = tl.dot(x, w)
+            part = _dot(x, w, IEEE)
         acc += part * s[None, :]
     out = OUT + pid_k.to(tl.int64) * M * stride_om + m.to(tl.int64)[:, None] * stride_om + n[None, :]
     tl.store(out, acc.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

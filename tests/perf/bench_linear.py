@@ -134,8 +134,12 @@ class _WeightOnly:
     grids = {
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
             for bn, bk, sk, nw in itertools.product((32, 64, 128, 16), (128, 256, 512, 64), (1, 2, 4, 8), (4, 8))],
-        64: [{"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns}
-             for bn, bk, sk, nw, ns in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))],
+        # NATURAL first: the weight tile as stored (int4: one dot); the budget may stop the grid before its end
+        **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns,
+                "NATURAL": nat}
+               for nat, bn, bk, sk, nw, ns in itertools.product((True, False), (32, 64, 128), (64, 128), (1, 2, 4, 8),
+                                                                (4,), (3, 4))]
+           for M, bm in ((16, 16), (64, 64))},
     }
 
     def __init__(self, mode: str, bits: int):
@@ -254,7 +258,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry_run", action="store_true", help="on the CPU, tiny shapes, nothing timed: does it run")
     ap.add_argument("--sweep_s", type=float, default=150)
-    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 64 (and 16 for the W8A8 GEMM)")
+    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 16, 64")
     ap.add_argument("--sweep_modes", default="int4_wo_g128,int8_wo", help=f"of {', '.join(SWEPT)}")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m and m != "-"]
