@@ -20,6 +20,10 @@ def pytest_configure(config):
     cache = tempfile.mkdtemp(prefix="ef-test-cache-")
     os.environ["EF_CACHE_DIR"] = cache
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    # Without a GPU the Triton kernels' tests run in Triton's interpreter, which is chosen when triton is first
+    # imported: set here, before any test (or torch.compile) imports it in this process or an xdist worker
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
