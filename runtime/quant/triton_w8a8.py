@@ -14,7 +14,9 @@ Arithmetic, so that the CPU reference is the oracle:
   output dtype. So the kernel gives the reference's bits (sq.py's CPU path: the same int32, the same
   epilogue).
 - fp8: E4M3 products are exact in fp32, their sums are not: fp32 partials, summed in a fixed order
-  (deterministic), then the same epilogue. Within fp32 rounding of the reference's fp32 matmul.
+  (deterministic), then the same epilogue. Hopper's fp8 wgmma (64-row tiles) adds its products in less than
+  fp32 inside one instruction; max_num_imprecise_acc=BLOCK_K moves them into the fp32 accumulator at every
+  K tile, so the error stays that of BLOCK_K-long sums (smaller tiles go through fp16 mma, exact products).
 
 Above SMALL_M rows (prefill) the library GEMMs are compute-bound and fast: the linears keep them.
 """
@@ -55,8 +57,8 @@ def _w8a8_kernel(X, W, XS, WS, OUT, M, N, K, stride_xm, stride_wn,
         w = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if ACC_INT:
             acc += tl.dot(x, w, out_dtype=tl.int32)
-        else:
-            acc += tl.dot(x, w)
+        else:  # Hopper's fp8 wgmma sums in reduced precision: into the fp32 accumulator at every K tile
+            acc += tl.dot(x, w, max_num_imprecise_acc=BLOCK_K)
     omask = mmask[:, None] & nmask[None, :]
     if EPILOGUE:
         if XS_ROWS:
@@ -104,6 +106,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale
     assert xs.numel() in (1, M) and ws.numel() in (1, N), (xs.shape, ws.shape)
     cfg = dict(cfg or default_config(M, N, K, _sm_count(x.device) if x.is_cuda else 132))
     split = cfg["SPLIT_K"]
+    assert cfg["BLOCK_K"] >= 32, cfg  # 8-bit tensor-core dots take K tiles of 32 at least (the interpreter does not check)
     acc_int = x.dtype == torch.int8
     epilogue = split == 1
     out = torch.empty((M, N) if epilogue else (split, M, N),
