@@ -77,7 +77,8 @@ class W8A8Linear:
         self.out_features, self.in_features = self.weight.shape
         self.cuda = self.weight.device.type == "cuda"
         self.kernel = select_kernel(self.weight.device)  # CPU: torch (the reference); CUDA: cuda | triton | torch
-        if self.cuda and self.kernel != "triton":  # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
+        if self.cuda and self.kernel != "triton":
+            # torch._int_mm takes K and N in multiples of 8: zero columns / rows add nothing
             n, k = _pad_to(self.out_features, 8), _pad_to(self.in_features, 8)
             w = F.pad(self.weight, (0, k - self.in_features, 0, n - self.out_features))
             self.weight_t = w.t()  # (K, N) column-major: the layout cuBLASLt's int8 GEMM wants for B

@@ -106,7 +106,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale
     assert xs.numel() in (1, M) and ws.numel() in (1, N), (xs.shape, ws.shape)
     cfg = dict(cfg or default_config(M, N, K, _sm_count(x.device) if x.is_cuda else 132))
     split = cfg["SPLIT_K"]
-    assert cfg["BLOCK_K"] >= 32, cfg  # 8-bit tensor-core dots take K tiles of 32 at least (the interpreter does not check)
+    # 8-bit tensor-core dots take K tiles of 32 at least (the interpreter does not check)
+    assert cfg["BLOCK_K"] >= 32, cfg
     acc_int = x.dtype == torch.int8
     epilogue = split == 1
     out = torch.empty((M, N) if epilogue else (split, M, N),
