@@ -171,12 +171,13 @@ def test_loading_fp8_on_a_gpu_below_sm89_is_one_line(monkeypatch, cap, name, ok)
 def test_gpu_fp8_linear_matches_the_cpu_reference(dtype, kernel, monkeypatch):
     """M: decode batches (the Triton E4M3 GEMM) and, on each side of its SMALL_M switch, a prefill
     (torch._scaled_mm with EF_WO_KERNEL=auto, Triton with =triton); N and K not multiples of 16 (the padding)."""
-    monkeypatch.setenv("EF_WO_KERNEL", kernel)
     for M, N, K in ((1, 1024, 2048), (8, 1000, 2040), (64, 48, 200), (65, 1024, 2048), (300, 4096, 1024)):
         g = torch.Generator().manual_seed(M)
         w, x, b = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3, torch.randn(N, generator=g)
         stored = {**FP8.quantize(w, dtype, {"input_absmax": x.abs().amax(0) * 0.8}), "bias": b.to(dtype)}  # some saturate
+        monkeypatch.setenv("EF_WO_KERNEL", "torch")  # the CPU oracle (=triton / =cuda refuse a CPU linear)
         ref = make_linear("fp8", {f"l.{k}": v for k, v in stored.items()}, "l")
+        monkeypatch.setenv("EF_WO_KERNEL", kernel)
         gpu = make_linear("fp8", {f"l.{k}": v.cuda() for k, v in stored.items()}, "l")
         assert ref.kernel == "torch" and gpu.kernel == ("cuda" if kernel == "auto" else kernel)
         want = ref(x.to(dtype).float()).double()  # the oracle in fp32, on the input the GPU sees

@@ -137,7 +137,8 @@ def test_decoder_prefill_of_a_packed_batch_equals_one_prompt_at_a_time(kind, one
     for _ in range(2):  # the compiled prefill: the second call replays the compiled code
         got = batched.prefill(tokens, lengths, slots, all_logits=True)
     want = _one_at_a_time(alone, tokens, lengths, slots)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+    # fp32: the packed and the one-prompt matmuls block K differently (4e-6 of the largest logit measured)
+    tol = (1e-5 if dtype == torch.float32 else 2e-2) * want.abs().max().item()
     assert got.shape == want.shape and (got - want).abs().max().item() <= tol
     last = batched.prefill(tokens, lengths, slots)  # the last token of each prompt
     assert (last - want[torch.tensor(lengths).cumsum(0) - 1]).abs().max().item() <= tol
@@ -146,7 +147,7 @@ def test_decoder_prefill_of_a_packed_batch_equals_one_prompt_at_a_time(kind, one
             a, b = getattr(batched, cache)[li], getattr(alone, cache)[li]
             for n, slot in zip(lengths, slots):  # fp16 on the GPU: compiled vs eager rounding, through layer 0
                 want_kv = b[slot, :, :n].float()  # (measured on the H200: 0.3% of the largest K/V in layer 1)
-                kv_tol = 1e-5 if dtype == torch.float32 else 1e-2 * want_kv.abs().max().item()
+                kv_tol = (1e-5 if dtype == torch.float32 else 1e-2) * want_kv.abs().max().item()
                 assert (a[slot, :, :n].float() - want_kv).abs().max().item() <= kv_tol
 
 

@@ -262,13 +262,14 @@ def test_cuda_int8_gemm_matches_the_cpu_reference(mode, dtype, kernel, monkeypat
     to SMALL_M rows and torch._int_mm (padded to M > 16 and K, N multiples of 8) above; =triton, =torch one of
     them at every size. The int32 accumulators are exact on all, so only the quantization of x (fp32 on both)
     and the epilogue's cast can differ: within one fp16 / bf16 rounding of the output."""
-    monkeypatch.setenv("EF_WO_KERNEL", kernel)
     for M, N, K in ((1, 48, 256), (8, 1024, 2048), (17, 50, 72), (64, 1024, 2048), (65, 1000, 2040), (300, 1024, 2048)):
         g = torch.Generator().manual_seed(M)
         w = torch.randn(N, K, generator=g)
         x = (torch.randn(M, K, generator=g) * torch.logspace(-1, 1, K)).to(dtype)
         stored = MODES[mode].quantize(w, dtype, {"input_absmax": x.float().abs().amax(0)})
+        monkeypatch.setenv("EF_WO_KERNEL", "torch")  # the CPU oracle (=triton / =cuda refuse a CPU linear)
         cpu = make_linear(mode, {f"l.{k}": v for k, v in stored.items()}, "l")
+        monkeypatch.setenv("EF_WO_KERNEL", kernel)
         gpu = make_linear(mode, {f"l.{k}": v.cuda() for k, v in stored.items()}, "l")
         assert gpu.kernel == ("cuda" if kernel == "auto" else kernel)
         want = cpu(x.float()).to(dtype).float()  # the oracle: fp32 activations, the same int8 levels
@@ -289,7 +290,11 @@ def test_cuda_int8_gemm_compiles_and_graph_captures(mode):
         f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
         for _ in range(3):
             y = f(x)
-        torch.testing.assert_close(y, lin(x), rtol=2e-3, atol=2e-3)
+        # per token, the compiled graph quantizes x in a fused Triton kernel whose fp32 division is not IEEE's:
+        # an element at a .5 boundary may take the next int8 level (2.6% of the outputs moved, by up to 0.078,
+        # on an H100, 2026-12-05), so compiled and eager agree within the bound the CPU reference is held to
+        want = lin(x).float()
+        assert ((y.float() - want).abs().max() / want.abs().max()).item() <= 2e-3, M
 
 
 @pytest.mark.cuda

@@ -38,7 +38,7 @@ def _dot(x, w, IEEE: tl.constexpr):
 def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               NATURAL: tl.constexpr = False):
+               NATURAL: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
@@ -183,6 +183,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
+    if not gemv:  # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
+        cfg.setdefault("NATURAL", False)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
     split = cfg["SPLIT_K"]
     # split K: fp32 partials (SPLIT_K, M, N), summed in order below

@@ -55,7 +55,7 @@ def timed(fn, reps: int = REPS) -> float:
 
 def _empty_cache() -> None:
     if DEVICE == "cuda":
-        _empty_cache()
+        torch.cuda.empty_cache()
 
 
 def nbytes(tensors: dict) -> int:
