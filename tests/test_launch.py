@@ -174,7 +174,7 @@ def test_ranks_on_cuda_give_tp1_tokens(engines, engine, one_thread):
     try:
         nccl = eng.ranks.size <= torch.cuda.device_count()
         assert (eng.ranks.backend, eng.use_cuda_graphs) == (("nccl", True) if nccl else ("gloo", False))
-        with pytest.raises(UserError, match="CPU ranks only"):
+        with pytest.raises(UserError, match="CPU ranks only" if engine == "tp2" else "without pipeline stages"):
             eng.compile()
         got = [g.output_ids for g in eng.generate(_prompts(), max_new_tokens=NEW_TOKENS, ignore_eos=True)]
     finally:

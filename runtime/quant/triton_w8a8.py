@@ -28,7 +28,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 SMALL_M = 64  # rows up to which the linears take this kernel
-WAVES = 4
 
 
 @triton.jit
@@ -76,17 +75,20 @@ def _w8a8_kernel(X, W, XS, WS, OUT, M, N, K, stride_xm, stride_wn,
         tl.store(out, acc, mask=omask)
 
 
-def default_config(M: int, N: int, K: int, sms: int) -> dict:
+def default_config(M: int, N: int, K: int, sms: int, fp8: bool = False) -> dict:
     """Launch shape from static sizes: the smallest BLOCK_M of 16 / 32 / 64 that holds M (tl.dot takes 16
-    rows at least), 64 outputs a tile, 128 bytes of K a step; K split until there are about WAVES programs
-    per multiprocessor, each with 4 K steps at least (a 4096-wide attn.o has 64 tiles for 132 SMs)."""
+    rows at least), 32 outputs a tile, 256 bytes of K a step (128 for E4M3 above 16 rows), no K split, 4
+    stages in flight. From the launch-shape sweep on an H100 (tests/perf/gpu_quant_check.sh, 2026-12-05,
+    docs/runs/h100-2026-12-05-linear.jsonl: up to 49 shapes for each linear of a LLaMA-7B layer at 1 / 16 / 64
+    rows, int8 and E4M3): the best or within 4% of it for every linear but mlp.up (3 stages, by 1-3%); a layer's
+    four linears at 87-107 us (2.0-2.6 TB/s) against 120-192 us for the earlier 64 x 128 tiles split ~4 waves
+    deep. (The E4M3 sweep at 64 rows tried only 128-byte K steps before its time ran out.) sms: kept for the
+    callers; 32-wide tiles already make one wave or more at these N."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    cfg = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
-    split = 1
-    while tiles * split < WAVES * sms and K // (128 * split * 2) >= 4:
-        split *= 2
-    return {**cfg, "SPLIT_K": split}
+    if M > 64:  # prefill rows (EF_WO_KERNEL=triton only; auto takes torch._int_mm / _scaled_mm there)
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 128 if fp8 and M > 16 else 256, "SPLIT_K": 1,
+            "num_warps": 4, "num_stages": 4}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -104,7 +106,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale
     assert weight.shape[1] == K and x.dtype == weight.dtype and x.stride(1) == 1 and weight.stride(1) == 1
     xs, ws = x_scale.reshape(-1).float().contiguous(), w_scale.reshape(-1).float().contiguous()
     assert xs.numel() in (1, M) and ws.numel() in (1, N), (xs.shape, ws.shape)
-    cfg = dict(cfg or default_config(M, N, K, _sm_count(x.device) if x.is_cuda else 132))
+    cfg = dict(cfg or default_config(M, N, K, _sm_count(x.device) if x.is_cuda else 132, x.dtype != torch.int8))
     split = cfg["SPLIT_K"]
     # 8-bit tensor-core dots take K tiles of 32 at least (the interpreter does not check)
     assert cfg["BLOCK_K"] >= 32, cfg

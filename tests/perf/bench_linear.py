@@ -189,7 +189,7 @@ class _W8A8:
     def default(self, t, shape, M, sms):
         from runtime.quant import triton_w8a8
 
-        return triton_w8a8.default_config(M, shape[0], shape[1], sms)
+        return triton_w8a8.default_config(M, shape[0], shape[1], sms, self.mode == "fp8")
 
     def fits(self, t, shape, cfg):
         return cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
