@@ -68,7 +68,8 @@ def _uniform(key: str, n: int) -> torch.Tensor:
     generator seeded by (key, offset): the same values whatever the number of threads, generated in
     parallel (a 7B model is ~7e9 of them). Made from 24-bit integers and one float multiply, so every CPU
     gives the same bits (torch.randn's float kernels differ between AVX2, AVX512 and ARM builds)."""
-    out = torch.empty(n)
+    with torch.inference_mode(False):  # the pool's threads are not in the caller's inference mode (calibrate's)
+        out = torch.empty(n)
     step = STD * math.sqrt(3) / 2**23
 
     def fill(start: int) -> None:
