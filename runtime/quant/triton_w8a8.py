@@ -80,9 +80,10 @@ def default_config(M: int, N: int, K: int, sms: int, fp8: bool = False) -> dict:
     rows at least), 32 outputs a tile, 256 bytes of K a step (128 for E4M3 above 16 rows), no K split, 4
     stages in flight. From the launch-shape sweep on an H100 (tests/perf/gpu_quant_check.sh, 2026-12-05,
     docs/runs/h100-2026-12-05-linear.jsonl: up to 49 shapes for each linear of a LLaMA-7B layer at 1 / 16 / 64
-    rows, int8 and E4M3): the best or within 4% of it for every linear but mlp.up (3 stages, by 1-3%); a layer's
-    four linears at 87-107 us (2.0-2.6 TB/s) against 120-192 us for the earlier 64 x 128 tiles split ~4 waves
-    deep. (The E4M3 sweep at 64 rows tried only 128-byte K steps before its time ran out.) sms: kept for the
+    rows, int8 and E4M3): the best, or within 1% of it, in 17 of the 24 sweeps; mlp.up (every row count) and sq's
+    attn.qkv at 64 rows were best with 3 stages or 64-wide tiles (E4M3 mlp.up at 64 rows: 37.5 us against this
+    shape's 42.5). A layer's four linears at their best take 87-107 us (2.0-2.6 TB/s), against 120-192 us for
+    the earlier 64 x 128 tiles split ~4 waves deep. (The E4M3 sweep at 64 rows tried only 128-byte K steps before its time ran out.) sms: kept for the
     callers; 32-wide tiles already make one wave or more at these N."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     if M > 64:  # prefill rows (EF_WO_KERNEL=triton only; auto takes torch._int_mm / _scaled_mm there)
