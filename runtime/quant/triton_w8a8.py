@@ -83,8 +83,8 @@ def default_config(M: int, N: int, K: int, sms: int, fp8: bool = False) -> dict:
     rows, int8 and E4M3): the best, or within 1% of it, in 17 of the 24 sweeps; mlp.up (every row count) and sq's
     attn.qkv at 64 rows were best with 3 stages or 64-wide tiles (E4M3 mlp.up at 64 rows: 37.5 us against this
     shape's 42.5). A layer's four linears at their best take 87-107 us (2.0-2.6 TB/s), against 120-192 us for
-    the earlier 64 x 128 tiles split ~4 waves deep. (The E4M3 sweep at 64 rows tried only 128-byte K steps before its time ran out.) sms: kept for the
-    callers; 32-wide tiles already make one wave or more at these N."""
+    the earlier 64 x 128 tiles split ~4 waves deep. (The E4M3 sweep at 64 rows tried only 128-byte K steps
+    before its time ran out.) sms: kept for the callers; 32-wide tiles already make a wave or more at these N."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     if M > 64:  # prefill rows (EF_WO_KERNEL=triton only; auto takes torch._int_mm / _scaled_mm there)
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
