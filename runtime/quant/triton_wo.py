@@ -96,9 +96,14 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
 @triton.jit
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
-    multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x))."""
+    multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
+
+    MAGIC (int4): a nibble becomes the fp32 128 + q by bits alone, its 4 bits put at the units place of 128.0's
+    mantissa (0x43000000, bits 16-19): a shift and one and-or, where an int-to-float conversion runs at a
+    fraction of the FP32 rate; and the 128 goes into the zero point: s * (sum((128 + q) x) - (128 + z) sum(x)).
+    The sums lose ~4 bits of fp32 to the offset (values to 143 where q is at most 15), far below bf16's."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,7 +121,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
             b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
-            dot = tl.sum((b & 15).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32) * xo[None, :], axis=1)
+            if MAGIC:
+                lo = (((b << 16) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b & 15)
+                hi = (((b << 12) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b >> 4)
+            else:
+                lo, hi = (b & 15).to(tl.float32), (b >> 4).to(tl.float32)
+            dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
             xsum = tl.sum(xe + xo, axis=0)
         else:
             kk = k0 + j
@@ -127,8 +137,11 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
             xsum = tl.sum(x, axis=0)
         if HAS_ZERO:
             z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
-            dot = dot - z * xsum
-        acc += dot * s
+        else:
+            z = tl.zeros([BLOCK_N], tl.float32)
+        if INT4 and MAGIC:
+            z += 128.0
+        acc += (dot - z * xsum) * s
     tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
 
 
@@ -152,7 +165,8 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         split = 8
         while split > 1 and K // (wide * split) < 2:  # at least two K tiles a program
             split //= 2
-        return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4}
+        return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4,
+                "MAGIC": bits == 4}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)
@@ -183,8 +197,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
-    if not gemv:  # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
-        cfg.setdefault("NATURAL", False)
+    # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
+    cfg.setdefault("MAGIC" if gemv else "NATURAL", False)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
     split = cfg["SPLIT_K"]
     # split K: fp32 partials (SPLIT_K, M, N), summed in order below

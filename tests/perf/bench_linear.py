@@ -132,8 +132,10 @@ def _time_linear(args, out, base, mode, variant, lin, shape, dtype, gen) -> None
 class _WeightOnly:
     """The weight-only Triton kernel (runtime/quant/triton_wo.py) for one mode: its operands, launch, default."""
     grids = {
-        1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw}
-            for bn, bk, sk, nw in itertools.product((32, 64, 128, 16), (128, 256, 512, 64), (1, 2, 4, 8), (4, 8))],
+        # MAGIC first (int4's nibbles to fp32 by bits; int8 ignores it): the budget may stop the grid before its end
+        1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
+            for mg, bn, bk, sk, nw in itertools.product((True, False), (32, 64, 128, 16), (128, 64), (1, 2, 4, 8),
+                                                        (4, 8))],
         # NATURAL first: the weight tile as stored (int4: one dot); the budget may stop the grid before its end
         **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns,
                 "NATURAL": nat}
