@@ -100,10 +100,11 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
-    MAGIC (int4): a nibble becomes the fp32 128 + q by bits alone, its 4 bits put at the units place of 128.0's
+    MAGIC: an int4 nibble becomes the fp32 128 + q by bits alone, its 4 bits put at the units place of 128.0's
     mantissa (0x43000000, bits 16-19): a shift and one and-or, where an int-to-float conversion runs at a
     fraction of the FP32 rate; and the 128 goes into the zero point: s * (sum((128 + q) x) - (128 + z) sum(x)).
-    The sums lose ~4 bits of fp32 to the offset (values to 143 where q is at most 15), far below bf16's."""
+    The sums lose ~4 bits of fp32 to the offset (values to 143 where q is at most 15), far below bf16's.
+    int8 the same way: 384 + q, from 256.0 (0x43800000) with q + 128 in the mantissa's bits 15-22 (one and-xor)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,7 +132,11 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
         else:
             kk = k0 + j
             kmask = kk < K
-            q = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.float32)
+            q = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+            if MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
+                q = (((q << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
+            else:
+                q = q.to(tl.float32)
             x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             dot = tl.sum(q * x[None, :], axis=1)
             xsum = tl.sum(x, axis=0)
@@ -139,8 +144,8 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
             z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
         else:
             z = tl.zeros([BLOCK_N], tl.float32)
-        if INT4 and MAGIC:
-            z += 128.0
+        if MAGIC:
+            z += 128.0 if INT4 else 384.0
         acc += (dot - z * xsum) * s
     tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
 
@@ -166,7 +171,7 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         while split > 1 and K // (wide * split) < 2:  # at least two K tiles a program
             split //= 2
         return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4,
-                "MAGIC": bits == 4}
+                "MAGIC": True}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)

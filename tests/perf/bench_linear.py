@@ -132,7 +132,7 @@ def _time_linear(args, out, base, mode, variant, lin, shape, dtype, gen) -> None
 class _WeightOnly:
     """The weight-only Triton kernel (runtime/quant/triton_wo.py) for one mode: its operands, launch, default."""
     grids = {
-        # MAGIC first (int4's nibbles to fp32 by bits; int8 ignores it): the budget may stop the grid before its end
+        # MAGIC first (the integers to fp32 by bits): the budget may stop the grid before its end
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
             for mg, bn, bk, sk, nw in itertools.product((True, False), (32, 64, 128, 16), (128, 64), (1, 2, 4, 8),
                                                         (4, 8))],
