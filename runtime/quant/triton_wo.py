@@ -38,11 +38,17 @@ def _dot(x, w, IEEE: tl.constexpr):
 def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               NATURAL: tl.constexpr):
+               NATURAL: tl.constexpr, MAGIC: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
-    features. (The same products; which is faster is the sweep's question: tests/perf/bench_linear.py.)"""
+    features. (The same products; which is faster is the sweep's question: tests/perf/bench_linear.py.)
+
+    MAGIC (int4, 16-bit x, not NATURAL): a nibble becomes the 16-bit float OFF + q by bits alone, OR-ed into
+    the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so exact):
+    no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
+    and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
+    sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -76,11 +82,24 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
-            lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
-            hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
             x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE)
+            if MAGIC:
+                if X.dtype.element_ty == tl.bfloat16:
+                    BASE: tl.constexpr = 0x4300  # bf16 128.0
+                    OFF: tl.constexpr = 128.0
+                else:
+                    BASE: tl.constexpr = 0x6400  # fp16 1024.0
+                    OFF: tl.constexpr = 1024.0
+                lo = ((b & 15) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # OFF + level, features 2j
+                hi = ((b >> 4) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # ... features 2j + 1
+                xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)  # (BLOCK_M,)
+                part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE) \
+                    - xs[:, None] * (z.to(tl.float32) + OFF)[None, :]
+            else:
+                lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
+                hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
+                part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE)
         else:
             kk = k0 + j
             kmask = kk < K
@@ -163,7 +182,9 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     LLaMA-7B layer in the H200 sweep (tests/perf/bench_linear.py --sweep, 2026-12-03: int8 32 x 256 tiles,
     89.8 us a layer against 102.6 for the SM-count rule and 88.7 for each shape's best; packed int4 128
     rows x one 128-group, 174 against 225). Small M: narrow N tiles, K split until there are about WAVES
-    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs)."""
+    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs); int4 with
+    MAGIC (no int-to-float conversions: at 64 the conversion-bound kernel read 0.23 TB/s in the H100 engine,
+    12.6 ms of a 15.8 ms step)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1:
         wide = 256 if bits == 8 and group % 256 == 0 else block_k
@@ -179,11 +200,12 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         cfg = {"BLOCK_M": 32 if M <= 32 else 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 64)
     else:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8, "SPLIT_K": 1}
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8, "SPLIT_K": 1,
+                "MAGIC": bits == 4}
     split = 1
     while tiles * split < WAVES * sms and K // (cfg["BLOCK_K"] * split * 2) >= 4:  # >= 4 tiles of K per program
         split *= 2
-    return {**cfg, "SPLIT_K": split}
+    return {**cfg, "SPLIT_K": split, "MAGIC": bits == 4}
 
 
 WAVES = 4
@@ -203,7 +225,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
     # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
-    cfg.setdefault("MAGIC" if gemv else "NATURAL", False)
+    cfg.setdefault("MAGIC", False)
+    if not gemv:
+        cfg.setdefault("NATURAL", False)
+        # the GEMM's MAGIC: int4 tiles as loaded (not NATURAL) and 16-bit x only (module docstring of _wo_kernel)
+        cfg["MAGIC"] = cfg["MAGIC"] and bits == 4 and not cfg["NATURAL"] and x.dtype in (torch.bfloat16, torch.float16)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
     split = cfg["SPLIT_K"]
     # split K: fp32 partials (SPLIT_K, M, N), summed in order below

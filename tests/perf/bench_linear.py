@@ -136,11 +136,12 @@ class _WeightOnly:
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
             for mg, bn, bk, sk, nw in itertools.product((True, False), (32, 64, 128, 16), (128, 64), (1, 2, 4, 8),
                                                         (4, 8))],
-        # NATURAL first: the weight tile as stored (int4: one dot); the budget may stop the grid before its end
+        # MAGIC first (int4: nibbles to bf16 by bits; int8 runs it as plain), then NATURAL (the weight tile as
+        # stored, int4: one dot), then plain; the budget may stop the grid before its end
         **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns,
-                "NATURAL": nat}
-               for nat, bn, bk, sk, nw, ns in itertools.product((True, False), (32, 64, 128), (64, 128), (1, 2, 4, 8),
-                                                                (4,), (3, 4))]
+                "NATURAL": nat, "MAGIC": mg}
+               for (mg, nat), bn, bk, sk, nw, ns in itertools.product(((True, False), (False, True), (False, False)),
+                                                                      (32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))]
            for M, bm in ((16, 16), (64, 64))},
     }
 
@@ -160,6 +161,8 @@ class _WeightOnly:
         return triton_wo.default_config(M, shape[0], shape[1], self._group(t, shape), sms, self.bits)
 
     def fits(self, t, shape, cfg):
+        if self.bits == 8 and cfg.get("MAGIC") and not cfg.get("GEMV"):
+            return False  # the GEMM's MAGIC is int4's: for int8 the plain config of the grid
         return not self._group(t, shape) % cfg["BLOCK_K"] and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
     def launch(self, t, x, cfg):
