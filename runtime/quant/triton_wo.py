@@ -182,9 +182,9 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     LLaMA-7B layer in the H200 sweep (tests/perf/bench_linear.py --sweep, 2026-12-03: int8 32 x 256 tiles,
     89.8 us a layer against 102.6 for the SM-count rule and 88.7 for each shape's best; packed int4 128
     rows x one 128-group, 174 against 225). Small M: narrow N tiles, K split until there are about WAVES
-    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs); int4 with
-    MAGIC (no int-to-float conversions: at 64 the conversion-bound kernel read 0.23 TB/s in the H100 engine,
-    12.6 ms of a 15.8 ms step)."""
+    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The GEMM's
+    MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
+    against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1:
         wide = 256 if bits == 8 and group % 256 == 0 else block_k
@@ -200,12 +200,11 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         cfg = {"BLOCK_M": 32 if M <= 32 else 64, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 64)
     else:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8, "SPLIT_K": 1,
-                "MAGIC": bits == 4}
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": min(block_k, 64), "num_warps": 8, "SPLIT_K": 1}
     split = 1
     while tiles * split < WAVES * sms and K // (cfg["BLOCK_K"] * split * 2) >= 4:  # >= 4 tiles of K per program
         split *= 2
-    return {**cfg, "SPLIT_K": split, "MAGIC": bits == 4}
+    return {**cfg, "SPLIT_K": split}
 
 
 WAVES = 4
