@@ -109,11 +109,14 @@ def test_sliced_entry_reads_only_live_positions(one_thread):
 
 def test_quant_targets_compare_with_bf16_of_the_same_run():
     rows = GPU_ROWS + [_row("int4", "int4_g128_tight", 1, 725.0, 9.0), _row("sq", "sq_tight", 64, 10800.0, 150.0),
+                       _row("sqkv", "sq_kv8_tight", 64, 11800.0, 140.0),
                        _row("kv", "kv_int8_2x", 64, 8000.0, 170.0, max_seq_len=6144, peak_mem_GB=120.0)]
     got = {name.split(" ≥")[0]: (measured, verdict) for name, measured, verdict in bench_table.quant_targets(rows)}
     assert got["int4_wo_g128 batch 1"] == ("725.0 tok/s = 2.50×", "met")  # 725 / 290
     assert got["SmoothQuant batch 64"] == ("10,800.0 tok/s = 1.20×", "missed")  # 10,800 / 9,000
     assert got["fp8 batch 64"][1] == "not measured"
+    assert got["SmoothQuant + int8 KV batch 64"] == ("11,800.0 tok/s = 1.31×", "met")  # a row of its own
+    assert got["fp8 + fp8 KV batch 64"][1] == "not measured"
     assert got["int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits"][1] == "met"  # 6144 vs 3072
 
 
