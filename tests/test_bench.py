@@ -118,6 +118,23 @@ def test_quant_targets_compare_with_bf16_of_the_same_run():
     assert got["SmoothQuant + int8 KV batch 64"] == ("11,800.0 tok/s = 1.31×", "met")  # a row of its own
     assert got["fp8 + fp8 KV batch 64"][1] == "not measured"
     assert got["int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits"][1] == "met"  # 6144 vs 3072
+    # without the big engine's row, the plan of bf16 K/V at the int8 engine's limits decides
+    kv_only = [r for r in rows if r.get("engine_case") != "big"]
+    for fits, verdict in ((False, "met"), (True, "missed")):
+        plan = {"kind": "plan", "name": "bf16 K/V at the int8-KV limits", "fits": fits, "total_GB": 169.3, "gpu_GB": 141.0}
+        got = dict((n.split(" ≥")[0], (m, v)) for n, m, v in bench_table.quant_targets(kv_only + [plan]))
+        measured, v = got["int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits"]
+        assert v == verdict and "169.3 GB" in measured, measured
+
+
+def test_big_limits_follow_the_card():
+    """The long-prompt and int8-KV engines are the largest the plan fits at batch 64 on the card in hand."""
+    h100, h200 = bench_table.card_limits(85.0e9), bench_table.card_limits(150.0e9)
+    assert (h100["target"], h200["target"]) == ("h100", "h200")
+    seq = lambda lim: sum(int(x.split("=")[1]) for x in lim if "max_in" in x or "max_out" in x)  # noqa: E731
+    for c in (h100, h200):
+        assert seq(c["kv2x"]) == 2 * seq(c["big"]) and f"limits.max_input_len={c['long']}" in c["big"]
+    assert seq(h200["big"]) == 3072 and seq(h100["big"]) == 1536
 
 
 def test_bench_linear_runs_every_path_it_would_time_on_the_gpu(tmp_path):

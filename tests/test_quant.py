@@ -268,6 +268,10 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "                               NATURAL=True)\n"  # the tile loaded as stored, int4 interleaved: one dot
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3,\n"
             "                               MAGIC=True)\n"  # int4 in fp16: nibbles to 1024 + q by bits (fp32: off)
+            "        for magic, xsplit, join in ((False, True, False), (True, True, False), (False, False, True),\n"
+            "                                    (True, False, True)):\n"  # int4: x read contiguously, parted even / odd
+            "            t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
+            "                                   SPLIT_K=3, XSPLIT=xsplit, JOIN=join, MAGIC=magic)\n"
             "        for split, magic in ((1, False), (3, False), (3, True)):\n"  # MAGIC: int4's nibbles to fp32 by bits
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split,\n"
             "                                   MAGIC=magic)\n"
@@ -344,7 +348,13 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
                    (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "NATURAL": True}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "MAGIC": False}),
-                   (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "MAGIC": True})):
+                   (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "MAGIC": True}),
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "XSPLIT": True}),
+                   (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "XSPLIT": True,
+                         "MAGIC": True}),
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 8, "JOIN": True}),
+                   (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "JOIN": True,
+                         "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
 
 

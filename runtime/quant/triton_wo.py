@@ -38,7 +38,7 @@ def _dot(x, w, IEEE: tl.constexpr):
 def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               NATURAL: tl.constexpr, MAGIC: tl.constexpr):
+               NATURAL: tl.constexpr, MAGIC: tl.constexpr, XSPLIT: tl.constexpr, JOIN: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
@@ -48,7 +48,17 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
     the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so exact):
     no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
     and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
-    sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'."""
+    sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'.
+
+    XSPLIT (int4, not NATURAL): x's tile is loaded as one contiguous (BLOCK_M, BLOCK_K) block and parted into
+    its even and odd features in registers (tl.split), instead of two stride-2 loads: those are one scalar
+    load an element, at batch 64 as many load instructions as weight elements (the int8 tile's x takes 1/8),
+    the suspect of int4's 0.18 TB/s at 64 rows against int8's 0.7-1.1 (H100, 2026-12-06).
+
+    JOIN (int4, not NATURAL): x's tile read contiguously as well, and the weight's (HALF, BLOCK_N) levels
+    interleaved back into (BLOCK_K, BLOCK_N) feature order in registers (tl.join + permute): one dot over x as
+    stored, no even / odd parting of x; the weight tile goes to shared memory for the dot either way.
+    XSPLIT and JOIN untimed yet: off by default, first in the sweep's grid."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -82,24 +92,37 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
-            x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if MAGIC:
+            if MAGIC:  # OFF + level as 16-bit floats by bits; OFF + zero comes out of the sums below
                 if X.dtype.element_ty == tl.bfloat16:
                     BASE: tl.constexpr = 0x4300  # bf16 128.0
                     OFF: tl.constexpr = 128.0
                 else:
                     BASE: tl.constexpr = 0x6400  # fp16 1024.0
                     OFF: tl.constexpr = 1024.0
-                lo = ((b & 15) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # OFF + level, features 2j
-                hi = ((b >> 4) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # ... features 2j + 1
-                xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)  # (BLOCK_M,)
-                part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE) \
-                    - xs[:, None] * (z.to(tl.float32) + OFF)[None, :]
+                lo = ((b & 15) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # (HALF, BLOCK_N) 2j
+                hi = ((b >> 4) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # ... 2j + 1
+                zoff = z.to(tl.float32) + OFF
             else:
                 lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
                 hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
+                zoff = tl.zeros([BLOCK_N], tl.float32)
+            if JOIN or XSPLIT:  # x's tile read contiguously (vector loads)
+                kx = k0 + tl.arange(0, BLOCK_K)
+                xt = tl.load(x_rows + kx[None, :], mask=mmask[:, None] & (kx < K)[None, :], other=0.0)
+            if JOIN:  # the levels interleaved back into feature order: one dot over x as stored
+                w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+                part = _dot(xt, w, IEEE)
+                xs = tl.sum(xt.to(tl.float32), axis=1)  # (BLOCK_M,)
+            else:
+                if XSPLIT:  # x's even / odd features parted in registers
+                    x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))
+                else:  # two strided reads: one scalar load an element
+                    x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                    x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
                 part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE)
+                xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+            if MAGIC:
+                part -= xs[:, None] * zoff[None, :]
         else:
             kk = k0 + j
             kmask = kk < K
@@ -227,6 +250,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg.setdefault("MAGIC", False)
     if not gemv:
         cfg.setdefault("NATURAL", False)
+        cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
+        cfg["JOIN"] = cfg.get("JOIN", False) and bits == 4 and not cfg["NATURAL"]
         # the GEMM's MAGIC: int4 tiles as loaded (not NATURAL) and 16-bit x only (module docstring of _wo_kernel)
         cfg["MAGIC"] = cfg["MAGIC"] and bits == 4 and not cfg["NATURAL"] and x.dtype in (torch.bfloat16, torch.float16)
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups

@@ -136,12 +136,17 @@ class _WeightOnly:
         1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
             for mg, bn, bk, sk, nw in itertools.product((True, False), (32, 64, 128, 16), (128, 64), (1, 2, 4, 8),
                                                         (4, 8))],
-        # MAGIC first (int4: nibbles to bf16 by bits; int8 runs it as plain), then NATURAL (the weight tile as
-        # stored, int4: one dot), then plain; the budget may stop the grid before its end
-        **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "num_stages": ns,
-                "NATURAL": nat, "MAGIC": mg}
-               for (mg, nat), bn, bk, sk, nw, ns in itertools.product(((True, False), (False, True), (False, False)),
-                                                                      (32, 64, 128), (64, 128), (1, 2, 4, 8), (4,), (3, 4))]
+        # int4's variants (triton_wo._wo_kernel), innermost so that a budget cut leaves each the same shapes:
+        # JOIN (x read as stored, the weight levels interleaved back: one dot) and XSPLIT (x read contiguously,
+        # parted even / odd), each with and without MAGIC (nibbles to bf16 by bits), NATURAL (the weight tile as
+        # stored), plain; int8 runs only NATURAL and plain; likelier shapes first (wide N tiles: x is re-read
+        # from L2 by every N tile)
+        **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bm * bn > 8192 else 4,
+                "num_stages": ns, "JOIN": jn, "XSPLIT": xs, "MAGIC": mg, "NATURAL": nat}
+               for bn, bk, sk, ns, (jn, xs, mg, nat) in itertools.product(
+                   (128, 64, 256), (128, 64), (2, 1, 4), (4, 3),
+                   ((True, False, True, False), (True, False, False, False), (False, True, True, False),
+                    (False, True, False, False), (False, False, False, True), (False, False, False, False)))]
            for M, bm in ((16, 16), (64, 64))},
     }
 
@@ -161,8 +166,8 @@ class _WeightOnly:
         return triton_wo.default_config(M, shape[0], shape[1], self._group(t, shape), sms, self.bits)
 
     def fits(self, t, shape, cfg):
-        if self.bits == 8 and cfg.get("MAGIC") and not cfg.get("GEMV"):
-            return False  # the GEMM's MAGIC is int4's: for int8 the plain config of the grid
+        if self.bits == 8 and (cfg.get("MAGIC") or cfg.get("XSPLIT") or cfg.get("JOIN")) and not cfg.get("GEMV"):
+            return False  # the GEMM's MAGIC, XSPLIT and JOIN are int4's: for int8 the others of the grid
         return not self._group(t, shape) % cfg["BLOCK_K"] and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
     def launch(self, t, x, cfg):

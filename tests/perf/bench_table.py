@@ -28,11 +28,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-LLAMA = ["recipe=llama7b_fp16_dummy", "validate=none", "target_gpu=h200"]
+LLAMA = ["recipe=llama7b_fp16_dummy", "validate=none"]
 TIGHT = ["limits.max_batch_size=64", "limits.max_input_len=128", "limits.max_output_len=256"]
-# 4,096 positions at batch 64 need 137 GB of bf16 K/V, more than the H200 holds beside 13.5 GB of weights:
-# the "recipe's limits" engine is the largest that fits batch 64 and the 2,048-token prompt
-BIG = ["limits.max_batch_size=64", "limits.max_input_len=2048", "limits.max_output_len=1024"]
+# The big-limits engines per card (`python -m engine_factory ... plan=true`, batch limit 64): 4,096 positions at
+# batch 64 need 137 GB of bf16 K/V, more than either card holds beside the weights, so the "recipe's limits"
+# engine is the largest the plan fits at batch 64 (its max_input_len is the long prompt), and the int8-KV
+# engine takes twice its positions, which the plan fits with int8 K/V and not with bf16.
+CARDS = {"h200": {"big": (2048, 1024), "kv2x": (2048, 4096)},  # 3,072 / 6,144 positions
+         "h100": {"big": (1280, 256), "kv2x": (1280, 1792)}}  # 1,536 / 3,072 (bf16 at 1,792 needs 87.6 GB)
+
+
+def card_limits(total_bytes: float) -> dict:
+    """target_gpu and the big / kv2x limits for a card of total_bytes of memory (CARDS)."""
+    target = "h200" if total_bytes > 100e9 else "h100"
+    lim = lambda n_in, n_out: ["limits.max_batch_size=64", f"limits.max_input_len={n_in}",  # noqa: E731
+                               f"limits.max_output_len={n_out}"]
+    c = CARDS[target]
+    return {"target": target, "long": c["big"][0], "big": lim(*c["big"]), "kv2x": lim(*c["kv2x"])}
+
+
 QUICK = ["model=stories260k", "precision=fp32", "validate=none", "limits.max_batch_size=4"]
 QUICK_TIGHT = ["limits.max_input_len=16", "limits.max_output_len=16"]
 QUICK_BIG = ["limits.max_input_len=48", "limits.max_output_len=208"]
@@ -130,7 +144,8 @@ def environment(device: str) -> dict:
     info = {"kind": "env", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "host": platform.node(), "python": platform.python_version()}
     q = [PY, "-c", "import torch, json; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__,"
-         " 'device': torch.cuda.get_device_name() if c else 'cpu (%d threads)' % torch.get_num_threads()}))"]
+         " 'device': torch.cuda.get_device_name() if c else 'cpu (%d threads)' % torch.get_num_threads(),"
+         " 'gpu_memory_bytes': torch.cuda.mem_get_info()[1] if c else None}))"]
     try:
         info.update(json.loads(subprocess.run(q, capture_output=True, text=True, timeout=120).stdout))
     except (ValueError, subprocess.TimeoutExpired):
@@ -152,10 +167,9 @@ CASES = {
     "sq_kv8_tight": (["precision=sq", "precision.per_token=true", "precision.per_channel=true",
                       "precision.kv_cache=int8", "calibration.dataset=random"], "tight"),
     "fp8_kv8_tight": (["precision=fp8", "precision.kv_cache=fp8", "calibration.dataset=random"], "tight"),
-    # int8 K/V at twice the positions the bf16 cache fits at batch 64 next to the weights (3,072: BIG)
+    # int8 K/V at twice the positions the bf16 cache fits at batch 64 next to the weights (card_limits)
     "kv_int8_2x": (["precision=bf16", "precision.kv_cache=int8", "calibration.dataset=random"], "kv2x"),
 }
-KV2X = ["limits.max_batch_size=64", "limits.max_input_len=2048", "limits.max_output_len=4096"]
 PEERS = {"gptfast-bf16": [1, 64], "gptfast-int8": [1], "hf-eager": [1]}
 DEFAULT_CASES = "tight,warm,big,int8_tight"
 
@@ -165,12 +179,15 @@ def gpu(args) -> None:
     cache = out / "compile-cache" if args.quick else Path(f"/tmp/ef-bench-compile-{os.getpid()}")
     env = dict(os.environ, EF_COMPILE_CACHE=str(cache), EF_STORE=args.store or str(REPO / ".store"))
     run = Run(out, "gpu", args.budget_s, env)
-    run.record(environment("cuda"))
+    card = run.record(environment("cuda"))
     q = args.quick
-    base = QUICK if q else LLAMA
-    limits = {"tight": QUICK_TIGHT if q else TIGHT, "big": QUICK_BIG if q else BIG,
-              "kv2x": ["limits.max_input_len=48", "limits.max_output_len=416"] if q else KV2X}
-    B64, IN, OUT, LONG = (4, 16, 16, 48) if q else (64, 128, 256, 2048)
+    lim = card_limits(card.get("gpu_memory_bytes") or 141e9)
+    if not q:
+        run.record({"kind": "limits", **lim})
+    base = QUICK if q else LLAMA + [f"target_gpu={lim['target']}"]
+    limits = {"tight": QUICK_TIGHT if q else TIGHT, "big": QUICK_BIG if q else lim["big"],
+              "kv2x": ["limits.max_input_len=48", "limits.max_output_len=416"] if q else lim["kv2x"]}
+    B64, IN, OUT, LONG = (4, 16, 16, 48) if q else (64, 128, 256, lim["long"])
     dev = ["--device", "cpu"] if q else []
     common = dev + ["--compile", "--input_len", str(IN), "--output_len", str(OUT)]
     doc = lambda: render([run.jsonl], Path(args.doc) if args.doc else None, out / "benchmarks.md")  # noqa: E731
@@ -217,6 +234,14 @@ def gpu(args) -> None:
             rows = ["--batch_size", str(B64)]
         if case.endswith("tight"):
             rows += ["--profile"]  # where a decode step's GPU time goes (runtime.bench; CUDA only)
+        if case == "kv_int8_2x" and not q:  # the same limits with bf16 K/V: the plan, no build
+            rc, so, _ = run.sh("plan: bf16 K/V at the int8-KV limits",
+                               [PY, "-m", "engine_factory", *base, "precision=bf16", *limits["kv2x"], "plan=true"], 120)
+            plan = json_lines(so)
+            if plan:
+                run.record({"kind": "plan", "name": "bf16 K/V at the int8-KV limits", "fits": plan[-1]["fits"],
+                            "total_GB": round(max(r["total_bytes"] for r in plan[-1]["ranks"]) / 1e9, 2),
+                            "gpu_GB": round(plan[-1]["gpu_memory_bytes"] / 1e9, 1)})
         bench(run, case + (" (first process: cold compile cache)" if case == "tight" else ""), engine(case),
               common + rows, 240, 60, {"engine_case": case, **({"startup": "cold"} if case == "tight" else {})})
         doc()
@@ -434,9 +459,13 @@ def quant_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
                     "not measured" if r is None else ("met" if r >= want else "missed")))
     kv = pick("kv_int8_2x", True)
     big64 = next((r for r in rows if r.get("kind") == "ours" and r.get("engine_case") == "big" and r["batch"] > 1), None)
-    ok = None if kv is None or big64 is None else kv["max_seq_len"] >= 2 * big64["max_seq_len"]
+    plan = next((r for r in rows if r.get("kind") == "plan"), None)  # bf16 K/V at the int8 engine's limits
+    ok = None if kv is None or (big64 is None and plan is None) else \
+        (big64 is None or kv["max_seq_len"] >= 2 * big64["max_seq_len"]) and (plan is None or not plan["fits"])
+    bf16 = "" if plan is None else f" (bf16 K/V there: {plan['total_GB']} GB, {'fits' if plan['fits'] else 'does not fit'} " \
+        f"{plan['gpu_GB']} GB)"
     out.append(("int8 KV: batch 64 at twice the max_seq_len bf16 K/V fits",
-                f"{_v(kv, 'max_seq_len')} vs {_v(big64, 'max_seq_len')} positions, {_fmt(tok(kv))} tok/s, "
+                f"{_v(kv, 'max_seq_len')} vs {_v(big64, 'max_seq_len')} positions{bf16}, {_fmt(tok(kv))} tok/s, "
                 f"peak {_fmt(_v(kv, 'peak_mem_GB'))} GB", "not measured" if ok is None else ("met" if ok else "missed")))
     return out
 
