@@ -220,41 +220,41 @@ def sweep(args, out) -> None:
     dtype = torch.bfloat16
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
-    t_end = time.time() + args.sweep_s
-    for mode in args.sweep_modes:
-        k = SWEPT[mode]
-        for M, grid in k.grids.items():
-            if M not in args.sweep_batches:
-                continue
-            ops = {lin: [k.operands(shape, dtype, gen, M) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
-            res = {lin: [] for lin in SHAPES}  # (us, cfg)
-            defaults = {lin: k.default(ops[lin][0][0], shape, M, sms) for lin, shape in SHAPES.items()}
-            for cfg in [None, *grid]:
-                if time.time() > t_end:
-                    break
-                for lin, shape in SHAPES.items():
-                    c = defaults[lin] if cfg is None else cfg
-                    if not k.fits(ops[lin][0][0], shape, c):
-                        continue
-                    try:
-                        us = timed(lambda: [k.launch(t, x, c) for t, x in ops[lin]], reps=7) / COPIES
-                    except Exception as e:  # noqa: BLE001
-                        out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
-                        break
-                    res[lin].append((us, "default" if cfg is None else c))
+    pairs = [(mode, M) for mode in args.sweep_modes for M in args.sweep_batches if M in SWEPT[mode].grids]
+    t_next = time.time()
+    for mode, M in pairs:  # each (mode, batch) gets its share of --sweep_s, in the order given
+        k, grid = SWEPT[mode], SWEPT[mode].grids[M]
+        t_next += args.sweep_s / len(pairs)
+        t_end = t_next  # this pair's deadline
+        ops = {lin: [k.operands(shape, dtype, gen, M) for _ in range(COPIES)] for lin, shape in SHAPES.items()}
+        res = {lin: [] for lin in SHAPES}  # (us, cfg)
+        defaults = {lin: k.default(ops[lin][0][0], shape, M, sms) for lin, shape in SHAPES.items()}
+        for cfg in [None, *grid]:
+            if time.time() > t_end:
+                break
             for lin, shape in SHAPES.items():
-                ok = sorted(res[lin], key=lambda r: r[0])
-                if not ok:
+                c = defaults[lin] if cfg is None else cfg
+                if not k.fits(ops[lin][0][0], shape, c):
                     continue
-                d = next((u for u, c in res[lin] if c == "default"), None)
-                wbytes = nbytes({n: v for n, v in ops[lin][0][0].items() if n != "x_scale"})
-                out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(res[lin]),
-                     "default": defaults[lin], "default_us": round(d, 2) if d else None,
-                     "default_GB_s": round(wbytes / d / 1e3, 1) if d else None, "best_us": round(ok[0][0], 2),
-                     "best": ok[0][1], "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1),
-                     "top5": [(round(u, 2), c) for u, c in ok[:5]]})
-            del ops
-            _empty_cache()
+                try:
+                    us = timed(lambda: [k.launch(t, x, c) for t, x in ops[lin]], reps=7) / COPIES
+                except Exception as e:  # noqa: BLE001
+                    out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
+                    break
+                res[lin].append((us, "default" if cfg is None else c))
+        for lin, shape in SHAPES.items():
+            ok = sorted(res[lin], key=lambda r: r[0])
+            if not ok:
+                continue
+            d = next((u for u, c in res[lin] if c == "default"), None)
+            wbytes = nbytes({n: v for n, v in ops[lin][0][0].items() if n != "x_scale"})
+            out({"kind": "sweep", "mode": mode, "linear": lin, "M": M, "tried": len(res[lin]),
+                 "default": defaults[lin], "default_us": round(d, 2) if d else None,
+                 "default_GB_s": round(wbytes / d / 1e3, 1) if d else None, "best_us": round(ok[0][0], 2),
+                 "best": ok[0][1], "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1),
+                 "top5": [(round(u, 2), c) for u, c in ok[:5]], "all": [(round(u, 2), c) for u, c in res[lin]]})
+        del ops
+        _empty_cache()
 
 
 def main() -> None:
@@ -268,7 +268,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry_run", action="store_true", help="on the CPU, tiny shapes, nothing timed: does it run")
     ap.add_argument("--sweep_s", type=float, default=150)
-    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 16, 64")
+    ap.add_argument("--sweep_batches", default="1,64", help="of 1, 16, 64; each (mode, batch) gets an equal share of "
+                    "--sweep_s, in the order given")
     ap.add_argument("--sweep_modes", default="int4_wo_g128,int8_wo", help=f"of {', '.join(SWEPT)}")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m and m != "-"]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, then
+# `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
+# .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
+#   TESTS="-k expr"        pytest -m cuda over tests/ with that selection (empty: no tests), TEST_S seconds
+#   SWEEP="modes:batches"  bench_linear.py --sweep, SWEEP_S seconds shared by the (mode, batch) pairs
+#   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+[ -d .shared ] && export EF_SHARED_DIR=$PWD/.shared
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+if [ -n "$TESTS" ]; then
+  timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests $TESTS > $OUT/cuda_tests.txt 2>&1
+  echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"; grep -E "^(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
+fi
+if [ -n "$SWEEP" ]; then
+  timeout $(( ${SWEEP_S:-150} + 60 )) python3 tests/perf/bench_linear.py --out $OUT --modes - --sweep \
+    --sweep_s ${SWEEP_S:-150} --sweep_modes ${SWEEP%%:*} --sweep_batches ${SWEEP##*:} > /dev/null 2> $OUT/sweep.log
+  echo "sweep rc=$? at $(el)"; tail -n 3 $OUT/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
+fi
+if [ -n "$CASES" ]; then
+  python3 tests/perf/bench_table.py gpu --out $OUT/table --cases $CASES --budget_s ${BUDGET_S:-300} > /dev/null 2> $OUT/table.log
+  echo "table rc=$? at $(el)"; rm -rf $OUT/table/build-*.log
+  python3 - $OUT/table/gpu.jsonl <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["kind"] in ("ours", "peer"):
+        print(r["name"][:40], r["batch"], r.get("input_len"), r.get("max_seq_len"), "ttft", r.get("ttft_ms"),
+              "decode", r.get("decode_tok_s"), "total", r.get("total_tok_s"), "peak", r.get("peak_mem_GB"),
+              r.get("first_token_s", ""), r.get("ready_s", ""))
+    elif r["kind"] == "profile":
+        print("profile", r["profile"][:30], r["batch"], r["gpu_us_per_step"], [(t["kernel"][:40], t["us_per_step"]) for t in r["top"][:6]])
+    elif r["kind"] not in ("env", "build"):
+        print(r)
+PY
+fi
