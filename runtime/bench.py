@@ -4,8 +4,8 @@ time to first token (prefill), decode tokens/s, achieved weight bandwidth (GB/s:
 per decode step over its time), peak GPU memory. Benchmarks live here, never in timed tests.
 
 Rows: every --batch_size at --input_len/--output_len, then every --case BxIN+OUT (e.g. 1x2048+256).
-The first row also says how long this process took to its first token (first_token_s) and to the end of
-its warm-up, compiled decode included (ready_s): from $EF_BENCH_T0 (a time.time() the caller sets just
+The first row also says how long this process took to load the engine (load_s), to its first token
+(first_token_s) and to the end of its warm-up, compiled decode included (ready_s): from $EF_BENCH_T0 (a time.time() the caller sets just
 before starting this process), else from the start of main(). With --compile the compiled artifacts are
 cached between processes (runtime.engine.compile_cache_dir), so a second process starts faster.
 """
@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     t0 = float(os.environ.get("EF_BENCH_T0") or time.time())
     setup_logging()
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
+    loaded = time.time()
     lim = engine.limits
     rows = [(b, args.input_len, args.output_len) for b in (args.batch_size or ([] if args.case else [1]))]
     flags = [f"--input_len {args.input_len} --output_len {args.output_len}"] * len(rows)
@@ -145,7 +146,10 @@ def main(argv=None) -> None:
     if args.compile:
         engine.compile()
     for i, (b, n_in, n_out) in enumerate(rows):
-        print(json.dumps(bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)), flush=True)
+        row = bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)
+        if i == 0:  # where the start-up went: the engine in memory (weights on the device) by load_s
+            row["load_s"] = round(loaded - t0, 2)
+        print(json.dumps(row), flush=True)
     if args.profile and engine.device.type == "cuda":
         for b in args.batch_size or [1]:
             print(json.dumps(profile(engine, b, args.input_len)), flush=True)
