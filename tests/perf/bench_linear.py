@@ -129,13 +129,24 @@ def _time_linear(args, out, base, mode, variant, lin, shape, dtype, gen) -> None
              "x_bf16": round(base[lin, M] / us, 3) if (lin, M) in base else None})
 
 
+def _interleave(a: list, b: list) -> list:
+    """a[0], b[0], a[1], b[1], ... then the rest of the longer."""
+    return [x for pair in itertools.zip_longest(a, b) for x in pair if x is not None]
+
+
 class _WeightOnly:
     """The weight-only Triton kernel (runtime/quant/triton_wo.py) for one mode: its operands, launch, default."""
     grids = {
-        # MAGIC first (the integers to fp32 by bits): the budget may stop the grid before its end
-        1: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
-            for mg, bn, bk, sk, nw in itertools.product((True, False), (32, 64, 128, 16), (128, 64), (1, 2, 4, 8),
-                                                        (4, 8))],
+        # MAGIC first (the integers to fp32 by bits), and every other entry the tensor-core GEMM with x padded to
+        # 16 rows (the W8A8 GEMM read int8 weights faster at batch 1 than this GEMV, H100 2026-12-05; int4 with
+        # JOIN, int8 plain): the budget may stop the grid before its end
+        1: _interleave([{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": mg}
+                        for mg, bk, sk, bn, nw in itertools.product((True, False), (256, 128, 64), (8, 4, 2, 1),
+                                                                    (32, 64, 128, 16), (4, 8))],
+                       [{"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": ns,
+                         "JOIN": jn, "XSPLIT": False, "MAGIC": False, "NATURAL": False}
+                        for bn, bk, sk, ns, jn in itertools.product((32, 64), (256, 128), (1, 2, 4), (4, 3),
+                                                                    (True, False))]),
         # int4's variants (triton_wo._wo_kernel), innermost so that a budget cut leaves each the same shapes:
         # JOIN (x read as stored, the weight levels interleaved back: one dot) and XSPLIT (x read contiguously,
         # parted even / odd), each with and without MAGIC (nibbles to bf16 by bits), NATURAL (the weight tile as
