@@ -3,7 +3,7 @@
 # `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
 #   TESTS="-k expr"        pytest -m cuda over tests/ with that selection (empty: no tests), TEST_S seconds
-#   SWEEP="modes:batches"  bench_linear.py --sweep, SWEEP_S seconds shared by the (mode, batch) pairs
+#   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -15,10 +15,14 @@ if [ -n "$TESTS" ]; then
   timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests $TESTS > $OUT/cuda_tests.txt 2>&1
   echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"; grep -E "^(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
 fi
-if [ -n "$SWEEP" ]; then
-  timeout $(( ${SWEEP_S:-150} + 60 )) python3 tests/perf/bench_linear.py --out $OUT --modes - --sweep \
-    --sweep_s ${SWEEP_S:-150} --sweep_modes ${SWEEP%%:*} --sweep_batches ${SWEEP##*:} > /dev/null 2> $OUT/sweep.log
-  echo "sweep rc=$? at $(el)"; tail -n 3 $OUT/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
+if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SWEEP_S
+  n=$(echo $SWEEP | wc -w)
+  for entry in $SWEEP; do
+    timeout $(( ${SWEEP_S:-150} / n + 60 )) python3 tests/perf/bench_linear.py --out $OUT --modes - --sweep \
+      --sweep_s $(( ${SWEEP_S:-150} / n )) --sweep_modes ${entry%%:*} --sweep_batches ${entry##*:} > /dev/null 2>> $OUT/sweep.log
+    echo "sweep $entry rc=$? at $(el)"
+  done
+  tail -n 3 $OUT/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
 fi
 if [ -n "$CASES" ]; then
   python3 tests/perf/bench_table.py gpu --out $OUT/table --cases $CASES --budget_s ${BUDGET_S:-300} > /dev/null 2> $OUT/table.log
