@@ -534,11 +534,11 @@ def _table(header, rows):
     return lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
-def section(rows: list[dict], mode: str) -> str:
+def section(rows: list[dict], mode: str, source: str | None = None) -> str:
     env = next((r for r in rows if r.get("kind") == "env"), {})
     lines = [f"<!-- {mode} -->", f"## {'GPU' if mode == 'gpu' else 'CPU'}: {env.get('device', '?')}", "",
              f"{env.get('date', '?')}, torch {env.get('torch', '?')}, python {env.get('python', '?')}, "
-             f"`python tests/perf/bench_table.py {mode}`. Raw JSON lines: `{mode}.jsonl`.", ""]
+             f"`python tests/perf/bench_table.py {mode}`. Raw JSON lines: `{source or mode + '.jsonl'}`.", ""]
     if mode == "gpu":
         lines += ["### Targets (issue 10)", ""] + _table(["target", "measured", ""], targets(rows)) + [""]
         lines += ["### Targets (issue 11, quantization)", ""] + _table(["target", "measured", ""], quant_targets(rows))
@@ -594,8 +594,9 @@ def render(jsonls, doc: Path | None, also: Path | None = None) -> str:
     """Rebuild each mode's section of `doc` (and write the whole doc to `also`) from the JSON lines."""
     text = doc.read_text() if doc and doc.is_file() else HEAD
     for path in jsonls:
-        mode = Path(path).stem
-        new = section(_load([path]), mode)
+        rows = _load([path])  # any file name (docs/runs/h200-<date>.jsonl): its rows say which section
+        mode = "cpu" if any(r.get("kind") == "cpu" for r in rows) else "gpu"
+        new = section(rows, mode, os.path.relpath(path, doc.parent) if doc else Path(path).name)
         pat = re.compile(rf"<!-- {mode} -->.*?<!-- /{mode} -->\n?", re.S)
         text = pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new
     for p in (doc, also):
