@@ -276,7 +276,11 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', GEMV=True, BLOCK_N=16, BLOCK_K=64, SPLIT_K=split,\n"
             "                                   MAGIC=magic)\n"
             "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"
-            "        t._dequantize_vs_reference(k, mode, dt, 'cpu')\n")
+            "        t._dequantize_vs_reference(k, mode, dt, 'cpu')\n"
+            # int8 per channel at batch 1: the default (512-byte K steps, a masked last tile, no split) and a split
+            "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=1088)\n"
+            "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=2112, GEMV=True, BLOCK_N=32, BLOCK_K=512,\n"
+            "                           SPLIT_K=2, MAGIC=True, num_warps=8)\n")
     _interpreted(code)
 
 

@@ -201,14 +201,23 @@ def _sm_count(device: torch.device) -> int:
 def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) -> dict:
     """Launch shape from static sizes (the same launch every decode step); BLOCK_K divides the group.
 
-    Batch 1 takes the GEMV kernel with K split 8 ways: the best or within 3% of it for every linear of a
-    LLaMA-7B layer in the H200 sweep (tests/perf/bench_linear.py --sweep, 2026-12-03: int8 32 x 256 tiles,
-    89.8 us a layer against 102.6 for the SM-count rule and 88.7 for each shape's best; packed int4 128
-    rows x one 128-group, 174 against 225). Small M: narrow N tiles, K split until there are about WAVES
+    Batch 1 takes the GEMV kernel. int8 per channel: 32 x 512 tiles, 8 warps, K split only where the 32-row
+    tiles are under half the SMs: the split's fp32 partials cost the engine a summing kernel a linear, which
+    the H200 profile of 2026-12-06 put at 0.38 ms of a 3.22 ms step (12%) with K split 8 ways, while the H200
+    sweep of 2026-12-03 (tests/perf/bench_linear.py --sweep, which times a linear with its sum) had 32 x 512, 8
+    warps, no split within 0-5% of each linear's best (attn.qkv 21.07 us, the best; attn.o 12.71 vs 12.59;
+    mlp.up 34.38 vs 32.78). Predicted: ~0.3 ms a step less at batch 1 (int8_wo 291 -> ~320 total tok/s on the
+    H200); not measured yet. int4: K split 8 ways (packed 128 rows x one 128-group, 174 us a layer against 225
+    for the SM-count rule, H200 sweep of 2026-12-03). Small M: narrow N tiles, K split until there are about WAVES
     programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The GEMM's
     MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
+    if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few
+        split = 1
+        while triton.cdiv(N, 32) * split < sms // 2 and K // (512 * split * 2) >= 2:
+            split *= 2
+        return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 8, "MAGIC": True}
     if M == 1:
         wide = 256 if bits == 8 and group % 256 == 0 else block_k
         split = 8
