@@ -64,7 +64,8 @@ reproduce: install
 test-cuda: install
 	$(PY) -m pytest -q -ra -m cuda tests
 
-# Issue 10's table on a GPU machine (one run, ~9 min on an H200): builds the LLaMA-2 7B dummy engines, runs
+# Issue 10's table on a GPU machine (one run, ~13 min on an H200; the device tool's 10-minute calls split it
+# by --cases: tests/perf/gpu_call.sh): builds the LLaMA-2 7B dummy engines, runs
 # runtime.bench --compile, the start-up row and the peers, writes docs/benchmarks.md and $(BENCH_OUT)/gpu.jsonl.
 # `make bench BENCH=cpu`: engine vs transformers generate on this CPU; BENCH_FLAGS=--quick: tiny engines.
 BENCH      ?= gpu

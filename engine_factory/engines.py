@@ -39,7 +39,6 @@ from runtime.errors import UserError
 from runtime.format import VALIDATION_JSON
 
 BOUNDS = {"min": lambda v, b: v >= b, "max": lambda v, b: v <= b, "eq": lambda v, b: v == b}
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass
@@ -127,10 +126,11 @@ def _too_big(cfg, store: Path) -> str | None:
     except (UserError, KeyError):
         return None  # not a complete architecture: the build says what is wrong
     params, linear = parameter_count(spec), parameter_count(spec, linear_only=True)
-    engine = params * DTYPE_BYTES[cfg.precision.dtype]
+    dtype_bytes = DTYPES[cfg.precision.dtype].itemsize
+    engine = params * dtype_bytes
     if cfg.precision.quant in MODES:  # the linear layers' weights in the mode's bytes (scales included)
         per_weight = MODES[cfg.precision.quant].bytes_per_weight(DTYPES[cfg.precision.dtype])
-        engine -= int(linear * (DTYPE_BYTES[cfg.precision.dtype] - per_weight))
+        engine -= int(linear * (dtype_bytes - per_weight))
     kind = cfg.precision.dtype + (f" {cfg.precision.quant}" if cfg.precision.quant != "none" else "")
     what = f"~{gib(engine)} of {kind} weights ({params / 1e9:.2f}B parameters)"
     on_cpu = cfg.validate.device == "cpu" or not _has_cuda()
