@@ -179,7 +179,8 @@ class _WeightOnly:
     def fits(self, t, shape, cfg):
         if self.bits == 8 and (cfg.get("MAGIC") or cfg.get("XSPLIT") or cfg.get("JOIN")) and not cfg.get("GEMV"):
             return False  # the GEMM's MAGIC, XSPLIT and JOIN are int4's: for int8 the others of the grid
-        return not self._group(t, shape) % cfg["BLOCK_K"] and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
+        g = self._group(t, shape)  # per channel (g == K) a tile may end past K (masked); groups must hold tiles
+        return (g == shape[1] or not g % cfg["BLOCK_K"]) and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
     def launch(self, t, x, cfg):
         from runtime.quant import triton_wo
@@ -241,7 +242,7 @@ def sweep(args, out) -> None:
         res = {lin: [] for lin in SHAPES}  # (us, cfg)
         defaults = {lin: k.default(ops[lin][0][0], shape, M, sms) for lin, shape in SHAPES.items()}
         for cfg in [None, *grid]:
-            if time.time() > t_end:
+            if cfg is not None and time.time() > t_end:  # the default is always timed
                 break
             for lin, shape in SHAPES.items():
                 c = defaults[lin] if cfg is None else cfg

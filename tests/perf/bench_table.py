@@ -181,7 +181,7 @@ def gpu(args) -> None:
     run = Run(out, "gpu", args.budget_s, env)
     card = run.record(environment("cuda"))
     q = args.quick
-    lim = card_limits(card.get("gpu_memory_bytes") or 141e9)
+    lim = card_limits(card.get("gpu_memory_bytes") or 80e9)  # no answer: the smaller card's limits
     if not q:
         run.record({"kind": "limits", **lim})
     base = QUICK if q else LLAMA + [f"target_gpu={lim['target']}"]
@@ -195,7 +195,7 @@ def gpu(args) -> None:
     unknown = set(wanted) - set(CASES) - {"warm"} - set(PEERS)
     if unknown:
         raise SystemExit(f"--cases {','.join(sorted(unknown))}: unknown; known: {', '.join([*CASES, 'warm', *PEERS])}")
-    cases = [c for c in wanted if c in CASES]
+    cases = list(dict.fromkeys(c for c in wanted if c in CASES))  # each once
     if "warm" in wanted and "tight" not in cases:
         cases.insert(0, "tight")
 
@@ -206,8 +206,8 @@ def gpu(args) -> None:
     # the first case builds in the foreground, the others in the background (BUILD_SLOTS at a time, in the order
     # of the cases) while the GPU benches: four 7B quant builds at once on 16 cores took 290-510 s each (H100
     # host, 2026-12-06), and the first cases' engines came too late
+    first = build(run, cases[0], overrides(cases[0]), 240) if cases else None  # alone: the GPU waits for it
     builds = _Builds(run, out, env, overrides, cases[1:])
-    first = build(run, cases[0], overrides(cases[0]), 240) if cases else None
     engines = {cases[0]: first} if cases else {}
 
     def engine(case):
@@ -235,6 +235,7 @@ def gpu(args) -> None:
                             "gpu_GB": round(plan[-1]["gpu_memory_bytes"] / 1e9, 1)})
         bench(run, case + (" (first process: cold compile cache)" if case == "tight" else ""), engine(case),
               common + rows, 240, 60, {"engine_case": case, **({"startup": "cold"} if case == "tight" else {})})
+        builds.pump()  # a slot freed while the GPU benched starts the next build
         doc()
         if case == "tight" and "warm" in wanted:
             bench(run, "tight (second process: cached)", engines["tight"], common + ["--batch_size", "1"], 120, 20,
@@ -256,10 +257,13 @@ class _Builds:
 
     def __init__(self, run: Run, out: Path, env: dict, overrides, cases: list[str]):
         self.run, self.out, self.env, self.overrides = run, out, env, overrides
-        self.pending, self.running = list(cases), {}  # case -> (t0, Popen)
+        self.pending, self.running, self.done = list(cases), {}, {}  # running: case -> (t0, Popen); done: -> path
         self.pump()
 
     def pump(self) -> None:
+        """Collect finished builds, then fill the free slots."""
+        for case in [c for c, (_, p) in self.running.items() if p.poll() is not None]:
+            self.done[case] = self._collect(case)
         while self.pending and len(self.running) < BUILD_SLOTS:
             self._start(self.pending.pop(0))
 
@@ -270,9 +274,16 @@ class _Builds:
                                                             stderr=log, text=True))
 
     def wait(self, case: str) -> str | None:
+        if case in self.done:
+            return self.done.pop(case)
         if case in self.pending:
             self.pending.remove(case)
             self._start(case)
+        path = self._collect(case)
+        self.pump()
+        return path
+
+    def _collect(self, case: str) -> str | None:
         t0, p = self.running.pop(case)
         try:
             so, _ = p.communicate(timeout=max(1, min(400, self.run.left() - 30)))
@@ -283,11 +294,10 @@ class _Builds:
         path = m.group(1) if m and p.returncode == 0 else None
         self.run.record({"kind": "build" if path else "failed", "name": case, "engine": path,
                          "overrides": self.overrides(case), "wall_s": round(time.time() - t0, 1), "rc": p.returncode})
-        self.pump()
         return path
 
     def wait_all(self, engines: dict) -> None:
-        for case in [*self.running, *self.pending]:
+        for case in [*self.done, *self.running, *self.pending]:
             engines[case] = self.wait(case)
 
     def kill(self) -> None:
@@ -594,8 +604,10 @@ def render(jsonls, doc: Path | None, also: Path | None = None) -> str:
     """Rebuild each mode's section of `doc` (and write the whole doc to `also`) from the JSON lines."""
     text = doc.read_text() if doc and doc.is_file() else HEAD
     for path in jsonls:
-        rows = _load([path])  # any file name (docs/runs/h200-<date>.jsonl): its rows say which section
-        mode = "cpu" if any(r.get("kind") == "cpu" for r in rows) else "gpu"
+        rows = _load([path])  # any file name (docs/runs/h200-<date>.jsonl): its rows say which section, else its name
+        kinds = {r.get("kind") for r in rows}
+        mode = "cpu" if "cpu" in kinds else "gpu" if kinds & {"ours", "peer"} else \
+            "cpu" if Path(path).stem == "cpu" else "gpu"
         new = section(rows, mode, os.path.relpath(path, doc.parent) if doc else Path(path).name)
         pat = re.compile(rf"<!-- {mode} -->.*?<!-- /{mode} -->\n?", re.S)
         text = pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new

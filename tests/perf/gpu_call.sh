@@ -2,7 +2,7 @@
 # One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, then
 # `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
-#   TESTS="-k expr"        pytest -m cuda over tests/ with that selection (empty: no tests), TEST_S seconds
+#   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
@@ -12,7 +12,8 @@ export PYTHONPATH=/tmp/site:$PWD
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ -n "$TESTS" ]; then
-  timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests $TESTS > $OUT/cuda_tests.txt 2>&1
+  timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"} \
+    > $OUT/cuda_tests.txt 2>&1
   echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"; grep -E "^(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
 fi
 if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SWEEP_S
