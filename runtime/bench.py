@@ -5,8 +5,8 @@ per decode step over its time), peak GPU memory. Benchmarks live here, never in 
 
 Rows: every --batch_size at --input_len/--output_len, then every --case BxIN+OUT (e.g. 1x2048+256).
 The first row also says how long this process took to load the engine (load_s), to its first token
-(first_token_s) and to the end of its warm-up, compiled decode included (ready_s): from $EF_BENCH_T0 (a time.time() the caller sets just
-before starting this process), else from the start of main(). With --compile the compiled artifacts are
+(first_token_s) and to the end of its warm-up, compiled decode included (ready_s): from $EF_BENCH_T0 (a
+time.time() the caller sets just before starting this process), else from the start of main(). With --compile the compiled artifacts are
 cached between processes (runtime.engine.compile_cache_dir), so a second process starts faster.
 """
 from __future__ import annotations

@@ -49,7 +49,8 @@ def test_editable_install_is_quiet_and_a_plain_path(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True,
                     ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "tests", "docs"))
-    assert (src / "engine_factory" / "conf").is_symlink() and (src / "engine_factory" / "conf" / "config.yaml").is_file()
+    linked = src / "engine_factory" / "conf"
+    assert linked.is_symlink() and (linked / "config.yaml").is_file()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     # no build isolation (no index needed): the backend runs in the new venv, with this environment's setuptools
