@@ -108,14 +108,18 @@ def json_lines(text: str) -> list[dict]:
     return rows
 
 
+def engine_path(rc: int | None, stdout: str | None) -> str | None:
+    """The engine folder a `python -m engine_factory` run printed last ("engine: PATH"), None if it failed."""
+    m = re.search(r"^engine: (.+)$", stdout or "", re.M)
+    return m.group(1) if m and rc == 0 else None
+
+
 def build(run: Run, name: str, overrides: list[str], timeout: float) -> str | None:
     rc, out, wall = run.sh(f"build {name}", [PY, "-m", "engine_factory", *overrides], timeout, need=20)
-    m = re.search(r"^engine: (.+)$", out, re.M)
-    if rc or not m:
-        return None
-    run.record({"kind": "build", "name": name, "engine": m.group(1), "wall_s": round(wall, 1),
-                "overrides": overrides})
-    return m.group(1)
+    path = engine_path(rc, out)
+    if path:
+        run.record({"kind": "build", "name": name, "engine": path, "wall_s": round(wall, 1), "overrides": overrides})
+    return path
 
 
 def bench(run: Run, name: str, engine: str | None, args: list[str], timeout: float, need: float,
@@ -226,7 +230,7 @@ def gpu(args) -> None:
         if case == "kv_int8_2x":  # its K/V fill the GPU: no calibration of another build beside it
             builds.wait_all(engines)
         if case == "kv_int8_2x" and not q:  # the same limits with bf16 K/V: the plan, no build
-            rc, so, _ = run.sh("plan: bf16 K/V at the int8-KV limits",
+            _, so, _ = run.sh("plan: bf16 K/V at the int8-KV limits",
                                [PY, "-m", "engine_factory", *base, "precision=bf16", *limits["kv2x"], "plan=true"], 120)
             plan = json_lines(so)
             if plan:
@@ -290,8 +294,7 @@ class _Builds:
         except subprocess.TimeoutExpired:
             p.kill()
             so = ""
-        m = re.search(r"^engine: (.+)$", so or "", re.M)
-        path = m.group(1) if m and p.returncode == 0 else None
+        path = engine_path(p.returncode, so)
         self.run.record({"kind": "build" if path else "failed", "name": case, "engine": path,
                          "overrides": self.overrides(case), "wall_s": round(time.time() - t0, 1), "rc": p.returncode})
         return path
