@@ -5,10 +5,7 @@
 #   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-[ -d .shared ] && export EF_SHARED_DIR=$PWD/.shared
+source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ -n "$TESTS" ]; then

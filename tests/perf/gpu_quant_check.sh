@@ -8,10 +8,7 @@
 #     hydra_core==1.3.2 omegaconf==2.3.0 absl_py nltk gguf==0.19.0 platformdirs hypothesis==6.170.15 sortedcontainers
 #   pip wheel -w .whl --no-deps antlr4-python3-runtime==4.9.3 rouge_score==0.1.2
 # Results: $OUT/quant_check.log, $OUT/cuda_tests.txt, $OUT/linear.jsonl. ~8 min on an H200 with the defaults.
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-[ -d .shared ] && export EF_SHARED_DIR=$PWD/.shared
+source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 LOG=$OUT/quant_check.log; T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 say() { echo "$*" | tee -a $LOG; }
 if [ "${CUDA_TESTS:-1}" = 1 ]; then

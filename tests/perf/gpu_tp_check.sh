@@ -6,9 +6,8 @@
 # files) carried. Everything lands in $OUT/gpu_check.log (+ cuda_tests.txt): few files, as the tool returns at most 8.
 # CUDA_TESTS=0 skips the tests; CUDA_TEST_ARGS picks some (default: all cuda-marked tests); STORIES=0 skips the
 # stories260K pair; CASES="l7bf16" picks LLaMA cases (default: l7f32 l7bf16).
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8 EF_SHARED_DIR=$PWD/.shared
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
+export EF_SHARED_DIR=$PWD/.shared
 LOG=$OUT/gpu_check.log; T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 say() { echo "$*" | tee -a $LOG; }
 if [ "${CUDA_TESTS:-1}" = 1 ]; then
