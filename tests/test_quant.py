@@ -280,7 +280,10 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             # int8 per channel at batch 1: the default (512-byte K steps, a masked last tile, no split) and a split
             "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=1088)\n"
             "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=2112, GEMV=True, BLOCK_N=32, BLOCK_K=512,\n"
-            "                           SPLIT_K=2, MAGIC=True, num_warps=8)\n")
+            "                           SPLIT_K=2, MAGIC=True, num_warps=8)\n"
+            # int8's GEMM MAGIC (q - z through fp32 bits) with a masked last K tile
+            "    t._kernel_vs_reference(k, 'int8_wo', 5, dt, 'cpu', K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,\n"
+            "                           SPLIT_K=1, MAGIC=True)\n")
     _interpreted(code)
 
 
@@ -360,6 +363,10 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
                    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "JOIN": True,
                          "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
+    if mode == "int8_wo":  # int8's GEMM MAGIC (bf16: fp32's upper half) in the W8A8 GEMM's best shape, K ragged
+        for M in (64, 40):
+            _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2112, BLOCK_M=64, BLOCK_N=32,
+                                 BLOCK_K=256, SPLIT_K=1, num_warps=4, num_stages=4, MAGIC=True)
 
 
 @pytest.mark.cuda

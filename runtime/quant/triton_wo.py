@@ -49,6 +49,11 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
     no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
     and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
     sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'.
+    int8 (not NATURAL): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
+    2**23 + 128 + z leaves q - z exactly, and bf16 takes that float's upper 16 bits (exact: |q - z| < 256 has
+    8 significant bits): an add, a subtract and a shift a weight instead of two conversions (int to float, at a
+    quarter of the FP32 rate, then fp32 to bf16). The W8A8 GEMM, which converts nothing, read the same int8
+    bytes at 2.2-2.4 TB/s at 64 rows where this kernel read 0.7-1.1 (H100, 2026-12-05): the suspect.
 
     XSPLIT (int4, not NATURAL): x's tile is loaded as one contiguous (BLOCK_M, BLOCK_K) block and parted into
     its even and odd features in registers (tl.split), instead of two stride-2 loads: those are one scalar
@@ -127,7 +132,14 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             kk = k0 + j
             kmask = kk < K
             q = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
-            w = (q - z[None, :]).to(X.dtype.element_ty)
+            if MAGIC:  # fp32 2**23 + 128 + q by bits (an integer add), less 2**23 + 128 + z: exact q - z
+                f = (q + 0x4B000080).to(tl.float32, bitcast=True) - (z.to(tl.float32) + 8388736.0)[None, :]
+                if X.dtype.element_ty == tl.bfloat16:  # |q - z| < 256: bf16 is fp32's upper half, exactly
+                    w = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                else:
+                    w = f.to(X.dtype.element_ty)
+            else:
+                w = (q - z[None, :]).to(X.dtype.element_ty)
             x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             part = _dot(x, w, IEEE)
         acc += part * s[None, :]
@@ -261,8 +273,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         cfg.setdefault("NATURAL", False)
         cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
         cfg["JOIN"] = cfg.get("JOIN", False) and bits == 4 and not cfg["NATURAL"]
-        # the GEMM's MAGIC: int4 tiles as loaded (not NATURAL) and 16-bit x only (module docstring of _wo_kernel)
-        cfg["MAGIC"] = cfg["MAGIC"] and bits == 4 and not cfg["NATURAL"] and x.dtype in (torch.bfloat16, torch.float16)
+        # the GEMM's MAGIC: tiles as loaded (not NATURAL); int4 with 16-bit x only (docstring of _wo_kernel)
+        cfg["MAGIC"] = cfg["MAGIC"] and not cfg["NATURAL"] and (
+            bits == 8 or x.dtype in (torch.bfloat16, torch.float16))
     assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
     split = cfg["SPLIT_K"]
     # split K: fp32 partials (SPLIT_K, M, N), summed in order below

@@ -150,8 +150,7 @@ class _WeightOnly:
         # int4's variants (triton_wo._wo_kernel), innermost so that a budget cut leaves each the same shapes:
         # JOIN (x read as stored, the weight levels interleaved back: one dot) and XSPLIT (x read contiguously,
         # parted even / odd), each with and without MAGIC (nibbles to bf16 by bits), NATURAL (the weight tile as
-        # stored), plain; int8 runs only NATURAL and plain; likelier shapes first (wide N tiles: x is re-read
-        # from L2 by every N tile)
+        # stored), plain; likelier shapes first (wide N tiles: x is re-read from L2 by every N tile)
         **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bm * bn > 8192 else 4,
                 "num_stages": ns, "JOIN": jn, "XSPLIT": xs, "MAGIC": mg, "NATURAL": nat}
                for bn, bk, sk, ns, (jn, xs, mg, nat) in itertools.product(
@@ -160,9 +159,18 @@ class _WeightOnly:
                     (False, True, False, False), (False, False, False, True), (False, False, False, False)))]
            for M, bm in ((16, 16), (64, 64))},
     }
+    # int8 at 16 and 64 rows: MAGIC (fp32 bits, bf16 its upper half: no conversions), plain, NATURAL; the
+    # shapes of the W8A8 GEMM's best first (32 x 256 tiles, no split: 2.2-2.4 TB/s of the same int8 bytes at 64
+    # rows, H100 2026-12-05), which this grid had never tried
+    grids8 = {M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": ns,
+                   "MAGIC": mg, "NATURAL": nat}
+                  for bn, bk, sk, ns, (mg, nat) in itertools.product(
+                      (32, 64, 128), (256, 128), (1, 2), (4, 3), ((True, False), (False, False), (False, True)))]
+              for M, bm in ((16, 16), (64, 64))}
 
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
+        self.grids = {**self.grids, **self.grids8} if bits == 8 else self.grids
 
     def operands(self, shape, dtype, gen, M):
         t = quantized(self.mode, shape, dtype, gen)
@@ -177,8 +185,8 @@ class _WeightOnly:
         return triton_wo.default_config(M, shape[0], shape[1], self._group(t, shape), sms, self.bits)
 
     def fits(self, t, shape, cfg):
-        if self.bits == 8 and (cfg.get("MAGIC") or cfg.get("XSPLIT") or cfg.get("JOIN")) and not cfg.get("GEMV"):
-            return False  # the GEMM's MAGIC, XSPLIT and JOIN are int4's: for int8 the others of the grid
+        if self.bits == 8 and (cfg.get("XSPLIT") or cfg.get("JOIN")):
+            return False  # int4's
         g = self._group(t, shape)  # per channel (g == K) a tile may end past K (masked); groups must hold tiles
         return (g == shape[1] or not g % cfg["BLOCK_K"]) and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
