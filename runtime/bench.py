@@ -111,6 +111,17 @@ def _case(text: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in m.groups())
 
 
+def _inductor_option(text: str) -> tuple[str, object]:
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = text.partition("=")
+    if not sep or not hasattr(inductor_config, key.strip()):
+        raise params.argparse.ArgumentTypeError(f"{text}: must be KEY=VALUE with KEY an Inductor config "
+                                                "(torch._inductor.config), e.g. combo_kernels=true")
+    v = value.strip()
+    return key.strip(), {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+
+
 @user_errors_exit
 def main(argv=None) -> None:
     count = params.flag("count")
@@ -125,6 +136,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=count, default=3, help=">= 1")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles at warm-up)")
+    p.add_argument("--inductor", type=_inductor_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="with --compile: an Inductor config of the decode step, e.g. combo_kernels=true; repeatable")
     p.add_argument("--profile", action="store_true",
                    help="after the rows, one JSON line per --batch_size: the GPU kernels of a decode step (torch.profiler)")
     args = p.parse_args(argv)
@@ -143,10 +156,14 @@ def main(argv=None) -> None:
                             f"{lim['max_seq_len']} input + output tokens (rebuild with larger limits)")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
+    if args.inductor and not args.compile:
+        raise UserError("--inductor: takes effect with --compile only; add --compile")
     if args.compile:
-        engine.compile()
+        engine.compile(dict(args.inductor))
     for i, (b, n_in, n_out) in enumerate(rows):
         row = bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)
+        if args.inductor:
+            row["inductor"] = dict(args.inductor)
         if i == 0:  # where the start-up went: the engine in memory (weights on the device) by load_s
             row["load_s"] = round(loaded - t0, 2)
         print(json.dumps(row), flush=True)

@@ -141,14 +141,15 @@ class Engine:
             self.ranks.close()
 
     @lockstep
-    def compile(self) -> "Engine":
+    def compile(self, inductor: dict | None = None) -> "Engine":
         """Compile the decode step with torch.compile (Inductor fuses the norms, rotary, cache writes and
         masks of each layer). The first decode of each batch-size bucket compiles (tens of seconds for a 7B
         model); on CUDA the compiled step is then captured in the bucket's CUDA graph. On a one-rank CUDA
         engine the prefill's layers are compiled too, once for every prompt shape (dynamic shapes). Compiled
         kernels are cached in compile_cache_dir() for the next process. A tensor-parallel engine on CPU ranks
         compiles on every rank alike (Dynamo traces the gloo all-reduces); on CUDA ranks and with pipeline
-        stages compile is refused with one line."""
+        stages compile is refused with one line. inductor: Inductor config for the decode step (torch.compile's
+        options, e.g. {"combo_kernels": True}: independent kernels launched as one)."""
         comm = self.model.comm
         if comm.pp > 1:  # every rank raises this alike, before any collective
             raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for engines without pipeline "
@@ -161,7 +162,7 @@ class Engine:
                             "runs on CPU ranks only for now (on CUDA its collectives inside the compiled step are not "
                             "tested); run it on CUDA without compiling")
         use_compile_cache()
-        self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True)
+        self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True, options=inductor or None)
         if self.device.type == "cuda" and self.model.comm.world_size == 1:
             self.model.compile_prefill()
         self._graphs.clear()

@@ -94,6 +94,13 @@ def test_compiled_cuda_graph_decode_equals_eager(tiny_models, tmp_path):
     assert compiled._graphs, "the CUDA-graph path was not taken"
 
 
+def test_compiled_decode_with_inductor_options_equals_eager(tiny_models, tmp_path):
+    """runtime.bench --inductor combo_kernels=true: Inductor launches independent kernels of a layer as one (the
+    rotary, K and V writes); a speed knob, the same tokens."""
+    engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=fp32")
+    _assert_generates_as_eager(engine_dir, Engine.load(engine_dir, device="cuda").compile({"combo_kernels": True}), 32)
+
+
 def test_int8_weight_only_on_cuda_compiled_equals_eager(tiny_models, tmp_path):
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=int8_wo",
                         "precision.dtype=fp32")

@@ -5,6 +5,8 @@
 #   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
+#   AB="flags"             after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, without
+#                          and with these flags (e.g. --inductor combo_kernels=true), rows in ab.jsonl
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -38,4 +40,15 @@ for line in open(sys.argv[1]):
     elif r["kind"] not in ("env", "build"):
         print(r)
 PY
+fi
+if [ -n "$AB" ]; then
+  eng=$(python3 -c "import json, sys; print(next(r['engine'] for r in map(json.loads, open(sys.argv[1]))
+        if r['kind'] == 'build' and r['name'] == 'tight'))" $OUT/table/gpu.jsonl)
+  for flags in "" "$AB"; do
+    python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
+      --output_len 256 $flags >> $OUT/ab.jsonl 2>> $OUT/ab.log
+    echo "ab [$flags] rc=$? at $(el)"
+  done
+  python3 -c "import json, sys
+for r in map(json.loads, open(sys.argv[1])): print(r.get('inductor', '-'), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
 fi
