@@ -2,7 +2,8 @@
 # One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, then
 # `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
-#   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds
+#   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds;
+#                          TESTS_N=4: that many pytest-xdist workers sharing the GPU, a file each (carry its wheels)
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   AB="flags"             after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, without
@@ -12,6 +13,7 @@ T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ -n "$TESTS" ]; then
   timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"} \
+    ${TESTS_N:+-n $TESTS_N --dist loadfile} \
     > $OUT/cuda_tests.txt 2>&1
   echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"; grep -E "^(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
 fi

@@ -5,7 +5,8 @@
 # sweep of the Triton kernels (W8A8, FP8, int4 at 16 / 64 rows with NATURAL tiles) within SWEEP_S seconds.
 # Needs .whl/ (hydra-core, omegaconf, antlr4, rouge_score, hypothesis, ...) carried, as gpu_tp_check.sh; made here by
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps \
-#     hydra_core==1.3.2 omegaconf==2.3.0 absl_py nltk gguf==0.19.0 platformdirs hypothesis==6.170.15 sortedcontainers
+#     hydra_core==1.3.2 omegaconf==2.3.0 absl_py nltk gguf==0.19.0 platformdirs hypothesis==6.170.15 sortedcontainers \
+#     pytest-xdist==3.8.0 execnet==2.1.2  (gpu_call.sh TESTS_N=)
 #   pip wheel -w .whl --no-deps antlr4-python3-runtime==4.9.3 rouge_score==0.1.2
 # Results: $OUT/quant_check.log, $OUT/cuda_tests.txt, $OUT/linear.jsonl. ~8 min on an H200 with the defaults.
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
