@@ -281,6 +281,11 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=1088)\n"
             "    t._kernel_vs_reference(k, 'int8_wo', 1, dt, 'cpu', K=2112, GEMV=True, BLOCK_N=32, BLOCK_K=512,\n"
             "                           SPLIT_K=2, MAGIC=True, num_warps=8)\n"
+            # the GEMV's tiles of several whole groups (NG), the last past K, split or not, MAGIC or not
+            "    for mode, K, bk in (('int4_wo_g64', 320, 256), ('int4_wo_g128', 384, 256), ('int4_wo_g32', 96, 64)):\n"
+            "        for split, magic in ((1, True), (2, False)):\n"
+            "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', K=K, GEMV=True, BLOCK_N=16, BLOCK_K=bk,\n"
+            "                                   SPLIT_K=split, MAGIC=magic)\n"
             # int8's GEMM MAGIC (q - z through fp32 bits) with a masked last K tile
             "    t._kernel_vs_reference(k, 'int8_wo', 5, dt, 'cpu', K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,\n"
             "                           SPLIT_K=1, MAGIC=True)\n")
@@ -352,6 +357,7 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
     _dequantize_vs_reference(wo_kernel, mode, dtype, "cuda", N=1024, K=2048)
     for M, cfg in ((1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}),
                    (1, {"GEMV": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "MAGIC": True}),
+                   (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8, "MAGIC": True}),
                    (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "NATURAL": True}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "MAGIC": False}),

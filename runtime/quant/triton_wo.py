@@ -150,9 +150,14 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
 @triton.jit
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
+                    NG: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
+
+    NG > 1: a tile spans NG whole groups (BLOCK_K = NG * GROUP), each summed apart and scaled by its own scale
+    and zero: long contiguous reads of each weight row (int4 g128 otherwise reads 64 bytes a row a step, where
+    int8 per channel reads 512).
 
     MAGIC: an int4 nibble becomes the fp32 128 + q by bits alone, its 4 bits put at the units place of 128.0's
     mantissa (0x43000000, bits 16-19): a shift and one and-or, where an int-to-float conversion runs at a
@@ -169,7 +174,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         g = k0 // GROUP
-        s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
+        if NG > 1:
+            gg = g + tl.arange(0, NG)
+            gmask = nmask[:, None] & (gg < G)[None, :]
+            s = tl.load(SCALE + n[:, None] * G + gg[None, :], mask=gmask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
+        else:
+            s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
@@ -181,8 +191,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
                 hi = (((b << 12) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b >> 4)
             else:
                 lo, hi = (b & 15).to(tl.float32), (b >> 4).to(tl.float32)
-            dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
-            xsum = tl.sum(xe + xo, axis=0)
+            if NG > 1:  # per group: (BLOCK_N, NG) sums, (NG,) sums of x
+                dot = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, HALF // NG)), axis=2)
+                xsum = tl.sum(tl.reshape(xe + xo, (NG, HALF // NG)), axis=1)
+            else:
+                dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
+                xsum = tl.sum(xe + xo, axis=0)
         else:
             kk = k0 + j
             kmask = kk < K
@@ -192,15 +206,28 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
             else:
                 q = q.to(tl.float32)
             x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-            dot = tl.sum(q * x[None, :], axis=1)
-            xsum = tl.sum(x, axis=0)
-        if HAS_ZERO:
-            z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
+            if NG > 1:
+                dot = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, HALF // NG)), axis=2)
+                xsum = tl.sum(tl.reshape(x, (NG, HALF // NG)), axis=1)
+            else:
+                dot = tl.sum(q * x[None, :], axis=1)
+                xsum = tl.sum(x, axis=0)
+        if NG > 1:
+            if HAS_ZERO:
+                z = tl.load(ZERO + n[:, None] * G + gg[None, :], mask=gmask, other=0).to(tl.float32)
+            else:
+                z = tl.zeros([BLOCK_N, NG], tl.float32)
+            if MAGIC:
+                z += 128.0 if INT4 else 384.0
+            acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
         else:
-            z = tl.zeros([BLOCK_N], tl.float32)
-        if MAGIC:
-            z += 128.0 if INT4 else 384.0
-        acc += (dot - z * xsum) * s
+            if HAS_ZERO:
+                z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
+            else:
+                z = tl.zeros([BLOCK_N], tl.float32)
+            if MAGIC:
+                z += 128.0 if INT4 else 384.0
+            acc += (dot - z * xsum) * s
     tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
 
 
@@ -276,7 +303,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         # the GEMM's MAGIC: tiles as loaded (not NATURAL); int4 with 16-bit x only (docstring of _wo_kernel)
         cfg["MAGIC"] = cfg["MAGIC"] and not cfg["NATURAL"] and (
             bits == 8 or x.dtype in (torch.bfloat16, torch.float16))
-    assert group % cfg["BLOCK_K"] == 0 or G == 1, (group, cfg)  # a tile never straddles two groups
+    # a tile never straddles two groups; the GEMV's may hold several whole ones (NG)
+    ng = cfg["BLOCK_K"] // group if gemv and G > 1 and cfg["BLOCK_K"] > group else 1
+    assert group % cfg["BLOCK_K"] == 0 or G == 1 or (ng * group == cfg["BLOCK_K"] and not ng & (ng - 1)), (group, cfg)
     split = cfg["SPLIT_K"]
     # split K: fp32 partials (SPLIT_K, M, N), summed in order below
     out = torch.empty((split, M, N) if split > 1 else (M, N), dtype=torch.float32 if split > 1 else x.dtype,
@@ -286,7 +315,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         assert M == 1, M
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
         wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, out, N, K, G, weight.stride(0),
-                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, **cfg)
+                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
     else:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
         wrap_triton(_wo_kernel)[grid](

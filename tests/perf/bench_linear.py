@@ -168,9 +168,14 @@ class _WeightOnly:
                       (32, 64, 128), (256, 128), (1, 2), (4, 3), ((True, False), (False, False), (False, True)))]
               for M, bm in ((16, 16), (64, 64))}
 
+    # int4 at batch 1: the GEMV with tiles of several whole groups first (1,024 features: 512 bytes of each row
+    # a step, as int8's best), MAGIC; then the grid above
+    gemv4 = [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True}
+             for bk, sk, bn, nw in itertools.product((1024, 512), (1, 2, 4), (32, 16, 64), (8, 4))]
+
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
-        self.grids = {**self.grids, **self.grids8} if bits == 8 else self.grids
+        self.grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
 
     def operands(self, shape, dtype, gen, M):
         t = quantized(self.mode, shape, dtype, gen)
@@ -187,8 +192,10 @@ class _WeightOnly:
     def fits(self, t, shape, cfg):
         if self.bits == 8 and (cfg.get("XSPLIT") or cfg.get("JOIN")):
             return False  # int4's
-        g = self._group(t, shape)  # per channel (g == K) a tile may end past K (masked); groups must hold tiles
-        return (g == shape[1] or not g % cfg["BLOCK_K"]) and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
+        g = self._group(t, shape)  # per channel (g == K) a tile may end past K (masked); groups must hold tiles,
+        # or the GEMV's tiles whole groups
+        whole = cfg.get("GEMV") and not cfg["BLOCK_K"] % g
+        return (g == shape[1] or not g % cfg["BLOCK_K"] or whole) and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
     def launch(self, t, x, cfg):
         from runtime.quant import triton_wo
