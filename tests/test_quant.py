@@ -286,6 +286,12 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        for split, magic in ((1, True), (2, False)):\n"
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', K=K, GEMV=True, BLOCK_N=16, BLOCK_K=bk,\n"
             "                                   SPLIT_K=split, MAGIC=magic)\n"
+            # K splits added by the tile's last program in the kernel (REDUCE), the GEMM's and the GEMV's
+            "    for mode in ('int4_wo_g64', 'int8_wo'):\n"
+            "        t._kernel_vs_reference(k, mode, 20, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
+            "                               SPLIT_K=3, REDUCE=True)\n"
+            "        t._kernel_vs_reference(k, mode, 1, dt, 'cpu', N=40, GEMV=True, BLOCK_N=16, BLOCK_K=64,\n"
+            "                               SPLIT_K=3, REDUCE=True)\n"
             # int8's GEMM MAGIC (q - z through fp32 bits) with a masked last K tile
             "    t._kernel_vs_reference(k, 'int8_wo', 5, dt, 'cpu', K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,\n"
             "                           SPLIT_K=1, MAGIC=True)\n")
@@ -369,6 +375,16 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype):
                    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "JOIN": True,
                          "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
+    w = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(5))
+    t = {k: v.cuda() for k, v in MODES[mode].quantize(w, dtype).items()}
+    bits = 8 if mode == "int8_wo" else 4
+    for M, cfg in ((64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4}),
+                   (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "MAGIC": True})):
+        cfg = {**cfg, "REDUCE": True}  # the K splits added in the kernel by each tile's last program
+        _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
+        x = torch.randn(M, 2048, device="cuda", dtype=dtype)
+        runs = [wo_kernel.launch(x, t["weight"], t["scale"], t.get("zero"), bits, **cfg) for _ in range(20)]
+        assert all(torch.equal(r, runs[0]) for r in runs), "the sum depends on which program arrived last"
     if mode == "int8_wo":  # int8's GEMM MAGIC (bf16: fp32's upper half) in the W8A8 GEMM's best shape, K ragged
         for M in (64, 40):
             _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2112, BLOCK_M=64, BLOCK_N=32,

@@ -3,7 +3,8 @@
 and the oracle stay plain torch).
 
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); each program walks every SPLIT_K-th BLOCK_K tile of K
-(SPLIT_K > 1: fp32 partial sums, added in a fixed order after, so the result does not depend on timing). A tile never straddles
+(SPLIT_K > 1: fp32 partial sums, added in a fixed order after, so the result does not depend on timing: by the
+caller's sum, or with REDUCE by each tile's last program, in the kernel, untimed yet). A tile never straddles
 a group (BLOCK_K divides the group size; per channel the group is the whole row), so a tile's integer
 levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
 partial sum is scaled once per output column: acc += (x_tile @ (q - zero)) * scale[group]. int4 bytes
@@ -35,10 +36,31 @@ def _dot(x, w, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_om,
+def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
+                 SPLIT_K: tl.constexpr, REDUCE: tl.constexpr):
+    """Store a program's sum at offsets rel of an (M, N) output. SPLIT_K == 1: OUT itself. Else fp32 partials
+    at slice pid_k of PART (SPLIT_K slices of slice_elems); REDUCE: the tile's last program to arrive (a counter
+    a tile in LOCKS, zeros at launch) adds the SPLIT_K slices in their order, 0 first, and writes OUT: one
+    kernel, and the bits do not depend on which program came last. Without REDUCE the caller sums PART."""
+    if SPLIT_K == 1:
+        tl.store(OUT + rel, acc.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        tl.store(PART + pid_k.to(tl.int64) * slice_elems + rel, acc, mask=mask)
+        if REDUCE:
+            tl.debug_barrier()  # every thread's partial stored before the release below
+            if tl.atomic_add(LOCKS + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.zeros(acc.shape, tl.float32)
+                for k in range(SPLIT_K):  # (.cg: from L2, where the other programs' partials are)
+                    total += tl.load(PART + k * slice_elems + rel, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(OUT + rel, total.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, stride_wn, stride_om,
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               NATURAL: tl.constexpr, MAGIC: tl.constexpr, XSPLIT: tl.constexpr, JOIN: tl.constexpr):
+               NATURAL: tl.constexpr, MAGIC: tl.constexpr, XSPLIT: tl.constexpr, JOIN: tl.constexpr,
+               REDUCE: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
@@ -143,15 +165,16 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, M, N, K, G, stride_xm, stride_wn, stride_
             x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             part = _dot(x, w, IEEE)
         acc += part * s[None, :]
-    out = OUT + pid_k.to(tl.int64) * M * stride_om + m.to(tl.int64)[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(OUT.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    rel = m.to(tl.int64)[:, None] * stride_om + n[None, :]
+    _store_split(acc, OUT, PART, LOCKS, rel, mmask[:, None] & nmask[None, :], pid_k, pid_m * tl.num_programs(1) + pid_n,
+                 M * stride_om, SPLIT_K, REDUCE)
 
 
 @triton.jit
-def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
+def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-                    NG: tl.constexpr):
+                    NG: tl.constexpr, REDUCE: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -228,7 +251,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn,
             if MAGIC:
                 z += 128.0 if INT4 else 384.0
             acc += (dot - z * xsum) * s
-    tl.store(OUT + pid_k.to(tl.int64) * N + n, acc.to(OUT.dtype.element_ty), mask=nmask)
+    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, REDUCE)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -307,21 +330,26 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     ng = cfg["BLOCK_K"] // group if gemv and G > 1 and cfg["BLOCK_K"] > group else 1
     assert group % cfg["BLOCK_K"] == 0 or G == 1 or (ng * group == cfg["BLOCK_K"] and not ng & (ng - 1)), (group, cfg)
     split = cfg["SPLIT_K"]
-    # split K: fp32 partials (SPLIT_K, M, N), summed in order below
-    out = torch.empty((split, M, N) if split > 1 else (M, N), dtype=torch.float32 if split > 1 else x.dtype,
-                      device=x.device)
+    cfg["REDUCE"] = reduce = cfg.get("REDUCE", False) and split > 1
+    # split K: fp32 partials (SPLIT_K, M, N), summed in order by the kernel (REDUCE) or below
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if split == 1 or reduce else None
+    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero if zero is not None else scale
     if gemv:
         assert M == 1, M
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
-        wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, out, N, K, G, weight.stride(0),
-                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
     else:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
+    locks = torch.zeros(grid[0] * (1 if gemv else grid[1]) if reduce else 1, dtype=torch.int32, device=x.device)
+    dest = out if out is not None else part
+    if gemv:
+        wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
+                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
+    else:
         wrap_triton(_wo_kernel)[grid](
-            x, weight, scale, z, out, M, N, K, G, x.stride(0), weight.stride(0), N,
+            x, weight, scale, z, dest, part, locks, M, N, K, G, x.stride(0), weight.stride(0), N,
             GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
-    return out.sum(0).to(x.dtype) if split > 1 else out
+    return out if out is not None else part.sum(0).to(x.dtype)
 
 
 @triton.jit

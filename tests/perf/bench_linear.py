@@ -161,16 +161,17 @@ class _WeightOnly:
     }
     # int8 at 16 and 64 rows: MAGIC (fp32 bits, bf16 its upper half: no conversions), plain, NATURAL; the
     # shapes of the W8A8 GEMM's best first (32 x 256 tiles, no split: 2.2-2.4 TB/s of the same int8 bytes at 64
-    # rows, H100 2026-12-05), which this grid had never tried
+    # rows, H100 2026-12-05), which this grid had never tried; a K split summed in the kernel (REDUCE) or after
     grids8 = {M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": ns,
-                   "MAGIC": mg, "NATURAL": nat}
-                  for bn, bk, sk, ns, (mg, nat) in itertools.product(
-                      (32, 64, 128), (256, 128), (1, 2), (4, 3), ((True, False), (False, False), (False, True)))]
+                   "MAGIC": mg, "NATURAL": nat, "REDUCE": rd}
+                  for bn, bk, (sk, rd), ns, (mg, nat) in itertools.product(
+                      (32, 64, 128), (256, 128), ((1, False), (2, True), (2, False)), (4, 3),
+                      ((True, False), (False, False), (False, True)))]
               for M, bm in ((16, 16), (64, 64))}
 
     # int4 at batch 1: the GEMV with tiles of several whole groups first (1,024 features: 512 bytes of each row
-    # a step, as int8's best), MAGIC; then the grid above
-    gemv4 = [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True}
+    # a step, as int8's best), MAGIC, K splits summed in the kernel; then the grid above
+    gemv4 = [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True, "REDUCE": True}
              for bk, sk, bn, nw in itertools.product((1024, 512), (1, 2, 4), (32, 16, 64), (8, 4))]
 
     def __init__(self, mode: str, bits: int):

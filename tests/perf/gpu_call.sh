@@ -52,5 +52,6 @@ if [ -n "$AB" ]; then
     echo "ab [$flags] rc=$? at $(el)"
   done
   python3 -c "import json, sys
-for r in map(json.loads, open(sys.argv[1])): print(r.get('inductor', '-'), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
+for r in map(json.loads, open(sys.argv[1])):
+    print(r.get('inductor', '-'), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
 fi
