@@ -12,10 +12,11 @@ source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ -n "$TESTS" ]; then
-  timeout ${TEST_S:-120} python3 -m pytest -q -rfE -m cuda -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"} \
-    ${TESTS_N:+-n $TESTS_N --dist loadfile} \
-    > $OUT/cuda_tests.txt 2>&1
-  echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"; grep -E "^(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
+  # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none)
+  timeout ${TEST_S:-120} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider -p no:benchmark tests \
+    ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N --dist loadfile} > $OUT/cuda_tests.txt 2>&1
+  echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"
+  grep -cE " PASSED" $OUT/cuda_tests.txt; grep -E "(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
 fi
 if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SWEEP_S
   n=$(echo $SWEEP | wc -w)
