@@ -5,7 +5,8 @@ and the oracle stay plain torch).
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); each program walks every SPLIT_K-th BLOCK_K tile of K
 (SPLIT_K > 1: fp32 partial sums, added in a fixed order after, so the result does not depend on timing: by the
 caller's sum, or with REDUCE by each tile's last program, in the kernel, untimed yet). A tile never straddles
-a group (BLOCK_K divides the group size; per channel the group is the whole row), so a tile's integer
+a group (BLOCK_K divides the group size; per channel the group is the whole row; the GEMV's tiles may hold NG
+whole groups, each summed apart), so a tile's integer
 levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
 partial sum is scaled once per output column: acc += (x_tile @ (q - zero)) * scale[group]. int4 bytes
 hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and odd columns, two dots.
@@ -51,7 +52,8 @@ def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
             if tl.atomic_add(LOCKS + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
                 total = tl.zeros(acc.shape, tl.float32)
                 for k in range(SPLIT_K):  # (.cg: from L2, where the other programs' partials are)
-                    total += tl.load(PART + k * slice_elems + rel, mask=mask, other=0.0, cache_modifier=".cg")
+                    total += tl.load(PART + k * slice_elems.to(tl.int64) + rel, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
                 tl.store(OUT + rel, total.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -340,7 +342,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), split)
     else:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
-    locks = torch.zeros(grid[0] * (1 if gemv else grid[1]) if reduce else 1, dtype=torch.int32, device=x.device)
+    # a counter a tile, zeros, with REDUCE only (the kernel never reads LOCKS otherwise: no fill kernel a linear)
+    locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
     dest = out if out is not None else part
     if gemv:
         wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),

@@ -193,9 +193,16 @@ class _WeightOnly:
     def fits(self, t, shape, cfg):
         if self.bits == 8 and (cfg.get("XSPLIT") or cfg.get("JOIN")):
             return False  # int4's
+        if cfg.get("GEMV"):  # the weight tile in registers, as fp32 (int4: its two halves): spills past 128 a thread
+            if cfg["BLOCK_N"] * cfg["BLOCK_K"] > 128 * 32 * cfg.get("num_warps", 4):
+                return False
+        else:  # shared memory a stage: x (16-bit) and the weight tile; 200 of the 227 KiB an SM has on Hopper
+            stage = cfg["BLOCK_K"] * (2 * cfg["BLOCK_M"] + cfg["BLOCK_N"] * self.bits // 8)
+            if stage * cfg.get("num_stages", 3) > 200 * 1024:
+                return False
         g = self._group(t, shape)  # per channel (g == K) a tile may end past K (masked); groups must hold tiles,
         # or the GEMV's tiles whole groups
-        whole = cfg.get("GEMV") and not cfg["BLOCK_K"] % g
+        whole = bool(cfg.get("GEMV")) and not cfg["BLOCK_K"] % g
         return (g == shape[1] or not g % cfg["BLOCK_K"] or whole) and cfg["BLOCK_K"] * cfg["SPLIT_K"] <= shape[1]
 
     def launch(self, t, x, cfg):

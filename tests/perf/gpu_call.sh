@@ -45,8 +45,8 @@ for line in open(sys.argv[1]):
 PY
 fi
 if [ -n "$AB" ]; then
-  eng=$(python3 -c "import json, sys; print(next(r['engine'] for r in map(json.loads, open(sys.argv[1]))
-        if r['kind'] == 'build' and r['name'] == 'tight'))" $OUT/table/gpu.jsonl)
+  eng=$(python3 -c "import json, sys; print(next((r['engine'] for r in map(json.loads, open(sys.argv[1]))
+        if r['kind'] == 'build' and r['name'] == 'tight'), 'AB needs tight in CASES'))" $OUT/table/gpu.jsonl)
   for flags in "" "$AB"; do
     python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
       --output_len 256 $flags >> $OUT/ab.jsonl 2>> $OUT/ab.log
