@@ -11,6 +11,7 @@ cached between processes (runtime.engine.compile_cache_dir), so a second process
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -119,7 +120,12 @@ def _inductor_option(text: str) -> tuple[str, object]:
         raise params.argparse.ArgumentTypeError(f"{text}: must be KEY=VALUE with KEY an Inductor config "
                                                 "(torch._inductor.config), e.g. combo_kernels=true")
     v = value.strip()
-    return key.strip(), {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    if v.lower() in ("true", "false"):
+        return key.strip(), v.lower() == "true"
+    try:  # 3, 0.5, "text"
+        return key.strip(), ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return key.strip(), v
 
 
 @user_errors_exit
