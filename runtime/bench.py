@@ -147,6 +147,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true",
                    help="after the rows, one JSON line per --batch_size: the GPU kernels of a decode step (torch.profiler)")
     args = p.parse_args(argv)
+    if args.inductor and not args.compile:
+        raise UserError("--inductor: takes effect with --compile only; add --compile")
     t0 = float(os.environ.get("EF_BENCH_T0") or time.time())
     setup_logging()
     engine = Engine.load(args.engine_dir, device=args.device, verify="size")
@@ -162,8 +164,6 @@ def main(argv=None) -> None:
                             f"{lim['max_seq_len']} input + output tokens (rebuild with larger limits)")
     if args.no_cuda_graphs:
         engine.use_cuda_graphs = False
-    if args.inductor and not args.compile:
-        raise UserError("--inductor: takes effect with --compile only; add --compile")
     if args.compile:
         engine.compile(dict(args.inductor))
     for i, (b, n_in, n_out) in enumerate(rows):

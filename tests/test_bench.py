@@ -163,3 +163,20 @@ def test_bench_linear_runs_every_path_it_would_time_on_the_gpu(tmp_path):
     assert timed == {("none", "auto")} | {(m, v) for m in modes.split(",")[1:] for v in ("auto", "library")}
     swept = {(r["mode"], r["M"]) for r in rows if r["kind"] == "sweep"}
     assert swept == {(m, M) for m in ("int4_wo_g128", "int8_wo", "sq_per_token_per_channel", "fp8") for M in (1, 64)}
+
+
+def test_bench_inductor_flags_parse_to_config_values_and_bad_ones_exit_with_one_line(capsys):
+    """runtime.bench --inductor KEY=VALUE: Inductor's own config names, values as Python reads them; an unknown
+    key, or the flag without --compile, is one line and exit code 2, before any engine is loaded."""
+    import pytest
+
+    from runtime.bench import _inductor_option, main
+
+    assert _inductor_option("combo_kernels=true") == ("combo_kernels", True)
+    assert _inductor_option(" combo_kernel_max_num_nodes = 4") == ("combo_kernel_max_num_nodes", 4)
+    for argv, says in ((["--engine_dir", "nowhere", "--inductor", "combo_kernel=1", "--compile"], "combo_kernel=1"),
+                       (["--engine_dir", "nowhere", "--inductor", "combo_kernels=true"], "add --compile")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and says in err and len(err.splitlines()) == 1, err
