@@ -207,6 +207,9 @@ def gpu(args) -> None:
         prec, lim = CASES[case]
         return base + [p for p in prec if not (q and p == "precision=bf16")] + limits[lim]  # quick: fp32
 
+    if args.build_only:  # the engines alone (the store's locks let a later run of the same cases wait for them)
+        _Builds(run, out, env, overrides, cases).wait_all({})
+        return
     # the first case builds in the foreground, the others in the background (BUILD_SLOTS at a time, in the order
     # of the cases) while the GPU benches: four 7B quant builds at once on 16 cores took 290-510 s each (H100
     # host, 2026-12-06), and the first cases' engines came too late
@@ -631,6 +634,10 @@ def main(argv=None) -> None:
         s.add_argument("--store", default=None, help="engine store (default: .store of the checkout)")
         s.add_argument("--budget_s", type=float, default=1500 if mode == "gpu" else 1800)  # gpu_call.sh: its own
         s.add_argument("--quick", action="store_true", help="tiny engine (stories260K), CPU: the same code path")
+        if mode == "gpu":
+            s.add_argument("--build_only", action="store_true",
+                           help="build the cases' engines into the store and stop (gpu_call.sh PREBUILD=1 runs it "
+                                "beside the cuda tests; the table then finds them built)")
         if mode == "gpu":
             s.add_argument("--cases", default=DEFAULT_CASES + ",gptfast-bf16,gptfast-int8,hf-eager",
                            help="comma-separated engine cases and peers to run: " + ", ".join([*CASES, "warm", *PEERS]))

@@ -6,11 +6,17 @@
 #                          TESTS_N=4: that many pytest-xdist workers sharing the GPU, a file each (carry its wheels)
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
+#   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
+#                          7B quant builds take minutes of CPU), so that the table finds them in the store
 #   AB="flags"             after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, without
 #                          and with these flags (e.g. --inductor combo_kernels=true), rows in ab.jsonl
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+if [ -n "$PREBUILD" ] && [ -n "$CASES" ]; then
+  python3 tests/perf/bench_table.py gpu --out $OUT/prebuild --cases $CASES --build_only --budget_s 1200 \
+    > /dev/null 2> $OUT/prebuild.log &
+fi
 if [ -n "$TESTS" ]; then
   # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none)
   timeout ${TEST_S:-120} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider -p no:benchmark tests \
