@@ -335,7 +335,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg["REDUCE"] = reduce = cfg.get("REDUCE", False) and split > 1
     # split K: fp32 partials (SPLIT_K, M, N), summed in order by the kernel (REDUCE) or below
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if split == 1 or reduce else None
-    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
+    # (split 1: an unread stand-in, as ZERO and LOCKS below and OUT: no tensor the kernel writes is passed twice,
+    # which torch.compile's functionalization of the kernel's writes could take for two)
+    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else scale
     z = zero if zero is not None else scale
     if gemv:
         assert M == 1, M
@@ -344,7 +346,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), split)
     # a counter a tile, zeros, with REDUCE only (the kernel never reads LOCKS otherwise: no fill kernel a linear)
     locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
-    dest = out if out is not None else part
+    dest = out if out is not None else scale  # (split, no REDUCE: the kernel writes PART only)
     if gemv:
         wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
                                            GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
