@@ -199,12 +199,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         g = k0 // GROUP
-        if NG > 1:
+        if NG > 1:  # the scales and zeros of the tile's groups: (BLOCK_N, NG)
             gg = g + tl.arange(0, NG)
-            gmask = nmask[:, None] & (gg < G)[None, :]
-            s = tl.load(SCALE + n[:, None] * G + gg[None, :], mask=gmask, other=0.0).to(tl.float32)  # (BLOCK_N, NG)
+            meta, mmask = n[:, None] * G + gg[None, :], nmask[:, None] & (gg < G)[None, :]
         else:
-            s = tl.load(SCALE + n * G + g, mask=nmask, other=0.0).to(tl.float32)
+            meta, mmask = n * G + g, nmask
+        s = tl.load(SCALE + meta, mask=mmask, other=0.0).to(tl.float32)
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
@@ -237,21 +237,15 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             else:
                 dot = tl.sum(q * x[None, :], axis=1)
                 xsum = tl.sum(x, axis=0)
+        if HAS_ZERO:
+            z = tl.load(ZERO + meta, mask=mmask, other=0).to(tl.float32)
+        else:
+            z = tl.zeros(s.shape, tl.float32)
+        if MAGIC:
+            z += 128.0 if INT4 else 384.0
         if NG > 1:
-            if HAS_ZERO:
-                z = tl.load(ZERO + n[:, None] * G + gg[None, :], mask=gmask, other=0).to(tl.float32)
-            else:
-                z = tl.zeros([BLOCK_N, NG], tl.float32)
-            if MAGIC:
-                z += 128.0 if INT4 else 384.0
             acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
         else:
-            if HAS_ZERO:
-                z = tl.load(ZERO + n * G + g, mask=nmask, other=0).to(tl.float32)
-            else:
-                z = tl.zeros([BLOCK_N], tl.float32)
-            if MAGIC:
-                z += 128.0 if INT4 else 384.0
             acc += (dot - z * xsum) * s
     _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, REDUCE)
 
