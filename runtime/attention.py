@@ -44,6 +44,9 @@ class DecodeAttention:
     attend: Callable[..., torch.Tensor]
     # supports(device, head_dim) -> why not (a string), or None when it can run
     unsupported: Callable[[torch.device, int], str | None]
+    # attend also takes rope=(cos, sin) tables (positions, rotary_dim) fp32 and rotates the unrotated q at pos
+    # itself (one kernel a layer fewer); the decoder rotates q for the others (and when $EF_ROPE_IN_ATTENTION=0)
+    rotates_q: bool = False
 
 
 # ---- torch: the reference --------------------------------------------------------------------
@@ -79,16 +82,16 @@ def _triton_prepare(pos, S, slopes, dtype):
     return slopes
 
 
-def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None):
+def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None, rope=None):
     from .attention_triton import decode_attention  # imports triton: only when this entry runs
 
     return decode_attention(q, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else scale, slopes,
-                            kv_scale)
+                            kv_scale, *(rope or (None, None)))
 
 
 DECODE_ATTENTION: dict[str, DecodeAttention] = {
     "torch": DecodeAttention("torch", _torch_prepare, _torch_attend, lambda device, head_dim: None),
-    "triton": DecodeAttention("triton", _triton_prepare, _triton_attend, _triton_unsupported),
+    "triton": DecodeAttention("triton", _triton_prepare, _triton_attend, _triton_unsupported, rotates_q=True),
 }
 _AUTO_ORDER = {"cuda": ["triton", "torch"]}  # device type -> preference; every other device: torch
 

@@ -9,6 +9,9 @@ Stage 2, grid (B, nh): combines the splits' partial outputs with their log-sum-e
 is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not launched.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e); ALiBi adds slope * (j - pos) in fp32.
+Rotary (when given its tables): q arrives unrotated and each program rotates its rows at pos[b] as the
+decoder would (cos / sin rounded to q's dtype, q cos + rotate_half(q) sin in fp32, rounded once, as the
+compiled decoder's fused kernel does): the decoder's separate q-rotary kernel a layer goes.
 
 A quantized cache (int8 or fp8 E4M3, runtime/kv_cache.py) is loaded as stored (1 byte an element) and
 converted to the queries' dtype in registers (exact: int8 and E4M3 values are fp16 / bf16 values); the K
@@ -25,12 +28,12 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, O_PART, LSE_PART, OUT,
+def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   stride_ob, stride_oh, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
-                  IEEE: tl.constexpr, DIRECT: tl.constexpr):
+                  IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # b * stride_kb can pass 2**31
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -45,7 +48,17 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, O_PART, LSE_PART, OUT,
     n = tl.arange(0, BLOCK_N)
     heads = kvh * G + g  # (BLOCK_G,) rows past G are padding for tl.dot's 16-row minimum
     gmask = g < G
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)
+    if ROT > 0:  # rotary of q at position `last`, HF half-split order over the first ROT dims (see module doc)
+        HALF: tl.constexpr = ROT // 2
+        inrot = d < ROT
+        partner = tl.where(d < HALF, d + HALF, tl.where(inrot, d - HALF, d))
+        q2 = tl.load(q_ptrs + partner[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        c = tl.load(COS + last.to(tl.int64) * ROT + d, mask=inrot, other=1.0).to(Q.dtype.element_ty)
+        s = tl.load(SIN + last.to(tl.int64) * ROT + d, mask=inrot, other=0.0).to(Q.dtype.element_ty)
+        s = tl.where(d < HALF, -s.to(tl.float32), s.to(tl.float32))
+        q = (q.to(tl.float32) * c.to(tl.float32)[None, :] + q2 * s[None, :]).to(Q.dtype.element_ty)
     scale2 = tl.cast(qk_scale, tl.float32)  # Inductor may pass a Python float as fp64: keep the loop in fp32
     if KV_QUANT:  # compute in the queries' dtype; K = s_k k, V = s_v v
         scale2 = scale2 * tl.load(KV_SCALE).to(tl.float32)
@@ -132,10 +145,11 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
     return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3}
 
 
-def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, *, block_n: int, splits: int,
-           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, rope=None, *, block_n: int,
+           splits: int, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it).
-    kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype."""
+    kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype.
+    rope: (cos, sin) tables (positions, rotary_dim) fp32, contiguous: q comes unrotated and is rotated here."""
     B, nh, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     G = nh // nkv
@@ -148,15 +162,18 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
     slopes = alibi_slopes if alibi_slopes is not None else pos  # an unread pointer when HAS_ALIBI is False
     quant = kv_scale is not None
     assert quant or k_cache.dtype.is_floating_point and k_cache.dtype.itemsize > 1, "an 8-bit cache needs kv_scale"
+    cos, sin = rope if rope is not None else (pos, pos)  # unread when ROT is 0
+    assert rope is None or (cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
+                            and cos.shape[1] % 2 == 0 and cos.shape[1] <= hd)
     wrap_triton(_split_kernel)[(B, nkv, splits)](
-        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, part_o, part_lse, out,
+        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         scale * _LOG2E, splits,
         NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, KV_QUANT=quant,
         IEEE=(q.dtype if quant else k_cache.dtype) == torch.float32, DIRECT=direct,
-        num_warps=num_warps, num_stages=num_stages)
+        ROT=cos.shape[1] if rope is not None else 0, num_warps=num_warps, num_stages=num_stages)
     if not direct:
         wrap_triton(_combine_kernel)[(B, nh)](
             part_o, part_lse, out, out.stride(0), out.stride(1), splits,
@@ -167,12 +184,15 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
 @triton_op("engine_factory::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float, alibi_slopes: torch.Tensor | None,
-                     kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_scale: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
+                     rope_sin: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, nh, hd), caches (>=B, nkv, S, hd) as stored, pos (B,) int64 -> (B, nh, hd) in q's dtype;
-    kv_scale [s_k, s_v] for an int8 / fp8 cache.
+    kv_scale [s_k, s_v] for an int8 / fp8 cache; rope_cos / rope_sin: the rotary tables (positions,
+    rotary_dim) fp32 when q comes unrotated (rotated here at pos, one kernel fewer a layer).
 
     A triton_op: torch.compile(fullgraph=True) traces into both kernels, and CUDA graphs capture them.
     """
     B, nh, hd = q.shape
     cfg = default_config(B, nh, k_cache.shape[1], k_cache.shape[2], hd, q.device)
-    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, **cfg)
+    rope = None if rope_cos is None else (rope_cos, rope_sin)
+    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, rope, **cfg)

@@ -14,6 +14,7 @@ Every rank is called with the same arguments and returns the same logits.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,6 +140,8 @@ class Decoder:
         self._rope = self._rope_tables() if spec.position == "rope" else None
         self.slopes = L.alibi_slopes().to(self.device) if spec.position == "alibi" else None
         self.decode_attention = select_decode_attention(self.device, self.hd)  # $EF_DECODE_ATTENTION, else auto
+        # decode rotates q inside attention where the entry can ($EF_ROPE_IN_ATTENTION=0: in the decoder, as prefill)
+        self.rope_in_attention = os.environ.get("EF_ROPE_IN_ATTENTION") != "0"
         self.prefill_attention = select_prefill_attention(self.device, self.dtype, self.hd,  # $EF_PREFILL_ATTENTION
                                                           self.slopes is not None)
         self.prefill_layers = self._prefill_layers  # compile_prefill() puts the compiled one here
@@ -201,14 +204,18 @@ class Decoder:
             h = self.embed_norm(h)
         return h
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, rope):
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rope, rotate_q: bool = True):
+        """q, k, v (T, n, hd) of x; rotary applied to k, and to q unless rotate_q is False (decode attention
+        that rotates q itself)."""
         T = x.shape[0]
         qkv = layer.qkv(layer.attn_norm(x))  # (T, (nh + 2 nkv) hd)
         qk, v = qkv.split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
         qk = qk.view(T, self.n_heads + self.n_kv, self.hd)
-        if rope is not None:  # q's and k's heads rotated in one go (the same per-head arithmetic)
+        if rope is not None and rotate_q:  # q's and k's heads rotated in one go (the same per-head arithmetic)
             qk = self._rotate(qk, rope)
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        if rope is not None and not rotate_q:
+            k = self._rotate(k, rope)
         return q, k, v.view(T, self.n_kv, self.hd)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -332,13 +339,14 @@ class Decoder:
         attn = self.decode_attention  # runtime/attention.py: "torch" masks the whole cache, "triton" reads live K/V
         state = attn.prepare(pos, S, self.slopes, h.dtype)  # shared by every layer (the torch entry's mask)
         rope = self._rope_at(pos, h.dtype)
+        q_rope = {"rope": self._rope} if attn.rotates_q and self.rope_in_attention and rope is not None else {}
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, rope)  # (B, n, hd)
+            q, k, v = self._qkv(layer, h, rope, rotate_q=not q_rope)  # (B, n, hd)
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc[bidx, :, pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
             vc[bidx, :, pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
             o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
-                            kv_scale=layer.kv_scale)  # (B, nh, hd)
+                            kv_scale=layer.kv_scale, **q_rope)  # (B, nh, hd)
             h = h + layer.o(o.reshape(B, -1))
             h = h + self._mlp(layer, h)
         return h

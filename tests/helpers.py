@@ -48,8 +48,10 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 # ---- random decoders -------------------------------------------------------------------------------
-# (position, heads, kv heads): LLaMA-like GQA with rope, BLOOM-like ALiBi over 6 heads, BigCode-like MQA
-DECODERS = {"rope_gqa": ("rope", 8, 2), "alibi_6_heads": ("alibi", 6, 6), "learned_mqa": ("learned", 8, 1)}
+# (position, heads, kv heads, rotary dims): LLaMA-like GQA with rope, GPT-NeoX-like partial rotary (8 of 16
+# dims), BLOOM-like ALiBi over 6 heads, BigCode-like MQA
+DECODERS = {"rope_gqa": ("rope", 8, 2, 0), "rope_partial_mha": ("rope", 4, 4, 8), "alibi_6_heads": ("alibi", 6, 6, 0),
+            "learned_mqa": ("learned", 8, 1, 0)}
 
 
 def random_decoder(kind: str, dtype, device, cache: tuple[int, int] = (4, 40)):
@@ -58,9 +60,9 @@ def random_decoder(kind: str, dtype, device, cache: tuple[int, int] = (4, 40)):
     from runtime.model import Decoder
     from runtime.spec import ModelSpec
 
-    position, nh, nkv = DECODERS[kind]
+    position, nh, nkv, rotary_dim = DECODERS[kind]
     spec = ModelSpec(family="test", vocab_size=97, hidden_size=16 * nh, num_layers=2, num_heads=nh, num_kv_heads=nkv,
-                     intermediate_size=80, max_position_embeddings=64, position=position,
+                     intermediate_size=80, max_position_embeddings=64, position=position, rotary_dim=rotary_dim,
                      mlp="gated" if position == "rope" else "plain", norm="rms" if position == "rope" else "layer")
     g = torch.Generator().manual_seed(7)
     r = lambda *shape: (0.2 * torch.randn(*shape, generator=g)).to(device, dtype)

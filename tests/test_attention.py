@@ -122,6 +122,27 @@ def test_triton_scale_and_activation_dtype(kernels, one_thread):
     assert (out.double().cpu() - ref).abs().max().item() <= TOL[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # the whole head, and GPT-NeoX-style partial rotary
+def test_triton_rotates_unrotated_queries(kernels, dtype, rotary_dim, one_thread):
+    """Given the rotary tables, the entry rotates q at pos[b] itself (HF's rotate_half over the first
+    rotary_dim dims, the rest untouched): as attending with q rotated beforehand in float64."""
+    case = CASES["b3_gqa4"]  # head_dim 16
+    (q, k, v, pos, _), _ = make_inputs(case, dtype, seed=6)
+    g = torch.Generator().manual_seed(6)
+    angles = torch.rand(case[3], rotary_dim // 2, generator=g, dtype=torch.float64) * 6.3
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    qd, c, s = q.double().cpu(), cos[pos.cpu()][:, None, :], sin[pos.cpu()][:, None, :]
+    half = rotary_dim // 2
+    rot = torch.cat([-qd[..., half:rotary_dim], qd[..., :half]], -1)
+    q_rot = torch.cat([qd[..., :rotary_dim] * c + rot * s, qd[..., rotary_dim:]], -1)
+    ref = reference(q_rot, k.double().cpu().nan_to_num(), v.double().cpu().nan_to_num(), pos.cpu(), 0.25, None)
+    rope = (cos.float().to(DEV), sin.float().to(DEV))
+    out = DECODE_ATTENTION["triton"].attend(q, k, v, pos, None, 0.25, rope=rope)
+    assert_close(out, ref, dtype)
+    assert DECODE_ATTENTION["triton"].rotates_q and not DECODE_ATTENTION["torch"].rotates_q
+
+
 # ---- selection ----------------------------------------------------------------------------------
 def test_selection_is_a_setting_with_one_line_errors(monkeypatch):
     monkeypatch.delenv("EF_DECODE_ATTENTION", raising=False)
@@ -170,12 +191,14 @@ def _decoder(kind: str, dtype, name: str) -> Decoder:
     return d
 
 
+@pytest.mark.parametrize("q_rotary", ["in_attention", "in_decoder"])  # $EF_ROPE_IN_ATTENTION unset / 0
 @pytest.mark.parametrize("kind", DECODERS)
-def test_decoder_decode_with_triton_equals_torch(kernels, kind, one_thread):
+def test_decoder_decode_with_triton_equals_torch(kernels, kind, q_rotary, one_thread):
     """Prompts of different lengths, then decode steps: the same logits through either entry. On CUDA the
     triton decoder's step is torch.compile'd (fullgraph) and captured in a CUDA graph, as Engine.compile() does."""
     dtype = torch.float16 if CUDA else torch.float32
     ref, fast = _decoder(kind, dtype, "torch"), _decoder(kind, dtype, "triton")
+    fast.rope_in_attention = q_rotary == "in_attention"
     lengths = [3, 9, 1]
     prompts = torch.randint(0, 97, (sum(lengths),), generator=torch.Generator().manual_seed(8)).to(DEV)
     tok = ref.prefill(prompts, lengths).argmax(-1)

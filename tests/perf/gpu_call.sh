@@ -8,8 +8,9 @@
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
-#   AB="flags"             after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, without
-#                          and with these flags (e.g. --inductor combo_kernels=true), rows in ab.jsonl
+#   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
+#                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
+#                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab")
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -53,12 +54,17 @@ fi
 if [ -n "$AB" ]; then
   eng=$(python3 -c "import json, sys; print(next((r['engine'] for r in map(json.loads, open(sys.argv[1]))
         if r['kind'] == 'build' and r['name'] == 'tight'), 'AB needs tight in CASES'))" $OUT/table/gpu.jsonl)
-  for flags in "" "$AB"; do
-    python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
-      --output_len 256 $flags >> $OUT/ab.jsonl 2>> $OUT/ab.log
-    echo "ab [$flags] rc=$? at $(el)"
+  IFS=';' read -ra variants <<< ";$AB"
+  for v in "${variants[@]}"; do
+    envs=(); flags=(); for w in $v; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
+    env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
+      --output_len 256 "${flags[@]}" > $OUT/ab.part 2>> $OUT/ab.log
+    echo "ab [$v] rc=$? at $(el)"
+    python3 -c "import json, sys
+for line in open(sys.argv[1]):
+    print(json.dumps({**json.loads(line), 'ab': sys.argv[2]}))" $OUT/ab.part "$v" >> $OUT/ab.jsonl
   done
   python3 -c "import json, sys
 for r in map(json.loads, open(sys.argv[1])):
-    print(r.get('inductor', '-'), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
+    print(repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
 fi
