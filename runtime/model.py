@@ -148,6 +148,7 @@ class Decoder:
         # micro-batches of a pipelined (pp > 1) prefill or decode: $EF_MICRO_BATCHES, else None = pp; at most
         # one per sequence (prefill) or row (decode). Every rank of the engine must hold the same number.
         self.micro_batches = micro_batches_setting()
+        self.kv_cache: list[torch.Tensor] = []  # allocate_cache: (2, B, nkv, S, hd) a layer; k_cache, v_cache its views
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 
@@ -160,10 +161,11 @@ class Decoder:
         return emb.cos().to(self.device), emb.sin().to(self.device)
 
     def allocate_cache(self, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> None:
-        shape = (batch, self.n_kv, seq_len, self.hd)  # (B, nkv, S, hd)
+        shape = (2, batch, self.n_kv, seq_len, self.hd)  # a layer's K and V (B, nkv, S, hd) in one tensor
         dt = self.kv.storage_dtype(dtype or self.dtype)
-        self.k_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
+        self.kv_cache = [torch.zeros(shape, dtype=dt, device=self.device) for _ in self.layers]
+        self.k_cache = [kv[0] for kv in self.kv_cache]
+        self.v_cache = [kv[1] for kv in self.kv_cache]
 
     @property
     def cache_shape(self) -> tuple[int, int]:
@@ -217,6 +219,14 @@ class Decoder:
         if rope is not None and not rotate_q:
             k = self._rotate(k, rope)
         return q, k, v.view(T, self.n_kv, self.hd)
+
+    def _write_kv(self, li: int, layer: _Layer, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> None:
+        """k, v (T, nkv, hd) of tokens at (slots, pos) (T,) into layer li's cache, in its format: one indexed
+        write of both (compiled: one kernel with k's rotary and the quantization, not one a tensor)."""
+        kv = self.kv_cache[li]  # (2, Bmax, nkv, S, hd); indexed [:, slots, :, pos]: (T, 2, nkv, hd)
+        kv[:, slots, :, pos] = torch.stack([self.kv.quantize(k, layer.k_scale, kv.dtype),
+                                            self.kv.quantize(v, layer.v_scale, kv.dtype)], dim=1)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         h = layer.up(layer.mlp_norm(x))
@@ -294,10 +304,8 @@ class Decoder:
         rope = self._rope_at(packed.pos, h.dtype)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, rope)  # (T, n, hd)
-            if self.k_cache:
-                kc, vc = self.k_cache[li], self.v_cache[li]  # (Bmax, nkv, S, hd)
-                kc[packed.slot, :, packed.pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
-                vc[packed.slot, :, packed.pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
+            if self.kv_cache:
+                self._write_kv(li, layer, packed.slot, packed.pos, k, v)
             o = self.prefill_attention.attend(q, k, v, packed, self.slopes)  # (T, nh, hd)
             h = h + layer.o(o.reshape(T, -1))
             h = h + self._mlp(layer, h)
@@ -342,9 +350,8 @@ class Decoder:
         q_rope = {"rope": self._rope} if attn.rotates_q and self.rope_in_attention and rope is not None else {}
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, rope, rotate_q=not q_rope)  # (B, n, hd)
+            self._write_kv(li, layer, bidx, pos, k, v)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[bidx, :, pos] = self.kv.quantize(k, layer.k_scale, kc.dtype)
-            vc[bidx, :, pos] = self.kv.quantize(v, layer.v_scale, vc.dtype)
             o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
                             kv_scale=layer.kv_scale, **q_rope)  # (B, nh, hd)
             h = h + layer.o(o.reshape(B, -1))
