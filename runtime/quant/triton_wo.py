@@ -62,7 +62,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                NATURAL: tl.constexpr, MAGIC: tl.constexpr, XSPLIT: tl.constexpr, JOIN: tl.constexpr,
-               REDUCE: tl.constexpr):
+               REDUCE: tl.constexpr, EVEN_K: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
@@ -120,7 +120,10 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
         elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
-            b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
+            bmask = (k0 // 2 + j) < K // 2  # = kmask, but on the byte index: contiguous, so vector loads
+            if EVEN_K:  # no K mask at all: 16-byte loads (the byte-index mask alone allows 8: K is hinted % 16)
+                bmask = tl.full([HALF], 1, tl.int1)
+            b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=bmask[:, None] & nmask[None, :], other=0).to(tl.int32)
             if MAGIC:  # OFF + level as 16-bit floats by bits; OFF + zero comes out of the sums below
                 if X.dtype.element_ty == tl.bfloat16:
                     BASE: tl.constexpr = 0x4300  # bf16 128.0
@@ -176,7 +179,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-                    NG: tl.constexpr, REDUCE: tl.constexpr):
+                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -208,7 +211,10 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
-            b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+            bmask = (k0 // 2 + j) < K // 2  # = kmask, but on the byte index: contiguous, so vector loads
+            if EVEN_K:  # no K mask at all: 16-byte loads (the byte-index mask alone allows 8: K is hinted % 16)
+                bmask = tl.full([HALF], 1, tl.int1)
+            b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & bmask[None, :], other=0).to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
             if MAGIC:
@@ -326,6 +332,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     ng = cfg["BLOCK_K"] // group if gemv and G > 1 and cfg["BLOCK_K"] > group else 1
     assert group % cfg["BLOCK_K"] == 0 or G == 1 or (ng * group == cfg["BLOCK_K"] and not ng & (ng - 1)), (group, cfg)
     split = cfg["SPLIT_K"]
+    cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0  # every tile whole: no mask along K (int4: wider weight loads)
     cfg["REDUCE"] = reduce = cfg.get("REDUCE", False) and split > 1
     # split K: fp32 partials (SPLIT_K, M, N), summed in order by the kernel (REDUCE) or below
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if split == 1 or reduce else None

@@ -1,0 +1,94 @@
+"""Compile the weight-only kernels (runtime/quant/triton_wo.py) for a GPU target without a GPU, and say what
+the machine code does: registers, spills, shared memory, the width of its global loads, whether loads are
+pipelined (cp.async / TMA), and whether tensor-core MMAs take an operand from registers or both from shared
+memory. For deciding what is worth device time, not a benchmark.
+
+    python tests/perf/aot_inspect.py [--target cuda:90] [--grid gemv|gemm|all]
+
+Integer arguments get Triton's divisibility-by-16 hint, as its JIT gives them at run time for our shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import runtime.quant.triton_wo as wo  # noqa: E402
+
+GEMV_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "N", "K", "G", "stride_wn"]
+GEMM_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "M", "N", "K", "G", "stride_xm", "stride_wn",
+             "stride_om"]
+TYPES = {"X": "*bf16", "SCALE": "*fp32", "ZERO": "*i8", "OUT": "*bf16", "PART": "*fp32", "LOCKS": "*i32"}
+
+
+def compile_kernel(fn, args, consts, warps, stages, target):
+    sig = {a: TYPES.get(a, "*u8" if consts.get("INT4") else "*i8") if a in TYPES or a == "W" else "i32" for a in args}
+    sig.update({k: "constexpr" for k in consts})
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in args if a != "G"}
+    backend = triton.compiler.make_backend(target)
+    opts = backend.parse_options({"num_warps": warps, "num_stages": stages})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                          options=opts.__dict__)
+
+
+def describe(k) -> dict:
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", res)
+    loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
+    mma = Counter()
+    for w in re.finditer(r"wgmma\.mma_async[^;]*;", ptx, re.S):  # A from registers: a {..} list second
+        parts = " ".join(w.group(0).split())
+        mma["wgmma A in registers" if re.match(r"wgmma\S+ \{[^}]*\}, \{", parts) else "wgmma A in shared"] += 1
+    mma["mma.sync"] = ptx.count("mma.sync")
+    return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
+            "smem": k.metadata.shared, "loads": dict(loads), "cp.async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "tma": ptx.count("cp.async.bulk"), **{k: v for k, v in mma.items() if v}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="cuda:90")
+    ap.add_argument("--grid", default="all", choices=["gemv", "gemm", "all"])
+    a = ap.parse_args()
+    backend, arch = a.target.split(":")
+    target = GPUTarget(backend, int(arch), 32)
+    base = dict(HAS_ZERO=False, REDUCE=False, EVEN_K=True)
+    if a.grid in ("gemv", "all"):
+        for bits, group, bn, bk, warps, ng in [(8, 4096, 32, 512, 8, 1), (8, 4096, 32, 256, 4, 1),
+                                                (8, 4096, 16, 1024, 8, 1), (4, 128, 128, 128, 4, 1),
+                                                (4, 128, 32, 1024, 8, 8), (4, 128, 64, 512, 8, 4)]:
+            consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng)
+            k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
+            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng}", describe(k))
+    if a.grid in ("gemm", "all"):
+        for bits, group, bm, bn, bk, warps, stages, magic, natural in [
+                (8, 4096, 64, 64, 128, 4, 3, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False),
+                (8, 4096, 64, 32, 256, 4, 4, True, False), (8, 4096, 64, 64, 128, 4, 3, False, True),
+                (4, 128, 64, 64, 128, 4, 3, False, False), (4, 128, 64, 64, 128, 4, 3, True, False)]:
+            consts = dict(base, GROUP=group, INT4=bits == 4, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                          SPLIT_K=1, NATURAL=natural, MAGIC=magic, XSPLIT=False, JOIN=False)
+            k = compile_kernel(wo._wo_kernel, GEMM_ARGS, consts, warps, stages, target)
+            print(f"gemm int{bits} g{group} {bm}x{bn}x{bk} w{warps} s{stages} magic={magic} natural={natural}",
+                  describe(k))
+
+
+if __name__ == "__main__":
+    main()
