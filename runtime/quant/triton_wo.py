@@ -271,8 +271,11 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     sweep of 2026-12-03 (tests/perf/bench_linear.py --sweep, which times a linear with its sum) had 32 x 512, 8
     warps, no split within 0-5% of each linear's best (attn.qkv 21.07 us, the best; attn.o 12.71 vs 12.59;
     mlp.up 34.38 vs 32.78). Predicted: ~0.3 ms a step less at batch 1 (int8_wo 291 -> ~320 total tok/s on the
-    H200); not measured yet. int4: K split 8 ways (packed 128 rows x one 128-group, 174 us a layer against 225
-    for the SM-count rule, H200 sweep of 2026-12-03). Small M: narrow N tiles, K split until there are about WAVES
+    H200); not measured yet. int4 at batch 1 (where a tile of 512 features holds whole groups or lies in one):
+    32 x 512 tiles, 4 warps, K split 4 ways added in the kernel (REDUCE): 86.8 us a LLaMA-7B layer against 111.0
+    for the 128 x 128, split-8 shape before it, the best single shape of the H100 sweep of 2026-12-07 (after the
+    int4 loads became 16 bytes wide; per-linear bests summed 84.9; torch's tinygemm, which the engine runs at
+    batch 1: 69.5). Small M: narrow N tiles, K split until there are about WAVES
     programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The GEMM's
     MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
@@ -282,6 +285,12 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         while triton.cdiv(N, 32) * split < sms // 2 and K // (512 * split * 2) >= 2:
             split *= 2
         return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 8, "MAGIC": True}
+    if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0):  # tiles of whole groups (NG) or in one
+        split = 4
+        while split > 1 and K // (512 * split) < 2:
+            split //= 2
+        return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 4, "MAGIC": True,
+                "REDUCE": split > 1}
     if M == 1:
         wide = 256 if bits == 8 and group % 256 == 0 else block_k
         split = 8
