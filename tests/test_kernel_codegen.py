@@ -1,0 +1,80 @@
+"""What the weight-only kernels compile to for a Hopper GPU (sm90), checked on a machine without one:
+Triton's NVIDIA backend and its ptxas come with the triton wheel (tests/perf/aot_inspect.py says more).
+
+Until 2026-12-07 the int4 kernels loaded their weights one byte a load (a K mask on the feature index 2j, which
+the compiler cannot prove constant over a vector), and the int4 GEMM's weight tile was not pipelined: 0.5-0.7 TB/s
+on an H100 where the same kernel with 16-byte loads reads ~1.3. These tests keep the loads wide."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PERF = Path(__file__).parent / "perf"
+
+SCALAR_BYTE_LOAD = re.compile(r"ld\.global(?:\.[a-z0-9]+)*\.[bsu]8\b")
+
+
+# name: (kernel, bits, group, even_k, warps, BLOCK_N, BLOCK_K); symmetric (no zero points, loaded a byte each):
+# the weight tile is what the kernels load as bytes
+CASES = {
+    **{f"gemv_{name}_{kind}": ("gemv", bits, group, even, warps, 32, 512)
+       for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int4_channel", 4, 4096, 4), ("int8_channel", 8, 4096, 8))
+       for kind, even in (("whole_tiles", True), ("masked_K", False))},
+    **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
+       for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
+       for kind, even in (("whole_tiles", True), ("masked_K", False))},
+}
+
+_PROBE = """
+import json, sys
+import aot_inspect as a
+out = {}
+for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).items():
+    c = dict(HAS_ZERO=False, REDUCE=False, EVEN_K=even, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
+             MAGIC=kind == "gemv")
+    if kind == "gemv":
+        fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group))
+    else:
+        fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=False, XSPLIT=False,
+                                                          JOIN=False)
+    out[name] = a.describe(a.compile_kernel(fn, args, c, warps, 3, a.GPUTarget("cuda", 90, 32)))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """describe() of every case, from one fresh process (the tests' TRITON_INTERPRET=1 would give the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(CASES)], cwd=str(PERF), env=env,
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:  # a triton without its NVIDIA backend or ptxas: nothing to check here
+        pytest.skip(f"triton cannot compile for sm90 here: {p.stderr.strip().splitlines()[-1][:200]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemv")])
+def test_gemv_loads_weights_in_vectors(compiled, name):
+    d = compiled[name]
+    _, bits, _, _, warps, bn, bk = CASES[name]
+    wide = sum(n for op, n in d["loads"].items() if ".v4." in op or ".v2." in op)
+    # a thread's share of the weight tile (bn x bk levels, int4 half the bytes) in 8- or 16-byte loads, never bytes
+    assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
+    assert 1 <= wide <= bn * bk * bits // 8 // (32 * warps) // 8, d
+    assert d["stack"] == 0, d  # no spills
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemm")])
+def test_gemm_pipelines_the_weight_tile(compiled, name):
+    d = compiled[name]
+    assert d["cp.async"] + d["tma"] > 0, d  # the tiles reach shared memory asynchronously, stages ahead
+    assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
