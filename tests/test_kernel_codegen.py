@@ -30,6 +30,8 @@ CASES = {
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
+    **{f"gemm_swap_{name}": ("gemm_swap", bits, group, True, 4, 128, 128)
+       for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))},
 }
 
 _PROBE = """
@@ -42,8 +44,9 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
     if kind == "gemv":
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group))
     else:
-        fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=False, XSPLIT=False,
-                                                          JOIN=False)
+        swap = kind == "gemm_swap"
+        fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
+                                                          JOIN=False, SWAP=swap, MAGIC=swap and bits == 8)
     out[name] = a.describe(a.compile_kernel(fn, args, c, warps, 3, a.GPUTarget("cuda", 90, 32)))
 print(json.dumps(out))
 """
@@ -78,3 +81,13 @@ def test_gemm_pipelines_the_weight_tile(compiled, name):
     d = compiled[name]
     assert d["cp.async"] + d["tma"] > 0, d  # the tiles reach shared memory asynchronously, stages ahead
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemm_swap")])
+def test_swapped_gemm_takes_the_weights_from_registers(compiled, name):
+    """SWAP: the converted weight tile is the wgmma's left operand, read from registers (not written back to shared
+    memory as the right operand must be), and x's tile comes whole (no strided int4 parting)."""
+    d = compiled[name]
+    assert d.get("wgmma A in registers", 0) > 0 and not d.get("wgmma A in shared"), d
+    assert d["cp.async"] + d["tma"] > 0 and not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
+    assert not any(".b16" in op for op in d["loads"]), d

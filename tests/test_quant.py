@@ -294,7 +294,13 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "                               SPLIT_K=3, REDUCE=True)\n"
             # int8's GEMM MAGIC (q - z through fp32 bits) with a masked last K tile
             "    t._kernel_vs_reference(k, 'int8_wo', 5, dt, 'cpu', K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,\n"
-            "                           SPLIT_K=1, MAGIC=True)\n")
+            "                           SPLIT_K=1, MAGIC=True)\n"
+            # SWAP: out^T = W x^T (the weight the MMA's left operand), split or not, added in the kernel or not,
+            # int8 with and without MAGIC; rows and features not multiples of the tiles
+            "    for mode, magic, split, red in (('int8_wo', True, 1, False), ('int8_wo', False, 3, True),\n"
+            "                                    ('int4_wo_g64', False, 3, False), ('int4_wo', False, 1, False)):\n"
+            "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
+            "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n")
     _interpreted(code)
 
 

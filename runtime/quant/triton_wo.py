@@ -62,18 +62,23 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                NATURAL: tl.constexpr, MAGIC: tl.constexpr, XSPLIT: tl.constexpr, JOIN: tl.constexpr,
-               REDUCE: tl.constexpr, EVEN_K: tl.constexpr):
+               REDUCE: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr):
     """NATURAL: the weight tile is loaded as stored, (BLOCK_N, its K bytes), and transposed in registers; int4
     nibbles are interleaved back into feature order (tl.join), so x is read contiguously and one tl.dot takes
     the tile. Otherwise the tile is loaded as (K bytes, BLOCK_N) and int4 takes two dots, x's even and odd
     features. (The same products; which is faster is the sweep's question: tests/perf/bench_linear.py.)
+
+    SWAP (with NATURAL): out^T = W x^T, the accumulator (BLOCK_N, BLOCK_M). On Hopper the converted weight tile is
+    then the wgmma's left operand, which it reads from registers, where as the right operand it goes back to shared
+    memory after conversion (a second pass through shared memory and a fence a tile; tests/perf/aot_inspect.py shows
+    which). The weight rows fill the MMA's 64-row side, the batch its narrow side (as Marlin / Machete do). Untimed.
 
     MAGIC (int4, 16-bit x, not NATURAL): a nibble becomes the 16-bit float OFF + q by bits alone, OR-ed into
     the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so exact):
     no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
     and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
     sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'.
-    int8 (not NATURAL): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
+    int8 (either tile layout): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
     2**23 + 128 + z leaves q - z exactly, and bf16 takes that float's upper 16 bits (exact: |q - z| < 256 has
     8 significant bits): an add, a subtract and a shift a weight instead of two conversions (int to float, at a
     quarter of the FP32 rate, then fp32 to bf16). The W8A8 GEMM, which converts nothing, read the same int8
@@ -99,7 +104,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
     x_rows = X + m.to(tl.int64)[:, None] * stride_xm
     w_cols = W + n.to(tl.int64)[None, :] * stride_wn
     w_rows = W + n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         g = k0 // GROUP  # one group per tile
         if HAS_ZERO:
@@ -115,8 +120,18 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                         other=0).to(tl.int32)  # (BLOCK_N, HALF)
             if INT4:
                 b = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1 in order
-            w = tl.trans((b - z[:, None]).to(X.dtype.element_ty))  # (BLOCK_K, BLOCK_N)
-            part = _dot(x, w, IEEE)
+            if MAGIC:  # int8 only (launch): q - z exactly through fp32 bits, as in the int8 branch below
+                f = (b + 0x4B000080).to(tl.float32, bitcast=True) - (z.to(tl.float32) + 8388736.0)[:, None]
+                if X.dtype.element_ty == tl.bfloat16:
+                    wn = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                else:
+                    wn = f.to(X.dtype.element_ty)
+            else:
+                wn = (b - z[:, None]).to(X.dtype.element_ty)  # (BLOCK_N, BLOCK_K)
+            if SWAP:  # out^T = w x^T: the levels are the MMA's left operand, taken from registers
+                part = _dot(wn, tl.trans(x), IEEE)  # (BLOCK_N, BLOCK_M)
+            else:
+                part = _dot(x, tl.trans(wn), IEEE)
         elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
@@ -169,9 +184,15 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                 w = (q - z[None, :]).to(X.dtype.element_ty)
             x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             part = _dot(x, w, IEEE)
-        acc += part * s[None, :]
-    rel = m.to(tl.int64)[:, None] * stride_om + n[None, :]
-    _store_split(acc, OUT, PART, LOCKS, rel, mmask[:, None] & nmask[None, :], pid_k, pid_m * tl.num_programs(1) + pid_n,
+        if SWAP:
+            acc += part * s[:, None]
+        else:
+            acc += part * s[None, :]
+    if SWAP:  # stored through transposed offsets, not transposed in registers
+        rel, omask = m.to(tl.int64)[None, :] * stride_om + n[:, None], nmask[:, None] & mmask[None, :]
+    else:
+        rel, omask = m.to(tl.int64)[:, None] * stride_om + n[None, :], mmask[:, None] & nmask[None, :]
+    _store_split(acc, OUT, PART, LOCKS, rel, omask, pid_k, pid_m * tl.num_programs(1) + pid_n,
                  M * stride_om, SPLIT_K, REDUCE)
 
 
@@ -331,12 +352,12 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
     cfg.setdefault("MAGIC", False)
     if not gemv:
-        cfg.setdefault("NATURAL", False)
+        cfg["SWAP"] = cfg.get("SWAP", False)
+        cfg["NATURAL"] = cfg.get("NATURAL", False) or cfg["SWAP"]  # SWAP loads the tile as stored
         cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
         cfg["JOIN"] = cfg.get("JOIN", False) and bits == 4 and not cfg["NATURAL"]
-        # the GEMM's MAGIC: tiles as loaded (not NATURAL); int4 with 16-bit x only (docstring of _wo_kernel)
-        cfg["MAGIC"] = cfg["MAGIC"] and not cfg["NATURAL"] and (
-            bits == 8 or x.dtype in (torch.bfloat16, torch.float16))
+        # the GEMM's MAGIC: int8, or int4 with 16-bit x and the tile as loaded (not NATURAL; _wo_kernel's docstring)
+        cfg["MAGIC"] = cfg["MAGIC"] and (bits == 8 or (not cfg["NATURAL"] and x.dtype in (torch.bfloat16, torch.float16)))
     # a tile never straddles two groups; the GEMV's may hold several whole ones (NG)
     ng = cfg["BLOCK_K"] // group if gemv and G > 1 and cfg["BLOCK_K"] > group else 1
     assert group % cfg["BLOCK_K"] == 0 or G == 1 or (ng * group == cfg["BLOCK_K"] and not ng & (ng - 1)), (group, cfg)

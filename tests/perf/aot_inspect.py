@@ -79,15 +79,17 @@ def main() -> None:
             k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
             print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng}", describe(k))
     if a.grid in ("gemm", "all"):
-        for bits, group, bm, bn, bk, warps, stages, magic, natural in [
-                (8, 4096, 64, 64, 128, 4, 3, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False),
-                (8, 4096, 64, 32, 256, 4, 4, True, False), (8, 4096, 64, 64, 128, 4, 3, False, True),
-                (4, 128, 64, 64, 128, 4, 3, False, False), (4, 128, 64, 64, 128, 4, 3, True, False)]:
+        for bits, group, bm, bn, bk, warps, stages, magic, natural, swap in [
+                (8, 4096, 64, 64, 128, 4, 3, False, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False, False),
+                (8, 4096, 64, 32, 256, 4, 4, True, False, False), (8, 4096, 64, 64, 128, 4, 3, False, True, False),
+                (8, 4096, 64, 64, 128, 4, 3, True, True, True), (8, 4096, 16, 128, 128, 4, 4, True, True, True),
+                (4, 128, 64, 64, 128, 4, 3, False, False, False), (4, 128, 64, 64, 128, 4, 3, True, False, False),
+                (4, 128, 64, 64, 128, 4, 3, False, True, True), (4, 128, 16, 128, 128, 4, 4, False, True, True)]:
             consts = dict(base, GROUP=group, INT4=bits == 4, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                          SPLIT_K=1, NATURAL=natural, MAGIC=magic, XSPLIT=False, JOIN=False)
+                          SPLIT_K=1, NATURAL=natural, MAGIC=magic, XSPLIT=False, JOIN=False, SWAP=swap)
             k = compile_kernel(wo._wo_kernel, GEMM_ARGS, consts, warps, stages, target)
-            print(f"gemm int{bits} g{group} {bm}x{bn}x{bk} w{warps} s{stages} magic={magic} natural={natural}",
-                  describe(k))
+            print(f"gemm int{bits} g{group} {bm}x{bn}x{bk} w{warps} s{stages} magic={magic} natural={natural} "
+                  f"swap={swap}", describe(k))
 
 
 if __name__ == "__main__":

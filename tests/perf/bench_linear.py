@@ -169,6 +169,14 @@ class _WeightOnly:
                       ((True, False), (False, False), (False, True)))]
               for M, bm in ((16, 16), (64, 64))}
 
+    # SWAP (out^T = W x^T: the converted weight tile is the wgmma's left operand, from registers; as stored, one
+    # trip through shared memory instead of two; tests/perf/aot_inspect.py) first at 16 and 64 rows, int8 and int4:
+    # the weight rows on the MMA's 64-row side
+    swap = {M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": ns,
+                 "SWAP": True, "MAGIC": True, "REDUCE": sk > 1}
+                for bn, bk, sk, ns in itertools.product((128, 64), (128, 256), (1, 2), (4, 3))]
+            for M, bm in ((16, 16), (64, 64))}
+
     # int4 at batch 1: the GEMV with tiles of several whole groups first (1,024 features: 512 bytes of each row
     # a step, as int8's best), MAGIC, K splits summed in the kernel; then the grid above
     gemv4 = [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True, "REDUCE": True}
@@ -176,7 +184,8 @@ class _WeightOnly:
 
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
-        self.grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
+        grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
+        self.grids = {M: (self.swap[M] if M in self.swap else []) + grid for M, grid in grids.items()}
 
     def operands(self, shape, dtype, gen, M):
         t = quantized(self.mode, shape, dtype, gen)
