@@ -171,11 +171,12 @@ class _WeightOnly:
 
     # SWAP (out^T = W x^T: the converted weight tile is the wgmma's left operand, from registers; as stored, one
     # trip through shared memory instead of two; tests/perf/aot_inspect.py) first at 16 and 64 rows, int8 and int4:
-    # the weight rows on the MMA's 64-row side
+    # the weight rows on the MMA's 64-row side; at batch 1 too (x padded to 16 rows: the weight tiles then stream
+    # through cp.async stages, which the GEMV's plain loads do not)
     swap = {M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 4, "num_stages": ns,
                  "SWAP": True, "MAGIC": True, "REDUCE": sk > 1}
-                for bn, bk, sk, ns in itertools.product((128, 64), (128, 256), (1, 2), (4, 3))]
-            for M, bm in ((16, 16), (64, 64))}
+                for bn, bk, sk, ns in itertools.product((128, 64), (128, 256), (1, 2) if M > 1 else (1, 2, 4), (4, 3))]
+            for M, bm in ((1, 16), (16, 16), (64, 64))}
 
     # int4 at batch 1: the GEMV with tiles of several whole groups first (1,024 features: 512 bytes of each row
     # a step, as int8's best), MAGIC, K splits summed in the kernel; then the grid above
