@@ -40,7 +40,7 @@ class DecodeAttention:
     # prepare(pos (B,), seq_len S, alibi_slopes (nh,) | None, dtype) -> state shared by all layers
     prepare: Callable[[torch.Tensor, int, torch.Tensor | None, torch.dtype], Any]
     # attend(q (B, nh, hd), k_cache (B, nkv, S, hd), v_cache, pos (B,), state, scale | None,
-    #        kv_scale=(2,) fp32 | None) -> (B, nh, hd)
+    #        kv_scale=(2,) fp32 | None[, rope=(cos, sin) where rotates_q]) -> (B, nh, hd)
     attend: Callable[..., torch.Tensor]
     # supports(device, head_dim) -> why not (a string), or None when it can run
     unsupported: Callable[[torch.device, int], str | None]

@@ -10,8 +10,10 @@ is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e); ALiBi adds slope * (j - pos) in fp32.
 Rotary (when given its tables): q arrives unrotated and each program rotates its rows at pos[b] as the
-decoder would (cos / sin rounded to q's dtype, q cos + rotate_half(q) sin in fp32, rounded once, as the
-compiled decoder's fused kernel does): the decoder's separate q-rotary kernel a layer goes.
+compiled decoder does (cos / sin rounded to q's dtype, q cos + rotate_half(q) sin in fp32, rounded once; the
+eager decoder rounds each product, up to an ulp apart): the decoder's separate q-rotary kernel a layer goes.
+pos[b] must be a row of the tables (the plan caps max_seq_len at max_position_embeddings, and the decoder
+indexes the same tables for k in the same step).
 
 A quantized cache (int8 or fp8 E4M3, runtime/kv_cache.py) is loaded as stored (1 byte an element) and
 converted to the queries' dtype in registers (exact: int8 and E4M3 values are fp16 / bf16 values); the K

@@ -166,7 +166,8 @@ class Decoder:
 
     # K and V as views of kv_cache made at each use, never kept: a compiled step that writes kv_cache[i] and reads
     # a view made before (outside the graph) copies the whole cache a layer (H100, 2026-12-07: 22.9 ms a decode
-    # step at batch 1 instead of ~5; tests/test_compile.py looks for such copies in Inductor's code)
+    # step at batch 1 instead of ~5; tests/test_prefill.py::test_compiled_steps_write_the_cache_in_place looks
+    # for such copies in Inductor's code)
     @property
     def k_cache(self) -> list[torch.Tensor]:
         return [kv[0] for kv in self.kv_cache]

@@ -297,10 +297,13 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "                           SPLIT_K=1, MAGIC=True)\n"
             # SWAP: out^T = W x^T (the weight the MMA's left operand), split or not, added in the kernel or not,
             # int8 with and without MAGIC; rows and features not multiples of the tiles
-            "    for mode, magic, split, red in (('int8_wo', True, 1, False), ('int8_wo', False, 3, True),\n"
-            "                                    ('int4_wo_g64', False, 3, False), ('int4_wo', False, 1, False)):\n"
-            "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
-            "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n")
+            "    for mode, K, magic, split, red in (('int8_wo', 320, True, 1, False), ('int8_wo', 288, False, 3, True),\n"
+            "                                       ('int4_wo_g64', 320, False, 3, False), ('int4_wo_g64', 320, False, 3, True),\n"
+            "                                       ('int4_wo', 288, False, 1, False)):\n"  # 288: a masked last K tile
+            "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=K, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
+            "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n"
+            # int4 at batch 1 with its default launch shape at a layer's K (512-feature tiles, K split 4, REDUCE)
+            "t._kernel_vs_reference(k, 'int4_wo_g128', 1, torch.float16, 'cpu', N=32, K=4096)\n")
     _interpreted(code)
 
 

@@ -215,8 +215,8 @@ def _observe(decoder, stats: dict) -> None:
             setattr(layer, attr, _Recorded(getattr(layer, attr), f"layers.{i}.{lin}"))
     qkv = decoder._qkv
 
-    def observed_qkv(layer, x, pos):
-        q, k, v = qkv(layer, x, pos)  # (T, n, hd)
+    def observed_qkv(layer, x, *args, **kw):
+        q, k, v = qkv(layer, x, *args, **kw)  # (T, n, hd)
         update(f"layers.{index[id(layer)]}.attn", "k_absmax", k.abs().amax(dim=0))  # (nkv, hd)
         update(f"layers.{index[id(layer)]}.attn", "v_absmax", v.abs().amax(dim=0))
         return q, k, v

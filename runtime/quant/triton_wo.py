@@ -15,7 +15,8 @@ hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and o
 paths, from the H200 probe of a LLaMA-7B layer (tests/perf/gemv_probe.py, 2026-12-03, µs for its four
 linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
 - int4 with bf16 activations, batch <= 16: torch's own int4 tinygemm (`aten._weight_int4pack_mm`, the kernel
-  of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1 against 176 for the Triton GEMV here;
+  of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1 against 176 for the Triton GEMV here
+  (86.8 on an H100 since its int4 loads are 16 bytes wide, against tinygemm's 69.5 there, 2026-12-07);
 - batch above DEQUANT_ABOVE (64): one Triton pass writes the float weight and cuBLAS multiplies (prefill; int4
   at 512: the Triton GEMM took 8,271, tinygemm slower still). The first version of that pass ran at 0.4 TB/s
   (int4 batch 64 at 47 ms a step, H200); this one reads each byte once, and its speed is not measured yet;

@@ -22,6 +22,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -31,6 +32,21 @@ GEMV_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "N", "K", "G", "
 GEMM_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "M", "N", "K", "G", "stride_xm", "stride_wn",
              "stride_om"]
 TYPES = {"X": "*bf16", "SCALE": "*fp32", "ZERO": "*i8", "OUT": "*bf16", "PART": "*fp32", "LOCKS": "*i32"}
+
+
+@triton.jit
+def _copy16(X, Y):
+    tl.store(Y + tl.arange(0, 16), tl.load(X + tl.arange(0, 16)))
+
+
+def cannot_compile(target) -> str | None:
+    """Why this triton cannot compile for target at all (no NVIDIA backend, no ptxas), or None when it can."""
+    try:
+        triton.compile(ASTSource(fn=_copy16, signature={"X": "*fp32", "Y": "*fp32"}, constexprs={}), target=target,
+                       options=triton.compiler.make_backend(target).parse_options({}).__dict__)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"[:200]
+    return None
 
 
 def compile_kernel(fn, args, consts, warps, stages, target):

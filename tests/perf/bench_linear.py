@@ -186,7 +186,8 @@ class _WeightOnly:
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
         grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
-        self.grids = {M: (self.swap[M] if M in self.swap else []) + grid for M, grid in grids.items()}
+        swap = {M: [{**c, "MAGIC": bits == 8} for c in cfgs] for M, cfgs in self.swap.items()}  # (int8's only)
+        self.grids = {M: swap.get(M, []) + grid for M, grid in grids.items()}
 
     def operands(self, shape, dtype, gen, M):
         t = quantized(self.mode, shape, dtype, gen)

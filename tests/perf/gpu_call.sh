@@ -56,15 +56,18 @@ if [ -n "$AB" ]; then
         if r['kind'] == 'build' and r['name'] == 'tight'), 'AB needs tight in CASES'))" $OUT/table/gpu.jsonl)
   IFS=';' read -ra variants <<< ";$AB"
   for v in "${variants[@]}"; do
-    envs=(); flags=(); for w in $v; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
+    read -ra words <<< "$v"; envs=(); flags=()
+    for w in "${words[@]}"; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
     env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
       --output_len 256 "${flags[@]}" > $OUT/ab.part 2>> $OUT/ab.log
     echo "ab [$v] rc=$? at $(el)"
     python3 -c "import json, sys
 for line in open(sys.argv[1]):
-    print(json.dumps({**json.loads(line), 'ab': sys.argv[2]}))" $OUT/ab.part "$v" >> $OUT/ab.jsonl
+    if line.startswith('{'):
+        print(json.dumps({**json.loads(line), 'ab': sys.argv[2]}))" $OUT/ab.part "$v" >> $OUT/ab.jsonl
   done
   python3 -c "import json, sys
 for r in map(json.loads, open(sys.argv[1])):
-    print(repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
+    if 'total_tok_s' in r:
+        print(repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
 fi

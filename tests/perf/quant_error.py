@@ -155,8 +155,8 @@ def main() -> None:
             setattr(layer, attr, Hook(getattr(layer, attr), f"layers.{i}.{lin}"))
     qkv, index = model._qkv, {id(layer): i for i, layer in enumerate(model.layers)}
 
-    def observed_qkv(layer, x, rope):
-        q, k, v = qkv(layer, x, rope)  # (T, n, hd)
+    def observed_qkv(layer, x, *args, **kw):
+        q, k, v = qkv(layer, x, *args, **kw)  # (T, n, hd)
         i = index[id(layer)]
         st = stats[f"layers.{i}.attn"]
         for f in a.kv:
