@@ -60,13 +60,14 @@ print(json.dumps(out))
 def compiled() -> dict:
     """describe() of every case, from one fresh process (the tests' TRITON_INTERPRET=1 would give the interpreter)."""
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+        pytest.skip("triton is not installed (`make test` installs it; or pip install triton)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(CASES)], cwd=str(PERF), env=env,
                        capture_output=True, text=True, timeout=600)
     last = (p.stdout.strip().splitlines() or [""])[-1]
     if p.returncode == 0 and last.startswith("NO_SM90_COMPILER"):  # a triton without its NVIDIA backend or ptxas
-        pytest.skip(f"triton cannot compile for sm90 here: {last[17:]}")
+        pytest.skip("this triton has no working NVIDIA backend / ptxas to compile for sm90 (the triton wheel from "
+                    f"PyPI has both): {last.removeprefix('NO_SM90_COMPILER ')}")
     assert p.returncode == 0, f"compiling our kernels for sm90 failed:\n{p.stderr[-3000:]}"  # our code, not the tools
     return json.loads(last)
 

@@ -38,6 +38,33 @@ def _dot(x, w, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _levels(q, z, DTYPE: tl.constexpr, MAGIC: tl.constexpr):
+    """int8 levels q - z (int32, z broadcastable to q) in DTYPE. MAGIC: fp32 2**23 + 128 + q by bits (an integer
+    add) less 2**23 + 128 + z, exactly q - z, and bf16 as that float's upper half (exact: |q - z| < 256)."""
+    if MAGIC:
+        f = (q + 0x4B000080).to(tl.float32, bitcast=True) - (z.to(tl.float32) + 8388736.0)
+        if DTYPE == tl.bfloat16:
+            w = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            w = f.to(DTYPE)
+    else:
+        w = (q - z).to(DTYPE)
+    return w
+
+
+@triton.jit
+def _byte_kmask(k0, j, K, HALF: tl.constexpr, EVEN_K: tl.constexpr):
+    """Which of an int4 tile's HALF bytes (features k0 + 2j, k0 + 2j + 1) lie before K: on the byte index, which
+    the compiler sees contiguous (8-byte loads; the feature index 2j allowed only byte loads), and no mask at all
+    when every tile is whole (16-byte loads)."""
+    if EVEN_K:
+        m = tl.full([HALF], 1, tl.int1)
+    else:
+        m = (k0 // 2 + j) < K // 2
+    return m
+
+
+@triton.jit
 def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
                  SPLIT_K: tl.constexpr, REDUCE: tl.constexpr):
     """Store a program's sum at offsets rel of an (M, N) output. SPLIT_K == 1: OUT itself. Else fp32 partials
@@ -121,14 +148,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                         other=0).to(tl.int32)  # (BLOCK_N, HALF)
             if INT4:
                 b = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1 in order
-            if MAGIC:  # int8 only (launch): q - z exactly through fp32 bits, as in the int8 branch below
-                f = (b + 0x4B000080).to(tl.float32, bitcast=True) - (z.to(tl.float32) + 8388736.0)[:, None]
-                if X.dtype.element_ty == tl.bfloat16:
-                    wn = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                else:
-                    wn = f.to(X.dtype.element_ty)
-            else:
-                wn = (b - z[:, None]).to(X.dtype.element_ty)  # (BLOCK_N, BLOCK_K)
+            wn = _levels(b, z[:, None], X.dtype.element_ty, MAGIC)  # (BLOCK_N, BLOCK_K); MAGIC: int8 only (launch)
             if SWAP:  # out^T = w x^T: the levels are the MMA's left operand, taken from registers
                 part = _dot(wn, tl.trans(x), IEEE)  # (BLOCK_N, BLOCK_M)
             else:
@@ -136,9 +156,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
         elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
-            bmask = (k0 // 2 + j) < K // 2  # = kmask, but on the byte index: contiguous, so vector loads
-            if EVEN_K:  # no K mask at all: 16-byte loads (the byte-index mask alone allows 8: K is hinted % 16)
-                bmask = tl.full([HALF], 1, tl.int1)
+            bmask = _byte_kmask(k0, j, K, HALF, EVEN_K)  # = kmask, in a form that allows vector loads
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=bmask[:, None] & nmask[None, :], other=0).to(tl.int32)
             if MAGIC:  # OFF + level as 16-bit floats by bits; OFF + zero comes out of the sums below
                 if X.dtype.element_ty == tl.bfloat16:
@@ -175,14 +193,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
             kk = k0 + j
             kmask = kk < K
             q = tl.load(w_cols + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0).to(tl.int32)
-            if MAGIC:  # fp32 2**23 + 128 + q by bits (an integer add), less 2**23 + 128 + z: exact q - z
-                f = (q + 0x4B000080).to(tl.float32, bitcast=True) - (z.to(tl.float32) + 8388736.0)[None, :]
-                if X.dtype.element_ty == tl.bfloat16:  # |q - z| < 256: bf16 is fp32's upper half, exactly
-                    w = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                else:
-                    w = f.to(X.dtype.element_ty)
-            else:
-                w = (q - z[None, :]).to(X.dtype.element_ty)
+            w = _levels(q, z[None, :], X.dtype.element_ty, MAGIC)
             x = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             part = _dot(x, w, IEEE)
         if SWAP:
@@ -233,9 +244,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
-            bmask = (k0 // 2 + j) < K // 2  # = kmask, but on the byte index: contiguous, so vector loads
-            if EVEN_K:  # no K mask at all: 16-byte loads (the byte-index mask alone allows 8: K is hinted % 16)
-                bmask = tl.full([HALF], 1, tl.int1)
+            bmask = _byte_kmask(k0, j, K, HALF, EVEN_K)  # = kmask, in a form that allows vector loads
             b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & bmask[None, :], other=0).to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)

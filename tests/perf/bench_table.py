@@ -638,7 +638,6 @@ def main(argv=None) -> None:
             s.add_argument("--build_only", action="store_true",
                            help="build the cases' engines into the store and stop (gpu_call.sh PREBUILD=1 runs it "
                                 "beside the cuda tests; the table then finds them built)")
-        if mode == "gpu":
             s.add_argument("--cases", default=DEFAULT_CASES + ",gptfast-bf16,gptfast-int8,hf-eager",
                            help="comma-separated engine cases and peers to run: " + ", ".join([*CASES, "warm", *PEERS]))
         s.add_argument("--peers", default=str(REPO / ".peers") if (REPO / ".peers").is_dir()
