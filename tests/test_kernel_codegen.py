@@ -27,6 +27,9 @@ CASES = {
     **{f"gemv_{name}_{kind}": ("gemv", bits, group, even, warps, 32, 512)
        for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int4_channel", 4, 4096, 4), ("int8_channel", 8, 4096, 8))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
+    # the weight tiles of two steps ahead in flight (PREFETCH 2): three tiles' loads, as wide, and no spills
+    **{f"gemv_ahead2_{name}": ("gemv_ahead2", bits, group, True, warps, 32, 512)
+       for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int8_channel", 8, 4096, 8))},
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
@@ -44,9 +47,10 @@ if why:
 out = {}
 for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).items():
     c = dict(HAS_ZERO=False, REDUCE=False, EVEN_K=even, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1,
-             MAGIC=kind == "gemv")
-    if kind == "gemv":
-        fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group))
+             MAGIC=kind.startswith("gemv"))
+    if kind.startswith("gemv"):
+        fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
+                                                               PREFETCH=2 if kind == "gemv_ahead2" else 0)
     else:
         swap = kind == "gemm_swap"
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
@@ -75,11 +79,13 @@ def compiled() -> dict:
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemv")])
 def test_gemv_loads_weights_in_vectors(compiled, name):
     d = compiled[name]
-    _, bits, _, _, warps, bn, bk = CASES[name]
+    kind, bits, _, _, warps, bn, bk = CASES[name]
     wide = sum(n for op, n in d["loads"].items() if ".v4." in op or ".v2." in op)
-    # a thread's share of the weight tile (bn x bk levels, int4 half the bytes) in 8- or 16-byte loads, never bytes
+    # a thread's share of the weight tile (bn x bk levels, int4 half the bytes) in 8- or 16-byte loads, never bytes;
+    # fetched ahead: the loads of the tiles before the loop besides the loop's own
+    tiles = 3 if kind == "gemv_ahead2" else 1
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
-    assert 1 <= wide <= bn * bk * bits // 8 // (32 * warps) // 8, d
+    assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8), d
     assert d["stack"] == 0, d  # no spills
 
 

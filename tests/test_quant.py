@@ -286,6 +286,13 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        for split, magic in ((1, True), (2, False)):\n"
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', K=K, GEMV=True, BLOCK_N=16, BLOCK_K=bk,\n"
             "                                   SPLIT_K=split, MAGIC=magic)\n"
+            # the GEMV's weight tiles fetched one or two steps ahead (PREFETCH): whole tiles (the fetches past K
+            # masked by the tile's start alone) and a masked last tile, split or not, int8 and int4 (NG 2 at g128)
+            "    for mode, K, bk, split, ahead in (('int8_wo', 1088, 512, 1, 2), ('int8_wo', 2048, 256, 2, 1),\n"
+            "                                      ('int4_wo_g128', 1024, 256, 1, 2), ('int4_wo_g64', 320, 64, 2, 2),\n"
+            "                                      ('int4_wo', 288, 64, 1, 1)):\n"
+            "        t._kernel_vs_reference(k, mode, 1, dt, 'cpu', N=40, K=K, GEMV=True, BLOCK_N=16, BLOCK_K=bk,\n"
+            "                               SPLIT_K=split, MAGIC=True, PREFETCH=ahead, REDUCE=split > 1)\n"
             # K splits added by the tile's last program in the kernel (REDUCE), the GEMM's and the GEMV's
             "    for mode in ('int4_wo_g64', 'int8_wo'):\n"
             "        t._kernel_vs_reference(k, mode, 20, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"

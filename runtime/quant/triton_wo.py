@@ -65,6 +65,17 @@ def _byte_kmask(k0, j, K, HALF: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(w_rows, nmask, k0, j, K, INT4: tl.constexpr, HALF: tl.constexpr, EVEN_K: tl.constexpr):
+    """The GEMV's weight tile at feature k0, as stored (int4: HALF bytes of two levels each); zeros past K, so
+    that a tile fetched ahead of the last step reads nothing."""
+    if INT4:
+        # (k0 past K, whole tiles: fetched ahead of the last step; a splat, uniform along j: wide loads stay)
+        m = _byte_kmask(k0, j, K, HALF, EVEN_K) & ((tl.zeros([HALF], tl.int32) + k0) < K)
+        return tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & m[None, :], other=0)
+    return tl.load(w_rows + (k0 + j)[None, :], mask=nmask[:, None] & (k0 + j < K)[None, :], other=0)
+
+
+@triton.jit
 def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
                  SPLIT_K: tl.constexpr, REDUCE: tl.constexpr):
     """Store a program's sum at offsets rel of an (M, N) output. SPLIT_K == 1: OUT itself. Else fp32 partials
@@ -212,7 +223,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr):
+                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -224,7 +235,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     mantissa (0x43000000, bits 16-19): a shift and one and-or, where an int-to-float conversion runs at a
     fraction of the FP32 rate; and the 128 goes into the zero point: s * (sum((128 + q) x) - (128 + z) sum(x)).
     The sums lose ~4 bits of fp32 to the offset (values to 143 where q is at most 15), far below bf16's.
-    int8 the same way: 384 + q, from 256.0 (0x43800000) with q + 128 in the mantissa's bits 15-22 (one and-xor)."""
+    int8 the same way: 384 + q, from 256.0 (0x43800000) with q + 128 in the mantissa's bits 15-22 (one and-xor).
+
+    PREFETCH = D (0, 1, 2): the weight tiles D steps ahead are loaded before a step's arithmetic (registers, as
+    stored), so that D + 1 tiles are in flight where the loads of one tile at a time leave a program's share of
+    the memory system idle between steps (a GEMV is bound by the bytes each SM keeps in flight: one 16 KiB
+    tile a program and one or two programs an SM at a 4096-wide linear)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -233,7 +249,20 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     j = tl.arange(0, HALF)
     w_rows = W + n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    k_first = pid_k * BLOCK_K
+    STEP: tl.constexpr = BLOCK_K * SPLIT_K
+    if PREFETCH >= 1:
+        ahead1 = _gemv_tile(w_rows, nmask, k_first, j, K, INT4, HALF, EVEN_K)
+    if PREFETCH >= 2:
+        ahead2 = _gemv_tile(w_rows, nmask, k_first + STEP, j, K, INT4, HALF, EVEN_K)
+    for k0 in range(k_first, K, STEP):
+        if PREFETCH == 1:
+            raw = ahead1
+            ahead1 = _gemv_tile(w_rows, nmask, k0 + STEP, j, K, INT4, HALF, EVEN_K)
+        elif PREFETCH == 2:
+            raw = ahead1
+            ahead1 = ahead2
+            ahead2 = _gemv_tile(w_rows, nmask, k0 + 2 * STEP, j, K, INT4, HALF, EVEN_K)
         g = k0 // GROUP
         if NG > 1:  # the scales and zeros of the tile's groups: (BLOCK_N, NG)
             gg = g + tl.arange(0, NG)
@@ -244,8 +273,9 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
-            bmask = _byte_kmask(k0, j, K, HALF, EVEN_K)  # = kmask, in a form that allows vector loads
-            b = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=nmask[:, None] & bmask[None, :], other=0).to(tl.int32)
+            if PREFETCH == 0:  # (here, after the scales' load: ptxas then needs ~110 registers, not ~170)
+                raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
+            b = raw.to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
             if MAGIC:
@@ -262,7 +292,9 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         else:
             kk = k0 + j
             kmask = kk < K
-            q = tl.load(w_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+            if PREFETCH == 0:
+                raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
+            q = raw.to(tl.int32)
             if MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
                 q = (((q << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
             else:
@@ -389,6 +421,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
     dest = out if out is not None else scale  # (split, no REDUCE: the kernel writes PART only)
     if gemv:
+        cfg.setdefault("PREFETCH", 0)
         wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
                                            GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
     else:

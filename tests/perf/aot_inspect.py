@@ -88,12 +88,15 @@ def main() -> None:
     target = GPUTarget(backend, int(arch), 32)
     base = dict(HAS_ZERO=False, REDUCE=False, EVEN_K=True)
     if a.grid in ("gemv", "all"):
-        for bits, group, bn, bk, warps, ng in [(8, 4096, 32, 512, 8, 1), (8, 4096, 32, 256, 4, 1),
-                                                (8, 4096, 16, 1024, 8, 1), (4, 128, 128, 128, 4, 1),
-                                                (4, 128, 32, 1024, 8, 8), (4, 128, 64, 512, 8, 4)]:
-            consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng)
+        for bits, group, bn, bk, warps, ng, ahead in [
+                (8, 4096, 32, 512, 8, 1, 0), (8, 4096, 32, 512, 8, 1, 1), (8, 4096, 32, 512, 8, 1, 2),
+                (8, 4096, 32, 256, 4, 1, 0), (8, 4096, 16, 1024, 8, 1, 0), (8, 4096, 16, 1024, 8, 1, 2),
+                (4, 128, 128, 128, 4, 1, 0), (4, 128, 32, 1024, 8, 8, 0), (4, 128, 32, 512, 4, 4, 0),
+                (4, 128, 32, 512, 4, 4, 2), (4, 128, 64, 512, 8, 4, 0)]:
+            consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
+                          PREFETCH=ahead)
             k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
-            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng}", describe(k))
+            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead}", describe(k))
     if a.grid in ("gemm", "all"):
         for bits, group, bm, bn, bk, warps, stages, magic, natural, swap in [
                 (8, 4096, 64, 64, 128, 4, 3, False, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False, False),

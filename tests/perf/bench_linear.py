@@ -183,11 +183,21 @@ class _WeightOnly:
     gemv4 = [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True, "REDUCE": True}
              for bk, sk, bn, nw in itertools.product((1024, 512), (1, 2, 4), (32, 16, 64), (8, 4))]
 
+    # batch 1 first of all: the GEMV with the weight tiles of one or two steps ahead in flight (PREFETCH), around
+    # the default shapes (int8 per channel 32 x 512, 8 warps; int4 32 x 512, 4 warps, K split 4 added in the kernel)
+    ahead = {8: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": 512, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True,
+                  "REDUCE": sk > 1, "PREFETCH": pf}
+                 for pf, sk, bn, nw in itertools.product((2, 1), (1, 2), (32, 16), (8, 4))],
+             4: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": 512, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True,
+                  "REDUCE": sk > 1, "PREFETCH": pf}
+                 for pf, sk, bn, nw in itertools.product((2, 1), (4, 2), (32, 16), (4, 8))]}
+
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
         grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
         swap = {M: [{**c, "MAGIC": bits == 8} for c in cfgs] for M, cfgs in self.swap.items()}  # (int8's only)
         self.grids = {M: swap.get(M, []) + grid for M, grid in grids.items()}
+        self.grids[1] = self.ahead[bits] + self.grids[1]
 
     def operands(self, shape, dtype, gen, M):
         t = quantized(self.mode, shape, dtype, gen)
