@@ -380,6 +380,8 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
     for M, cfg in ((1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 4}),
                    (1, {"GEMV": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "MAGIC": True}),
                    (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8, "MAGIC": True}),
+                   (1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 2, "num_warps": 8, "MAGIC": True,
+                        "PREFETCH": 2}),  # (the int8 default at batch 1 and 1,024 outputs: PREFETCH 1, no split)
                    (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "NATURAL": True}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "MAGIC": False}),

@@ -328,9 +328,13 @@ def _sm_count(device: torch.device) -> int:
 def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) -> dict:
     """Launch shape from static sizes (the same launch every decode step); BLOCK_K divides the group.
 
-    Batch 1 takes the GEMV kernel. int8 per channel: 32 x 512 tiles, 8 warps, K split only where the 32-row
-    tiles are under half the SMs: the split's fp32 partials cost the engine a summing kernel a linear, which
-    the H200 profile of 2026-12-06 put at 0.38 ms of a 3.22 ms step (12%) with K split 8 ways, while the H200
+    Batch 1 takes the GEMV kernel. int8 per channel: where the 32-row tiles are fewer than two a multiprocessor
+    (attn.o and mlp.down of LLaMA-7B, 4,096 outputs), 16-row tiles with the next weight tile loaded ahead
+    (PREFETCH 1): on the H100 (2026-12-07, bench_linear --sweep, CUDA-graph timed) attn.o 13.72 -> 11.83 us and
+    mlp.down 31.28 -> 26.01 (a layer 105.1 -> 97.9; wider linears keep the 32 rows: attn.qkv 21.98 against 25.85
+    ahead, mlp.up 38.11); two steps ahead lost (13.58 at attn.o: more registers, fewer programs a multiprocessor).
+    Else 32 x 512 tiles, 8 warps, K split only where the 32-row tiles are under half the SMs: the split's fp32
+    partials cost the engine a summing kernel a linear, which the H200 profile of 2026-12-06 put at 0.38 ms of a 3.22 ms step (12%) with K split 8 ways, while the H200
     sweep of 2026-12-03 (tests/perf/bench_linear.py --sweep, which times a linear with its sum) had 32 x 512, 8
     warps, no split within 0-5% of each linear's best (attn.qkv 21.07 us, the best; attn.o 12.71 vs 12.59;
     mlp.up 34.38 vs 32.78). Predicted: ~0.3 ms a step less at batch 1 (int8_wo 291 -> ~320 total tok/s on the
@@ -344,10 +348,12 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few
+        rows, ahead = (16, 1) if triton.cdiv(N, 32) < 2 * sms else (32, 0)
         split = 1
-        while triton.cdiv(N, 32) * split < sms // 2 and K // (512 * split * 2) >= 2:
+        while triton.cdiv(N, rows) * split < sms // 2 and K // (512 * split * 2) >= 2:
             split *= 2
-        return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 8, "MAGIC": True}
+        return {"GEMV": True, "BLOCK_N": rows, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 8, "MAGIC": True,
+                "PREFETCH": ahead}
     if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0):  # tiles of whole groups (NG) or in one
         split = 4
         while split > 1 and K // (512 * split) < 2:

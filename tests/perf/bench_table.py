@@ -200,7 +200,9 @@ def gpu(args) -> None:
     if unknown:
         raise SystemExit(f"--cases {','.join(sorted(unknown))}: unknown; known: {', '.join([*CASES, 'warm', *PEERS])}")
     cases = list(dict.fromkeys(c for c in wanted if c in CASES))  # each once
-    if "warm" in wanted and "tight" not in cases:
+    # the second process and the peers run right after the tight engine (the peers' ratios are to it, in the same
+    # call): asked for without it, it comes first (a peer alone used to run nothing, silently)
+    if ("warm" in wanted or set(wanted) & set(PEERS)) and "tight" not in cases:
         cases.insert(0, "tight")
 
     def overrides(case):

@@ -70,4 +70,9 @@ for line in open(sys.argv[1]):
 for r in map(json.loads, open(sys.argv[1])):
     if 'total_tok_s' in r:
         print(repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
+  rm -f $OUT/ab.part
 fi
+# the device tool brings back 8 files at most (2026-12-07: the table's rows were left out): logs in one archive
+logs=$(cd $OUT && find . -name '*.log' | sort)
+[ -n "$logs" ] && (cd $OUT && tar czf logs.tgz $logs && rm -f $logs)
+find $OUT -mindepth 1 -type d -empty -delete
