@@ -27,9 +27,12 @@ CASES = {
     **{f"gemv_{name}_{kind}": ("gemv", bits, group, even, warps, 32, 512)
        for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int4_channel", 4, 4096, 4), ("int8_channel", 8, 4096, 8))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
-    # the weight tiles of two steps ahead in flight (PREFETCH 2): three tiles' loads, as wide, and no spills
+    # the weight tiles of one or two steps ahead in flight (PREFETCH): their loads as wide, no spills; int8's batch-1
+    # default for 4,096-wide linears (16 x 512, 8 warps, one ahead) with a partial last tile (mlp.down's K 11008)
     **{f"gemv_ahead2_{name}": ("gemv_ahead2", bits, group, True, warps, 32, 512)
        for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int8_channel", 8, 4096, 8))},
+    "gemv_ahead1_int8_channel_default_masked_K": ("gemv_ahead1", 8, 4096, False, 8, 16, 512),
+    "gemv_ahead1_int4_g128_masked_K": ("gemv_ahead1", 4, 128, False, 4, 32, 512),
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
@@ -50,7 +53,7 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
              MAGIC=kind.startswith("gemv"))
     if kind.startswith("gemv"):
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
-                                                               PREFETCH=2 if kind == "gemv_ahead2" else 0)
+                                                               PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0))
     else:
         swap = kind == "gemm_swap"
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
@@ -83,7 +86,7 @@ def test_gemv_loads_weights_in_vectors(compiled, name):
     wide = sum(n for op, n in d["loads"].items() if ".v4." in op or ".v2." in op)
     # a thread's share of the weight tile (bn x bk levels, int4 half the bytes) in 8- or 16-byte loads, never bytes;
     # fetched ahead: the loads of the tiles before the loop besides the loop's own
-    tiles = 3 if kind == "gemv_ahead2" else 1
+    tiles = 1 + {"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0)
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
     assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8), d
     assert d["stack"] == 0, d  # no spills

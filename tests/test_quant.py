@@ -255,6 +255,13 @@ def _interpreted(code: str) -> None:
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def test_gemv_weight_tiles_read_nothing_past_k_or_n():
+    """The GEMV's tile loader (triton_wo._gemv_tile) on its own, through Triton's interpreter: a tile past K
+    (PREFETCH fetches one or two steps beyond a program's last) or partly past it reads zeros there; the kernel's
+    own output cannot show this, as x is zero past K."""
+    _interpreted("import triton_probes\ntriton_probes.check_gemv_tile_masks()\n")
+
+
 def test_triton_weight_only_kernel_matches_the_torch_reference():
     """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
     imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""
@@ -286,8 +293,8 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        for split, magic in ((1, True), (2, False)):\n"
             "            t._kernel_vs_reference(k, mode, 1, dt, 'cpu', K=K, GEMV=True, BLOCK_N=16, BLOCK_K=bk,\n"
             "                                   SPLIT_K=split, MAGIC=magic)\n"
-            # the GEMV's weight tiles fetched one or two steps ahead (PREFETCH): whole tiles (the fetches past K
-            # masked by the tile's start alone) and a masked last tile, split or not, int8 and int4 (NG 2 at g128)
+            # the GEMV's weight tiles fetched one or two steps ahead (PREFETCH): whole tiles and a masked last tile,
+            # split or not, int8 and int4 (NG 2 at g128); what a tile past K reads: test_gemv_weight_tiles_read_...
             "    for mode, K, bk, split, ahead in (('int8_wo', 1088, 512, 1, 2), ('int8_wo', 2048, 256, 2, 1),\n"
             "                                      ('int4_wo_g128', 1024, 256, 1, 2), ('int4_wo_g64', 320, 64, 2, 2),\n"
             "                                      ('int4_wo', 288, 64, 1, 1)):\n"
@@ -381,7 +388,7 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
                    (1, {"GEMV": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "MAGIC": True}),
                    (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8, "MAGIC": True}),
                    (1, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 2, "num_warps": 8, "MAGIC": True,
-                        "PREFETCH": 2}),  # (the int8 default at batch 1 and 1,024 outputs: PREFETCH 1, no split)
+                        "PREFETCH": 2}),  # (the int8 default at batch 1 and 1,024 outputs: PREFETCH 1, split 2)
                    (8, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "NATURAL": True}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "MAGIC": False}),

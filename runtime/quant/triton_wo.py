@@ -331,10 +331,12 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     Batch 1 takes the GEMV kernel. int8 per channel: where the 32-row tiles are fewer than two a multiprocessor
     (attn.o and mlp.down of LLaMA-7B, 4,096 outputs), 16-row tiles with the next weight tile loaded ahead
     (PREFETCH 1): on the H100 (2026-12-07, bench_linear --sweep, CUDA-graph timed) attn.o 13.72 -> 11.83 us and
-    mlp.down 31.28 -> 26.01 (a layer 105.1 -> 97.9; wider linears keep the 32 rows: attn.qkv 21.98 against 25.85
-    ahead, mlp.up 38.11); two steps ahead lost (13.58 at attn.o: more registers, fewer programs a multiprocessor).
-    Else 32 x 512 tiles, 8 warps, K split only where the 32-row tiles are under half the SMs: the split's fp32
-    partials cost the engine a summing kernel a linear, which the H200 profile of 2026-12-06 put at 0.38 ms of a 3.22 ms step (12%) with K split 8 ways, while the H200
+    mlp.down 31.28 -> 26.01 (a layer 105.1 -> 97.9; wider linears keep the 32 rows: attn.qkv 21.98 against 25.99
+    ahead, mlp.up 38.11); two steps ahead lost (13.58 at attn.o; why is not known: 76 registers, room for three
+    programs an SM). The K split counts these 16-row tiles (a narrow linear, e.g. a tp shard, splits half as
+    often as with 32-row tiles; untimed). Else 32 x 512 tiles, 8 warps, K split only where the 32-row tiles are
+    under half the SMs: the split's fp32 partials cost the engine a summing kernel a linear, which the H200
+    profile of 2026-12-06 put at 0.38 ms of a 3.22 ms step (12%) with K split 8 ways, while the H200
     sweep of 2026-12-03 (tests/perf/bench_linear.py --sweep, which times a linear with its sum) had 32 x 512, 8
     warps, no split within 0-5% of each linear's best (attn.qkv 21.07 us, the best; attn.o 12.71 vs 12.59;
     mlp.up 34.38 vs 32.78). Predicted: ~0.3 ms a step less at batch 1 (int8_wo 291 -> ~320 total tok/s on the
@@ -397,6 +399,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
+    if gemv:
+        cfg.setdefault("PREFETCH", 0)
+        assert cfg["PREFETCH"] in (0, 1, 2), cfg  # weight tiles loaded ahead: none, one or two
+    else:
+        cfg.pop("PREFETCH", None)  # (the GEMM pipelines its tiles through shared memory: num_stages)
     # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
     cfg.setdefault("MAGIC", False)
     if not gemv:
@@ -427,7 +434,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
     dest = out if out is not None else scale  # (split, no REDUCE: the kernel writes PART only)
     if gemv:
-        cfg.setdefault("PREFETCH", 0)
         wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
                                            GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
     else:

@@ -202,7 +202,10 @@ def gpu(args) -> None:
     cases = list(dict.fromkeys(c for c in wanted if c in CASES))  # each once
     # the second process and the peers run right after the tight engine (the peers' ratios are to it, in the same
     # call): asked for without it, it comes first (a peer alone used to run nothing, silently)
-    if ("warm" in wanted or set(wanted) & set(PEERS)) and "tight" not in cases:
+    peers_wanted = set(wanted) & set(PEERS)
+    if peers_wanted and q:
+        print(f"[bench] {', '.join(sorted(peers_wanted))}: the peers run on a GPU only, not with --quick", file=sys.stderr)
+    if ("warm" in wanted or (peers_wanted and not q)) and "tight" not in cases:
         cases.insert(0, "tight")
 
     def overrides(case):

@@ -11,6 +11,7 @@
 #   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
 #                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab")
+: "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -73,6 +74,9 @@ for r in map(json.loads, open(sys.argv[1])):
   rm -f $OUT/ab.part
 fi
 # the device tool brings back 8 files at most (2026-12-07: the table's rows were left out): logs in one archive
-logs=$(cd $OUT && find . -name '*.log' | sort)
-[ -n "$logs" ] && (cd $OUT && tar czf logs.tgz $logs && rm -f $logs)
-find $OUT -mindepth 1 -type d -empty -delete
+# (a PREBUILD still running is stopped first: nothing of this call uses it now, and the store's writes are atomic)
+jobs -p | xargs -r kill 2> /dev/null; wait
+logs=$(cd "$OUT" && find . -name '*.log' | sort)
+[ -n "$logs" ] && (cd "$OUT" && tar czf logs.tgz $logs && rm -f $logs)
+find "$OUT" -mindepth 1 -type d -empty -delete
+echo "done at $(el)"
