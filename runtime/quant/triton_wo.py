@@ -270,11 +270,11 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         else:
             meta, mmask = n * G + g, nmask
         s = tl.load(SCALE + meta, mask=mmask, other=0.0).to(tl.float32)
+        if PREFETCH == 0:  # (here, after the scales' load: int4's ptxas then needs ~110 registers, not ~170)
+            raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
-            if PREFETCH == 0:  # (here, after the scales' load: ptxas then needs ~110 registers, not ~170)
-                raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
             b = raw.to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
@@ -292,8 +292,6 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         else:
             kk = k0 + j
             kmask = kk < K
-            if PREFETCH == 0:
-                raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
             q = raw.to(tl.int32)
             if MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
                 q = (((q << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
@@ -399,14 +397,13 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
+    # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
+    cfg.setdefault("MAGIC", False)
     if gemv:
         cfg.setdefault("PREFETCH", 0)
         assert cfg["PREFETCH"] in (0, 1, 2), cfg  # weight tiles loaded ahead: none, one or two
     else:
         cfg.pop("PREFETCH", None)  # (the GEMM pipelines its tiles through shared memory: num_stages)
-    # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
-    cfg.setdefault("MAGIC", False)
-    if not gemv:
         cfg["SWAP"] = cfg.get("SWAP", False)
         cfg["NATURAL"] = cfg.get("NATURAL", False) or cfg["SWAP"]  # SWAP loads the tile as stored
         cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
