@@ -317,7 +317,10 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=K, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
             "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n"
             # int4 at batch 1 with its default launch shape at a layer's K (512-feature tiles, K split 4, REDUCE)
-            "t._kernel_vs_reference(k, 'int4_wo_g128', 1, torch.float16, 'cpu', N=32, K=4096)\n")
+            "t._kernel_vs_reference(k, 'int4_wo_g128', 1, torch.float16, 'cpu', N=32, K=4096)\n"
+            # int8 per channel at 33-64 rows with its default (SWAP 64 x 64 x 128, K split 2 added in the kernel)
+            "assert k.default_config(40, 96, 640, 640, 132)['SWAP']\n"
+            "t._kernel_vs_reference(k, 'int8_wo', 40, torch.float16, 'cpu', N=96, K=640)\n")
     _interpreted(code)
 
 

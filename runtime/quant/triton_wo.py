@@ -90,8 +90,10 @@ def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
             tl.debug_barrier()  # every thread's partial stored before the release below
             if tl.atomic_add(LOCKS + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
                 total = tl.zeros(acc.shape, tl.float32)
+                # (k, not slice_elems, cast to 64 bits: torch.compile's mutation analysis binds scalar arguments
+                # as constexprs, which have no .to; tests/perf/trace_probe.py)
                 for k in range(SPLIT_K):  # (.cg: from L2, where the other programs' partials are)
-                    total += tl.load(PART + k * slice_elems.to(tl.int64) + rel, mask=mask, other=0.0,
+                    total += tl.load(PART + tl.cast(k, tl.int64) * slice_elems + rel, mask=mask, other=0.0,
                                      cache_modifier=".cg")
                 tl.store(OUT + rel, total.to(OUT.dtype.element_ty), mask=mask)
 
@@ -342,7 +344,12 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     32 x 512 tiles, 4 warps, K split 4 ways added in the kernel (REDUCE): 86.8 us a LLaMA-7B layer against 111.0
     for the 128 x 128, split-8 shape before it, the best single shape of the H100 sweep of 2026-12-07 (after the
     int4 loads became 16 bytes wide; per-linear bests summed 84.9; torch's tinygemm, which the engine runs at
-    batch 1: 69.5). Small M: narrow N tiles, K split until there are about WAVES
+    batch 1: 69.5). int8 per channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's
+    64-row side), K split 2 added in the kernel (REDUCE), 3 stages: 165.2 us a LLaMA-7B layer against 208.5 for the
+    64 x 64 x 128 split-4 shape before it (H100, 2026-12-07, bench_linear --sweep at 64 rows, the best of 111
+    shapes; per-linear bests summed 149.5); the int8 engine at batch 64 went from 6,068 to 6,515 total tok/s
+    (the same H100, next call), while that call's torch (2.11) still took this kernel's every input as written
+    (tests/perf/trace_probe.py; fixed after). Small M: narrow N tiles, K split until there are about WAVES
     programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The GEMM's
     MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
@@ -367,6 +374,9 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
             split //= 2
         return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4,
                 "MAGIC": True}
+    if bits == 8 and group == K and 32 < M <= 64:  # (int8 per channel at 64 rows: the docstring)
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "REDUCE": True, "SWAP": True, "MAGIC": True,
+                "num_warps": 4, "num_stages": 3}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)
