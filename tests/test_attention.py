@@ -215,3 +215,19 @@ def test_decoder_decode_with_triton_equals_torch(kernels, kind, q_rotary, one_th
         tol = 1e-4 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
         assert (got - want).abs().max().item() <= tol
         tok, pos = want.argmax(-1), pos + 1
+
+
+def test_split_gate_up_gives_the_fused_products(monkeypatch):
+    """$EF_SPLIT_GATE_UP=1 (gate and up as two products over views of the stored rows, for A/B runs on the GPU):
+    the decoder's prefill and decode logits as with the one fused product."""
+    dtype = torch.float32
+    fused = _decoder("rope_gqa", dtype, "torch")
+    monkeypatch.setenv("EF_SPLIT_GATE_UP", "1")
+    split = _decoder("rope_gqa", dtype, "torch")
+    assert split.split_gate_up and not fused.split_gate_up
+    lengths = [3, 9]
+    prompts = torch.randint(0, 97, (sum(lengths),), generator=torch.Generator().manual_seed(3)).to(DEV)
+    want, got = fused.prefill(prompts, lengths), split.prefill(prompts, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tok, pos = want.argmax(-1), torch.tensor(lengths, device=DEV)
+    torch.testing.assert_close(split.decode(tok, pos), fused.decode(tok, pos), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,12 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def row_blocks(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """__call__'s output in n equal blocks of outputs, one product each over a view of the weight's rows (a
+        gated MLP's gate and up: cuBLAS picks its GEMV per shape, $EF_SPLIT_GATE_UP in runtime/model.py)."""
+        bias = self.bias.chunk(n) if self.bias is not None else (None,) * n
+        return tuple(F.linear(x, w, b) for w, b in zip(self.weight.chunk(n), bias))
+
 
 class Dense(QuantMode):
     name = "none"
