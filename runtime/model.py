@@ -13,6 +13,7 @@ Every rank is called with the same arguments and returns the same logits.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .kv_cache import SCALE_NAME, kv_format
 from .parallel import Comm, RankLayout, micro_batch_groups, micro_batches_setting
 from .quant import make_linear
 from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -145,7 +148,11 @@ class Decoder:
         # a gated MLP's gate and up as two products instead of one over the stored [gate; up] rows, where the
         # linear can ($EF_SPLIT_GATE_UP=1, for A/B runs: gpt-fast's two 11,008-row GEMVs against our one of 22,016
         # rows, which cuBLAS ran at 2.65 TB/s on an H100 on 2026-12-07)
-        self.split_gate_up = os.environ.get("EF_SPLIT_GATE_UP") == "1"
+        self.split_gate_up = os.environ.get("EF_SPLIT_GATE_UP") == "1" and spec.mlp == "gated"
+        if self.split_gate_up and not all(hasattr(layer.up, "row_blocks") for layer in self.layers):
+            log.warning("EF_SPLIT_GATE_UP=1 does nothing here: only dense (fp32/fp16/bf16) linears split; this "
+                        "engine's are %s", type(self.layers[0].up).__name__)
+            self.split_gate_up = False
         self.prefill_attention = select_prefill_attention(self.device, self.dtype, self.hd,  # $EF_PREFILL_ATTENTION
                                                           self.slopes is not None)
         self.prefill_layers = self._prefill_layers  # compile_prefill() puts the compiled one here
@@ -244,8 +251,7 @@ class Decoder:
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         x = layer.mlp_norm(x)
         if self.spec.mlp == "gated":
-            gate, up = layer.up.row_blocks(x, 2) if self.split_gate_up and hasattr(layer.up, "row_blocks") \
-                else layer.up(x).chunk(2, dim=-1)
+            gate, up = layer.up.row_blocks(x, 2) if self.split_gate_up else layer.up(x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(layer.up(x))

@@ -224,7 +224,7 @@ def test_split_gate_up_gives_the_fused_products(monkeypatch):
     fused = _decoder("rope_gqa", dtype, "torch")
     monkeypatch.setenv("EF_SPLIT_GATE_UP", "1")
     split = _decoder("rope_gqa", dtype, "torch")
-    assert split.split_gate_up and not fused.split_gate_up
+    assert split.split_gate_up and not fused.split_gate_up  # (set only where every layer's up linear splits)
     lengths = [3, 9]
     prompts = torch.randint(0, 97, (sum(lengths),), generator=torch.Generator().manual_seed(3)).to(DEV)
     want, got = fused.prefill(prompts, lengths), split.prefill(prompts, lengths)

@@ -38,6 +38,7 @@ CASES = {
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
     **{f"gemm_swap_{name}": ("gemm_swap", bits, group, True, 4, 128, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))},
+    "gemm_swap_int8_channel_default_64_rows": ("gemm_swap", 8, 4096, True, 4, 64, 128),  # (its K split: trace_probe)
 }
 
 _PROBE = """
@@ -65,8 +66,9 @@ def _probe(args: list[str]) -> list[str]:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (`make test` installs it; or pip install triton)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    why = subprocess.run([sys.executable, "-c", "import aot_inspect as a; print(a.cannot_compile(a.GPUTarget('cuda', 90, 32)) or '')"],
-                         cwd=str(PERF), env=env, capture_output=True, text=True, timeout=300)
+    probe = "import aot_inspect as a; print(a.cannot_compile(a.GPUTarget('cuda', 90, 32)) or '')"
+    why = subprocess.run([sys.executable, "-c", probe], cwd=str(PERF), env=env, capture_output=True, text=True,
+                         timeout=300)
     if why.returncode == 0 and why.stdout.strip():  # a triton without its NVIDIA backend or ptxas
         pytest.skip("this triton has no working NVIDIA backend / ptxas to compile for sm90 (the triton wheel from "
                     f"PyPI has both): {why.stdout.strip()}")
@@ -121,8 +123,10 @@ def test_kernels_survive_torch_compiles_mutation_analysis():
     sums in the kernel did not: the analysis then took every input, weights included, as written), and this
     torch's analysis finds only outputs written."""
     rows = [json.loads(line) for line in _probe(["trace_probe.py"]) if line.startswith("{")]
-    assert {r["launch"].split(" _")[0] for r in rows} >= {"weight-only int8 M=64 K=4096", "weight-only int4 M=1 K=4096",
-                                                         "decode attention B=1 splits=4", "w8a8 torch.int8 M=64"}, rows
+    names = " / ".join(r["launch"] for r in rows)
+    for shape in ("int8 torch.bfloat16 M=64 K=4096", "int4 torch.float16 M=1", "alibi=True", "cache=torch.int8",
+                  "w8a8 torch.int8 M=64"):  # the in-kernel split-K sums, ALiBi, an int8 K/V cache, W8A8
+        assert shape in names, names
     for r in rows:
         assert r["error"] is None, r
         if r["written"] is not None:  # (a torch without the analysis: nothing to ask)

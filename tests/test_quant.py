@@ -406,8 +406,11 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
     w = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(5))
     t = {k: v.cuda() for k, v in MODES[mode].quantize(w, dtype).items()}
     bits = 8 if mode == "int8_wo" else 4
+    group = 2048 // (t["scale"].numel() // 1024)
+    shipped = wo_kernel.default_config(64, 1024, 2048, group, 132, bits)  # (int8: SWAP, K split 4 in the kernel)
     for M, cfg in ((64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4}),
-                   (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "MAGIC": True})):
+                   (1, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "MAGIC": True}),
+                   (64, {**shipped, "SPLIT_K": max(2, shipped["SPLIT_K"])})):
         cfg = {**cfg, "REDUCE": True}  # the K splits added in the kernel by each tile's last program
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
         x = torch.randn(M, 2048, device="cuda", dtype=dtype)

@@ -4,7 +4,7 @@ and the oracle stay plain torch).
 
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); each program walks every SPLIT_K-th BLOCK_K tile of K
 (SPLIT_K > 1: fp32 partial sums, added in a fixed order after, so the result does not depend on timing: by the
-caller's sum, or with REDUCE by each tile's last program, in the kernel, untimed yet). A tile never straddles
+caller's sum, or with REDUCE by each tile's last program, in the kernel). A tile never straddles
 a group (BLOCK_K divides the group size; per channel the group is the whole row; the GEMV's tiles may hold NG
 whole groups, each summed apart), so a tile's integer
 levels (q - zero) go into one tl.dot in the activation dtype (exact: |q - zero| <= 127) and its fp32
@@ -112,7 +112,8 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
     SWAP (with NATURAL): out^T = W x^T, the accumulator (BLOCK_N, BLOCK_M). On Hopper the converted weight tile is
     then the wgmma's left operand, which it reads from registers, where as the right operand it goes back to shared
     memory after conversion (a second pass through shared memory and a fence a tile; tests/perf/aot_inspect.py shows
-    which). The weight rows fill the MMA's 64-row side, the batch its narrow side (as Marlin / Machete do). Untimed.
+    which). The weight rows fill the MMA's 64-row side, the batch its narrow side (as Marlin / Machete do): int8's
+    default at 33-64 rows (default_config).
 
     MAGIC (int4, 16-bit x, not NATURAL): a nibble becomes the 16-bit float OFF + q by bits alone, OR-ed into
     the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so exact):
@@ -345,12 +346,16 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     for the 128 x 128, split-8 shape before it, the best single shape of the H100 sweep of 2026-12-07 (after the
     int4 loads became 16 bytes wide; per-linear bests summed 84.9; torch's tinygemm, which the engine runs at
     batch 1: 69.5). int8 per channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's
-    64-row side), K split 2 added in the kernel (REDUCE), 3 stages: 165.2 us a LLaMA-7B layer against 208.5 for the
-    64 x 64 x 128 split-4 shape before it (H100, 2026-12-07, bench_linear --sweep at 64 rows, the best of 111
-    shapes; per-linear bests summed 149.5); the int8 engine at batch 64 went from 6,068 to 6,515 total tok/s
-    (the same H100, next call), while that call's torch (2.11) still took this kernel's every input as written
-    (tests/perf/trace_probe.py; fixed after). Small M: narrow N tiles, K split until there are about WAVES
-    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The GEMM's
+    64-row side), 3 stages, K split 2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two
+    an SM, none where more (H100, 2026-12-07, bench_linear --sweep at 64 rows, 111 shapes, us: attn.qkv 35.69 split
+    2 against 39.0 unsplit, attn.o 19.39 and mlp.down 41.82 split 2, mlp.up 54.1 unsplit against 68.26 split 2;
+    the shape before it, 64 x 64 x 128 split 2-16 by linear and summed after, 208.5 a layer), and more splits
+    while the programs would fill under half the SMs (a tp shard's narrow linear; untimed): 151.0 a layer by those
+    rows, not yet timed in the engine. Split 2 everywhere
+    (165.2 a layer) took the int8 engine at batch 64 from 6,068 to 6,515 total tok/s (the same H100, next call),
+    while that call's torch (2.11) still took this kernel's every input as written (tests/perf/trace_probe.py;
+    fixed after); timed on Hopper only, where SWAP's reason holds. Small M: narrow N tiles, K split until there are about WAVES
+    programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The int4 GEMM's
     MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
@@ -374,9 +379,13 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
             split //= 2
         return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4,
                 "MAGIC": True}
-    if bits == 8 and group == K and 32 < M <= 64:  # (int8 per channel at 64 rows: the docstring)
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "REDUCE": True, "SWAP": True, "MAGIC": True,
-                "num_warps": 4, "num_stages": 3}
+    if bits == 8 and group == K and 32 < M <= 64:  # int8 per channel at 64 rows (the docstring)
+        tiles = triton.cdiv(N, 64)
+        split = 1 if tiles >= 2 * sms else 2
+        while tiles * split < sms // 2 and K // (128 * split * 2) >= 4:  # >= 4 tiles of K per program
+            split *= 2
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE": split > 1, "SWAP": True,
+                "MAGIC": True, "num_warps": 4, "num_stages": 3}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)

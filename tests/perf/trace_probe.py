@@ -67,24 +67,28 @@ def launches() -> list[tuple[str, object, dict]]:
 
     bf = torch.bfloat16
     for M in (1, 16, 64):
-        for bits, K, G in ((8, 4096, 1), (8, 11008, 1), (4, 4096, 32)):
+        for bits, K, G, dt in ((8, 4096, 1, bf), (8, 11008, 1, bf), (4, 4096, 32, bf), (4, 4096, 32, torch.float16)):
             N = 4096
             w = torch.zeros((N, K // (2 if bits == 4 else 1)), dtype=torch.int8 if bits == 8 else torch.uint8)
-            s, z = torch.ones((N, G), dtype=bf).squeeze(1), torch.zeros((N, G), dtype=bf).squeeze(1)
-            take(f"weight-only int{bits} M={M} K={K}",
-                 lambda: wo.launch(torch.randn(M, K, generator=g).to(bf), w, s, z if bits == 4 else None, bits))
+            s, z = torch.ones((N, G), dtype=dt).squeeze(1), torch.zeros((N, G), dtype=dt).squeeze(1)
+            take(f"weight-only int{bits} {dt} M={M} K={K}",
+                 lambda: wo.launch(torch.randn(M, K, generator=g).to(dt), w, s, z if bits == 4 else None, bits))
     take("dequantize int4 g128", lambda: wo.dequantize(torch.zeros((4096, 2048), dtype=torch.uint8),
-                                                      torch.ones(4096, 32, dtype=bf), torch.zeros(4096, 32, dtype=bf), 4))
+                                                      torch.ones(4096, 32, dtype=bf), torch.zeros(4096, 32, dtype=bf),
+                                                      4))
     for M in (1, 64):
         for dt in (torch.int8, torch.float8_e4m3fn):
-            take(f"w8a8 {dt} M={M}", lambda: w8a8.launch(torch.zeros(M, 4096, dtype=dt), torch.zeros(4096, 4096, dtype=dt),
-                                                        torch.ones(M, 1), torch.ones(4096), bf))
-    for B, splits in ((1, 4), (64, 1)):
+            x, w = torch.zeros(M, 4096, dtype=dt), torch.zeros(4096, 4096, dtype=dt)
+            take(f"w8a8 {dt} M={M}", lambda: w8a8.launch(x, w, torch.ones(M, 1), torch.ones(4096), bf))
+    # decode attention: split or not, rotary in the kernel; ALiBi (BLOOM); an int8 K/V cache with its scales
+    for B, splits, alibi, cache in ((1, 4, False, bf), (64, 1, False, bf), (4, 2, True, bf), (4, 2, False, torch.int8)):
         q = torch.zeros(B, 32, 128, dtype=bf)
-        kv = torch.zeros(2, B, 8, 384, 128, dtype=bf)
-        rope = (torch.zeros(384, 128), torch.zeros(384, 128))
-        take(f"decode attention B={B} splits={splits}",
-             lambda: attn.launch(q, kv[0], kv[1], torch.zeros(B, dtype=torch.int64), 0.088, None, None, rope,
+        kv = torch.zeros(2, B, 8 if not alibi else 32, 384, 128, dtype=cache)
+        rope = None if alibi else (torch.zeros(384, 128), torch.zeros(384, 128))
+        slopes = torch.ones(32) if alibi else None
+        kv_scale = torch.ones(2) if cache == torch.int8 else None
+        take(f"decode attention B={B} splits={splits} alibi={alibi} cache={cache}",
+             lambda: attn.launch(q, kv[0], kv[1], torch.zeros(B, dtype=torch.int64), 0.088, slopes, kv_scale, rope,
                                  block_n=64, splits=splits))
     return out
 
@@ -94,6 +98,9 @@ def compile_with_scalars_bound(kernel, args: dict) -> str | None:
     TTIR; None when it compiles, else the error's last line."""
     opts = {k: args[k] for k in ("num_warps", "num_stages") if k in args}
     named = {k: v for k, v in args.items() if k in kernel.arg_names}
+    missing = {str(v.dtype) for v in named.values() if isinstance(v, torch.Tensor) and v.dtype not in PTR}
+    if missing:
+        return f"trace_probe.PTR has no Triton pointer type for {sorted(missing)}: add it"
     sig = {k: PTR[v.dtype] if isinstance(v, torch.Tensor) else "constexpr" for k, v in named.items()}
     consts = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
     backend = triton.compiler.make_backend(TARGET)
@@ -112,9 +119,15 @@ def compile_with_scalars_bound(kernel, args: dict) -> str | None:
 
 def written(kernel, args: dict) -> list[str] | None:
     """The tensors this torch's analysis says the kernel writes (None: this torch has no such analysis)."""
-    try:
-        from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
-    except ImportError:
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+
+    if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12: reads and writes
+        def analyse(k, a):
+            return sorted(d.name for d in wrap.identify_accessed_tensors(k, a, {}).read_writes.writes)
+    elif hasattr(wrap, "identify_mutated_tensors"):  # before: the names written
+        def analyse(k, a):
+            return sorted(wrap.identify_mutated_tensors(k, a, {}))
+    else:
         return None
 
     class _Sm90:  # the analysis asks the active driver for its target; there is no GPU here
@@ -125,10 +138,9 @@ def written(kernel, args: dict) -> list[str] | None:
     prev = drivers._active  # (not .active: without a GPU that raises)
     drivers.set_active(_Sm90())
     try:
-        acc = identify_accessed_tensors(kernel, dict(args), {})
+        return analyse(kernel, dict(args))
     finally:
         drivers._active = prev
-    return sorted(d.name for d in acc.read_writes.writes)
 
 
 def main() -> None:
