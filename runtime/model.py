@@ -26,6 +26,7 @@ from .attention import Packed, pack, select_decode_attention, select_prefill_att
 from .kv_cache import SCALE_NAME, kv_format
 from .parallel import Comm, RankLayout, micro_batch_groups, micro_batches_setting
 from .quant import make_linear
+from .quant.dense import cpu_gemv_layout
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ class Decoder:
         self.final_norm = self.lm_head = self.lm_head_bias = None
         if L.last_stage:
             self.final_norm = _Norm(spec, tensors, "final_norm")
-            self.lm_head = tensors["embed.weight" if L.head_uses_embed else "lm_head.weight"]  # (V / tp, H)
+            # (V / tp, H); fp32 on CPU with its columns contiguous, as the dense linears (quant/dense.py)
+            self.lm_head = cpu_gemv_layout(tensors["embed.weight" if L.head_uses_embed else "lm_head.weight"])
             self.lm_head_bias = tensors.get("lm_head.bias")
         first = tensors["embed.weight"] if L.first_stage else tensors[f"layers.{L.layers.start}.attn_norm.weight"]
         self.device, self.dtype = first.device, first.dtype
