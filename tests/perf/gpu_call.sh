@@ -10,7 +10,8 @@
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
 #   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
-#                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab")
+#                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab" and its case);
+#                          AB_CASES="tight int8_tight": the engines of those cases instead, AB_BATCHES="1": those only
 : "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
@@ -53,24 +54,28 @@ for line in open(sys.argv[1]):
 PY
 fi
 if [ -n "$AB" ]; then
-  eng=$(python3 -c "import json, sys; print(next((r['engine'] for r in map(json.loads, open(sys.argv[1]))
-        if r['kind'] == 'build' and r['name'] == 'tight'), 'AB needs tight in CASES'))" $OUT/table/gpu.jsonl)
-  IFS=';' read -ra variants <<< ";$AB"
-  for v in "${variants[@]}"; do
-    read -ra words <<< "$v"; envs=(); flags=()
-    for w in "${words[@]}"; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
-    env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile --batch_size 1 --batch_size 64 --input_len 128 \
-      --output_len 256 "${flags[@]}" > $OUT/ab.part 2>> $OUT/ab.log
-    echo "ab [$v] rc=$? at $(el)"
-    python3 -c "import json, sys
+  batches=(); for b in ${AB_BATCHES:-1 64}; do batches+=(--batch_size $b); done
+  for case in ${AB_CASES:-tight}; do
+    eng=$(python3 -c "import json, sys; print(next((r['engine'] for r in map(json.loads, open(sys.argv[1]))
+          if r['kind'] == 'build' and r['name'] == sys.argv[2]), ''))" $OUT/table/gpu.jsonl $case)
+    [ -z "$eng" ] && { echo "ab: no engine of case $case in the table (AB_CASES must be in CASES)"; continue; }
+    IFS=';' read -ra variants <<< ";$AB"
+    for v in "${variants[@]}"; do
+      read -ra words <<< "$v"; envs=(); flags=()
+      for w in "${words[@]}"; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
+      env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile "${batches[@]}" --input_len 128 \
+        --output_len 256 "${flags[@]}" > $OUT/ab.part 2>> $OUT/ab.log
+      echo "ab $case [$v] rc=$? at $(el)"
+      python3 -c "import json, sys
 for line in open(sys.argv[1]):
     if line.startswith('{'):
-        print(json.dumps({**json.loads(line), 'ab': sys.argv[2]}))" $OUT/ab.part "$v" >> $OUT/ab.jsonl
+        print(json.dumps({**json.loads(line), 'ab': sys.argv[2], 'case': sys.argv[3]}))" $OUT/ab.part "$v" $case >> $OUT/ab.jsonl
+    done
   done
   python3 -c "import json, sys
 for r in map(json.loads, open(sys.argv[1])):
     if 'total_tok_s' in r:
-        print(repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
+        print(r['case'], repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
   rm -f $OUT/ab.part
 fi
 # torch.compile's mutation analysis failing on a kernel of ours (it then takes every input as written; 2026-12-07:
