@@ -168,8 +168,8 @@ def main(argv=None) -> None:
         engine.compile(dict(args.inductor))
     for i, (b, n_in, n_out) in enumerate(rows):
         row = bench(engine, b, n_in, n_out, args.reps, t0 if i == 0 else None)
-        if args.inductor:
-            row["inductor"] = dict(args.inductor)
+        if engine.inductor_options:  # (the compiled step's defaults, runtime.engine.decode_defaults, and --inductor)
+            row["inductor"] = engine.inductor_options
         if i == 0:  # where the start-up went: the engine in memory (weights on the device) by load_s
             row["load_s"] = round(loaded - t0, 2)
         print(json.dumps(row), flush=True)

@@ -67,6 +67,23 @@ def use_compile_cache() -> Path:
     return root
 
 
+def decode_defaults(device: torch.device) -> dict:
+    """Inductor options the compiled decode step takes unless told otherwise. On a GPU with programmatic
+    dependent launch (sm >= 90; torch >= 2.10 has the option): Inductor's kernels are launched so that each may
+    start while the one before it ends, waiting (griddepcontrol.wait) before it reads what that one wrote, and
+    let the next start once they have read their inputs: the gaps between a step's ~400 small kernels shrink.
+    H100, 2026-12-07, LLaMA-2-7B dummy, batch 1, 128 + 256 (runtime.bench --inductor triton.enable_pdl=true, one
+    warm machine): int8_wo 273.3 -> 281.2 total tok/s in the same call, bf16 178.2 -> 184.4 (two calls), batch
+    64 unchanged (6,877 / 6,885). Our own Triton kernels and cuBLAS launch as before (ordered after the kernel
+    before them completes)."""
+    import torch._inductor.config as inductor_config
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9 \
+            or not hasattr(inductor_config, "triton.enable_pdl"):
+        return {}
+    return {"triton.enable_pdl": True}
+
+
 def graph_bucket(batch: int, max_batch: int) -> int:
     """The CUDA-graph batch size that serves `batch` rows: the next power of two, at most max_batch."""
     return min(1 << (batch - 1).bit_length(), max_batch)
@@ -131,6 +148,7 @@ class Engine:
         self._graphs: dict[int, _DecodeGraph] = {}
         self._step = model.decode
         self.compiled = False
+        self.inductor_options: dict = {}  # (compile(): what the compiled decode step was given)
         self.ranks = None  # runtime.dist.Ranks of a multi-rank engine: this process's rank among them
         # decode steps between reads of "every row stopped?": on CUDA a read waits for the GPU, on CPU it is free
         self.stop_check = STOP_CHECK if self.device.type == "cuda" else 1
@@ -149,7 +167,9 @@ class Engine:
         kernels are cached in compile_cache_dir() for the next process. A tensor-parallel engine on CPU ranks
         compiles on every rank alike (Dynamo traces the gloo all-reduces); on CUDA ranks and with pipeline
         stages compile is refused with one line. inductor: Inductor config for the decode step (torch.compile's
-        options, e.g. {"combo_kernels": True}: independent kernels launched as one)."""
+        options, e.g. {"combo_kernels": True}: independent kernels launched as one), over decode_defaults()
+        (on Hopper and later, programmatic dependent launch of Inductor's kernels; {"triton.enable_pdl": False}
+        turns it off); the options used are kept in self.inductor_options."""
         comm = self.model.comm
         if comm.pp > 1:  # every rank raises this alike, before any collective
             raise UserError(f"{self.engine_dir.name}: --compile / Engine.compile() is for engines without pipeline "
@@ -162,7 +182,9 @@ class Engine:
                             "runs on CPU ranks only for now (on CUDA its collectives inside the compiled step are not "
                             "tested); run it on CUDA without compiling")
         use_compile_cache()
-        self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True, options=inductor or None)
+        self.inductor_options = {**decode_defaults(self.device), **(inductor or {})}
+        self._step = torch.compile(self.model.decode, dynamic=False, fullgraph=True,
+                                   options=self.inductor_options or None)
         if self.device.type == "cuda" and self.model.comm.world_size == 1:
             self.model.compile_prefill()
         self._graphs.clear()

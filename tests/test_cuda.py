@@ -108,21 +108,26 @@ def test_int8_weight_only_on_cuda_compiled_equals_eager(tiny_models, tmp_path):
     _assert_generates_as_eager(engine_dir, Engine.load(engine_dir, device="cuda").compile(), 32)
 
 
-def test_int8_weight_only_with_pdl_compiled_equals_eager(tiny_models, tmp_path, monkeypatch):
-    """EF_PDL=1 and Inductor's PDL (triton.enable_pdl: its kernels let the next start early and wait before they
-    read): batch 1 runs the GEMV launched with programmatic dependent launch in the compiled step's CUDA graph;
-    each prompt alone (batch 1), the tokens of the plain eager engine."""
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_decode_with_programmatic_dependent_launch_equals_eager(tiny_models, tmp_path, dtype):
+    """The compiled decode step's default on sm >= 90 (Inductor's kernels launched with programmatic dependent
+    launch: each may start before the one before it ends, and waits before it reads): an int8 engine's tokens,
+    each prompt alone (batch 1, where the int8 GEMV runs) and together, are the plain eager engine's; and the
+    option can be turned off."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm >= 90")
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=int8_wo",
-                        "precision.dtype=fp32")
+                        f"precision.dtype={dtype}")
+    fast = Engine.load(engine_dir, device="cuda").compile()
+    assert fast.inductor_options.get("triton.enable_pdl") is True
     eager = Engine.load(engine_dir, device="cuda")
     eager.use_cuda_graphs = False
-    monkeypatch.setenv("EF_PDL", "1")
-    fast = Engine.load(engine_dir, device="cuda").compile({"triton.enable_pdl": True})
-    assert all(layer.qkv.pdl for layer in fast.model.layers)
-    for prompt in ([5, 6, 7], list(range(10, 40)), [100]):
-        a = fast.generate([prompt], max_new_tokens=32, ignore_eos=True)
-        b = eager.generate([prompt], max_new_tokens=32, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40)), [100]]
+    for batch in ([p] for p in prompts):
+        a = fast.generate(batch, max_new_tokens=32, ignore_eos=True)
+        b = eager.generate(batch, max_new_tokens=32, ignore_eos=True)
         assert a[0].output_ids == b[0].output_ids
-    assert fast._graphs, "the CUDA-graph path was not taken"
+    _assert_generates_as_eager(engine_dir, fast, 32)
+    off = Engine.load(engine_dir, device="cuda").compile({"triton.enable_pdl": False})
+    assert off.inductor_options["triton.enable_pdl"] is False

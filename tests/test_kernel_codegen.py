@@ -33,11 +33,6 @@ CASES = {
        for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int8_channel", 8, 4096, 8))},
     "gemv_ahead1_int8_channel_default_masked_K": ("gemv_ahead1", 8, 4096, False, 8, 16, 512),
     "gemv_ahead1_int4_g128_masked_K": ("gemv_ahead1", 4, 128, False, 4, 32, 512),
-    # launched with programmatic dependent launch (EF_PDL=1): int8's batch-1 defaults, 16 rows one tile ahead and
-    # 32 rows none, and int4 in fp16 (its K split added in the kernel)
-    "gemv_ahead1_int8_channel_default_pdl": ("gemv_ahead1", 8, 4096, False, 8, 16, 512),
-    "gemv_int8_channel_wide_pdl": ("gemv", 8, 4096, True, 8, 32, 512),
-    "gemv_int4_g128_pdl": ("gemv", 4, 128, True, 4, 32, 512),
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
@@ -55,8 +50,7 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
              MAGIC=kind.startswith("gemv"))
     if kind.startswith("gemv"):
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
-                                                               PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0),
-                                                               PDL=name.endswith("_pdl"))
+                                                               PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0))
     else:
         swap = kind == "gemm_swap"
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
@@ -100,23 +94,6 @@ def test_gemv_loads_weights_in_vectors(compiled, name):
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
     assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8), d
     assert d["stack"] == 0, d  # no spills
-
-
-@pytest.mark.parametrize("name", [n for n in CASES if n.endswith("_pdl")])
-def test_gemv_with_pdl_reads_its_weights_before_waiting_for_the_kernel_before(compiled, name):
-    """EF_PDL=1: the GEMV may start while the kernel before it runs. Before griddepcontrol.wait it asks only for
-    what no kernel writes (its weight tile, wide, and the scales); x comes after (the one kernel input another kernel
-    writes), and so does every write (its output's memory may still be read by the kernel before); and it lets the
-    next kernel launch."""
-    d = compiled[name]
-    before = d.get("pdl_loads_before_wait")
-    assert before is not None, d  # (no griddepcontrol.wait at all)
-    assert sum(n for op, n in before.items() if ".v4." in op or ".v2." in op) >= 1, d
-    assert d["pdl_writes_before_wait"] == 0 and d["pdl_loads_after_wait"] >= 1 and d["pdl_launch_dependents"] >= 1, d
-
-
-def test_gemv_without_pdl_has_no_grid_dependency_control(compiled):
-    assert all("pdl_loads_before_wait" not in d for n, d in compiled.items() if not n.endswith("_pdl")), compiled
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemm")])

@@ -452,63 +452,6 @@ def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel,
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
-@pytest.mark.parametrize("mode, dtype", [("int8_wo", torch.bfloat16), ("int8_wo", torch.float16),
-                                         ("int4_wo_g128", torch.float16)], ids=str)
-def test_cuda_gemv_with_pdl_equals_the_plain_launch(wo_kernel, monkeypatch, mode, dtype):
-    """EF_PDL=1 (batch 1 launched with programmatic dependent launch, which may start before the kernel that
-    writes its x ends): three linears in a chain, each x written by the kernel just before (a sine, a sum),
-    eager, replayed from a CUDA graph with new inputs, and compiled: the bits of the plain launch every time."""
-    from runtime.quant import make_linear
-    from runtime.quant.triton_wo import pdl_wanted
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm >= 90")
-    g = torch.Generator().manual_seed(5)
-    stored = [{f"l.{k}": v.cuda() for k, v in MODES[mode].quantize(torch.randn(n, k, generator=g), dtype).items()}
-              for n, k in ((4096, 2048), (2048, 4096), (4096, 2048))]
-
-    def make_chain():  # (EF_PDL is read as a linear loads)
-        lins = [make_linear(mode, t, "l") for t in stored]
-
-        def chain(x):
-            for lin in lins:
-                x = torch.sin(lin(x)) + x[..., :1]
-            return x
-        return chain, lins
-
-    xs = [torch.randn(1, 2048, generator=g).to(dtype).cuda() for _ in range(6)]
-    monkeypatch.setenv("EF_PDL", "0")
-    chain, lins = make_chain()
-    assert not lins[0].pdl
-    want = [chain(x) for x in xs]
-    monkeypatch.setenv("EF_PDL", "1")
-    assert pdl_wanted(xs[0].device)
-    chain, lins = make_chain()
-    assert all(lin.pdl for lin in lins)
-    for x, w in zip(xs, want):
-        assert torch.equal(chain(x), w)
-    static = xs[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(static)
-    for _ in range(3):
-        for x, w in zip(xs, want):
-            static.copy_(x)
-            graph.replay()
-            assert torch.equal(out, w)
-    f = torch.compile(chain, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):
-        for x, w in zip(xs, want):
-            torch.testing.assert_close(f(x), w)  # (Inductor fuses the sine and sum: rounding may differ)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 def test_triton_weight_only_kernel_compiles_and_graph_captures(wo_kernel):
     from runtime.quant import make_linear
 

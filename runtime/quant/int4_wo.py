@@ -65,12 +65,10 @@ class Int4WeightOnlyLinear:
         self.dequantized = (dequantize(self.weight, self.scale, self.zero, self.scale.dtype)  # (out, in)
                             if self.weight.device.type == "cpu" else None)
         self.tiny = None  # torch's int4 tinygemm operands for small batches (runtime/quant/triton_wo.py)
-        self.pdl = False  # batch 1 by the Triton GEMV with programmatic dependent launch ($EF_PDL=1)
         if self.kernel == "cuda":
-            from .triton_wo import pdl_wanted, tinygemm_operands
+            from .triton_wo import tinygemm_operands
 
             self.tiny = tinygemm_operands(self.weight, self.scale, self.zero)
-            self.pdl = pdl_wanted(self.weight.device)
 
     @property
     def out_features(self) -> int:
@@ -80,7 +78,7 @@ class Int4WeightOnlyLinear:
         if self.kernel in ("triton", "cuda"):
             from . import triton_wo
 
-            y = (triton_wo.cuda_linear(x, self.weight, self.scale, self.zero, 4, self.tiny, self.pdl) if self.kernel == "cuda"
+            y = (triton_wo.cuda_linear(x, self.weight, self.scale, self.zero, 4, self.tiny) if self.kernel == "cuda"
                  else triton_wo.weight_only_linear(x, self.weight, self.scale, self.zero, 4))
             return y if self.bias is None else y + self.bias
         w = self.dequantized

@@ -31,11 +31,6 @@ class Int8WeightOnlyLinear:
         self.scale = self.raw_scale * self.PRESCALE
         self.bias = tensors.get("bias")
         self.kernel = select_kernel(self.weight.device)
-        self.pdl = False  # batch 1 with programmatic dependent launch ($EF_PDL=1: triton_wo.pdl_wanted)
-        if self.kernel == "cuda":
-            from .triton_wo import pdl_wanted
-
-            self.pdl = pdl_wanted(self.weight.device)
 
     @property
     def out_features(self) -> int:
@@ -45,7 +40,7 @@ class Int8WeightOnlyLinear:
         if self.kernel in ("triton", "cuda"):
             from . import triton_wo
 
-            y = (triton_wo.cuda_linear(x, self.weight, self.raw_scale, None, 8, pdl=self.pdl) if self.kernel == "cuda"
+            y = (triton_wo.cuda_linear(x, self.weight, self.raw_scale, None, 8) if self.kernel == "cuda"
                  else triton_wo.weight_only_linear(x, self.weight, self.raw_scale, None, 8))
         else:
             y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale

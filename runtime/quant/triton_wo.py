@@ -226,8 +226,7 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
-                    PDL: tl.constexpr):
+                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -244,13 +243,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     PREFETCH = D (0, 1, 2): the weight tiles D steps ahead are loaded before a step's arithmetic (registers, as
     stored), so that D + 1 tiles are in flight where the loads of one tile at a time leave a program's share of
     the memory system idle between steps (a GEMV is bound by the bytes each SM keeps in flight: one 16 KiB
-    tile a program and one or two programs an SM at a 4096-wide linear).
-
-    PDL (launched with programmatic dependent launch, `gemv_pdl`): the program may start while the kernel before
-    it still runs; it waits for that kernel (griddepcontrol.wait) after its first weight tile and scales are
-    asked for, which do not depend on it, and before x, the only input another kernel writes, and before any
-    store (the output's memory may still be read before). Then it lets the kernel after it launch; that one
-    waits in turn before it reads what this one wrote."""
+    tile a program and one or two programs an SM at a 4096-wide linear)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,9 +275,6 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         s = tl.load(SCALE + meta, mask=mmask, other=0.0).to(tl.float32)
         if PREFETCH == 0:  # (here, after the scales' load: int4's ptxas then needs ~110 registers, not ~170)
             raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
-        if PDL:  # (the first step waits; later ones find the kernel before done: no cost)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         if INT4:
             kk = k0 + 2 * j
             kmask = kk < K
@@ -327,8 +317,6 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
         else:
             acc += (dot - z * xsum) * s
-    if PDL:  # (a program with no step of K still waits before it stores)
-        tl.extra.cuda.gdc_wait()
     _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, REDUCE)
 
 
@@ -415,10 +403,9 @@ WAVES = 4
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-           pdl: bool = False, **cfg) -> torch.Tensor:
+           **cfg) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
-    zero (N, groups) or (N,); zero None: symmetric. pdl: the GEMV launched with programmatic dependent launch
-    (a plain launch, not wrap_triton's: for `gemv_pdl`, which torch.compile does not trace into)."""
+    zero (N, groups) or (N,); zero None: symmetric."""
     M = x.shape[0]
     N = weight.shape[0]
     K = weight.shape[1] * (2 if bits == 4 else 1)
@@ -462,14 +449,9 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
     dest = out if out is not None else scale  # (split, no REDUCE: the kernel writes PART only)
     if gemv:
-        args = (x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0))
-        meta = dict(GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
-        if pdl:
-            _wo_gemv_kernel[grid](*args, PDL=True, launch_pdl=True, **meta)
-        else:
-            wrap_triton(_wo_gemv_kernel)[grid](*args, PDL=False, **meta)
+        wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
+                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
     else:
-        assert not pdl, "programmatic dependent launch: the GEMV (batch 1) only"
         wrap_triton(_wo_kernel)[grid](
             x, weight, scale, z, dest, part, locks, M, N, K, G, x.stride(0), weight.stride(0), N,
             GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
@@ -549,9 +531,8 @@ DEQUANT_ABOVE = 64
 
 
 def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                tiny: tuple | None = None, pdl: bool = False) -> torch.Tensor:
-    """x (..., K) -> (..., N) by the fastest path for its batch (module docstring); tiny: tinygemm_operands;
-    pdl (pdl_wanted, decided at load): batch 1 by `gemv_pdl`."""
+                tiny: tuple | None = None) -> torch.Tensor:
+    """x (..., K) -> (..., N) by the fastest path for its batch (module docstring); tiny: tinygemm_operands."""
     M = x.numel() // x.shape[-1]
     if tiny is not None and M <= TINYGEMM_UP_TO and x.dtype == torch.bfloat16:
         packed, scale_offset, group = tiny
@@ -560,36 +541,7 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
         return y.reshape(*lead, y.shape[-1])
     if M > DEQUANT_ABOVE:
         return torch.nn.functional.linear(x, dequantize(weight, scale, zero, bits).to(x.dtype))
-    if M == 1 and pdl:
-        return gemv_pdl(x, weight, scale, zero, bits)
     return weight_only_linear(x, weight, scale, zero, bits)
-
-
-def pdl_wanted(device: torch.device) -> bool:
-    """$EF_PDL=1 on a GPU that has programmatic dependent launch (sm >= 90): batch 1 runs `gemv_pdl` (asked
-    once, as a linear loads). An A/B setting, off by default until a device call times it (with
-    TORCHINDUCTOR_ENABLE_PDL=1 Inductor's own kernels let the next kernel start early too)."""
-    import os
-
-    return os.environ.get("EF_PDL") == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-@torch.library.custom_op("engine_factory::weight_only_gemv_pdl", mutates_args=())
-def gemv_pdl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-             bits: int) -> torch.Tensor:
-    """x (..., K) with one row -> (..., N): the batch-1 GEMV launched with programmatic dependent launch
-    (_wo_gemv_kernel's PDL), so that its weight reads start while the kernel before it (a norm) ends: a GEMV
-    of a quantized 7B linear is a few microseconds, of which the start of each kernel is a good part. Opaque to
-    torch.compile (a triton_op's launch carries no launch attributes); CUDA graphs capture the launch with its
-    attribute (CUDA 12.3+)."""
-    lead = x.shape[:-1]
-    y = launch(x.reshape(1, x.shape[-1]).contiguous(), weight, scale, zero, bits, pdl=True)  # (batch 1: the GEMV)
-    return y.reshape(*lead, y.shape[-1])
-
-
-@gemv_pdl.register_fake
-def _(x, weight, scale, zero, bits):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())

@@ -74,13 +74,7 @@ def describe(k) -> dict:
         parts = " ".join(w.group(0).split())
         mma["wgmma A in registers" if re.match(r"wgmma\S+ \{[^}]*\}, \{", parts) else "wgmma A in shared"] += 1
     mma["mma.sync"] = ptx.count("mma.sync")
-    # programmatic dependent launch: what the program asks of memory before it waits for the kernel before it
-    wait = ptx.find("griddepcontrol.wait")
-    pdl = {} if wait < 0 else {"pdl_loads_before_wait": dict(Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx[:wait]))),
-                               "pdl_writes_before_wait": len(re.findall(r"\b(?:st|atom|red)\.global", ptx[:wait])),
-                               "pdl_loads_after_wait": len(re.findall(r"ld\.global", ptx[wait:])),
-                               "pdl_launch_dependents": ptx.count("griddepcontrol.launch_dependents")}
-    return {**pdl, "regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
+    return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
             "smem": k.metadata.shared, "loads": dict(loads), "cp.async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             "tma": ptx.count("cp.async.bulk"), **{k: v for k, v in mma.items() if v}}
 
@@ -101,7 +95,7 @@ def main() -> None:
                 (4, 128, 128, 128, 4, 1, 0), (4, 128, 32, 1024, 8, 8, 0), (4, 128, 32, 512, 4, 4, 0),
                 (4, 128, 32, 512, 4, 4, 2), (4, 128, 64, 512, 8, 4, 0)]:
             consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
-                          PREFETCH=ahead, PDL=False)
+                          PREFETCH=ahead)
             k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
             print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead}", describe(k))
     if a.grid in ("gemm", "all"):
