@@ -55,12 +55,14 @@ QUICK_BIG = ["limits.max_input_len=48", "limits.max_output_len=208"]
 class Run:
     """Steps under one deadline; every record goes to <out>/<mode>.jsonl at once."""
 
-    def __init__(self, out: Path, mode: str, budget_s: float, env: dict):
+    def __init__(self, out: Path, mode: str, budget_s: float, env: dict, logs: Path | None = None):
         self.out, self.mode, self.env = out, mode, env
+        self.logs = logs or out  # (the steps' and builds' logs: --logs)
         self.deadline = time.time() + budget_s
         out.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.jsonl = out / f"{mode}.jsonl"
-        self.log = open(out / f"{mode}.log", "a")
+        self.log = open(self.logs / f"{mode}.log", "a")
 
     def record(self, rec: dict) -> dict:
         with open(self.jsonl, "a") as f:
@@ -182,7 +184,7 @@ def gpu(args) -> None:
     out = Path(args.out)
     cache = out / "compile-cache" if args.quick else Path(f"/tmp/ef-bench-compile-{os.getpid()}")
     env = dict(os.environ, EF_COMPILE_CACHE=str(cache), EF_STORE=args.store or str(REPO / ".store"))
-    run = Run(out, "gpu", args.budget_s, env)
+    run = Run(out, "gpu", args.budget_s, env, Path(args.logs) if args.logs else None)
     card = run.record(environment("cuda"))
     q = args.quick
     lim = card_limits(card.get("gpu_memory_bytes") or 80e9)  # no answer: the smaller card's limits
@@ -280,7 +282,7 @@ class _Builds:
             self._start(self.pending.pop(0))
 
     def _start(self, case: str) -> None:
-        log = open(self.out / f"build-{case}.log", "w")
+        log = open(self.run.logs / f"build-{case}.log", "w")
         self.running[case] = (time.time(), subprocess.Popen([PY, "-m", "engine_factory", *self.overrides(case)],
                                                             cwd=REPO, env=self.env, stdout=subprocess.PIPE,
                                                             stderr=log, text=True))
@@ -399,7 +401,7 @@ def cpu_compare(run: Run, name: str, engines: dict, hf_source: str, n_in: int, n
 def cpu(args) -> None:
     out = Path(args.out)
     env = dict(os.environ, EF_STORE=args.store or str(REPO / ".store"))
-    run = Run(out, "cpu", args.budget_s, env)
+    run = Run(out, "cpu", args.budget_s, env, Path(args.logs) if args.logs else None)
     run.record(environment("cpu"))
     shared = Path(os.environ.get("EF_SHARED_DIR") or REPO.parent / "shared")
     n_in, n_new, reps = (32, 32, 1) if args.quick else (32, 128, 6)
@@ -635,6 +637,8 @@ def main(argv=None) -> None:
     for mode in ("gpu", "cpu"):
         s = sub.add_parser(mode)
         s.add_argument("--out", default=str(REPO / "bench-out"))
+        s.add_argument("--logs", default=None, help="the steps' and builds' logs (default: --out; gpu_call.sh keeps "
+                                                    "them apart, as the device tool brings back 8 files at most)")
         s.add_argument("--doc", default=None, help="also rewrite this markdown's section (e.g. docs/benchmarks.md)")
         s.add_argument("--store", default=None, help="engine store (default: .store of the checkout)")
         s.add_argument("--budget_s", type=float, default=1500 if mode == "gpu" else 1800)  # gpu_call.sh: its own

@@ -12,13 +12,19 @@
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
 #                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab" and its case);
 #                          AB_CASES="tight int8_tight": the engines of those cases instead, AB_BATCHES="1": those only
+#   CALL_S (default 585)   the whole call's seconds: an AB variant that would not end in them is skipped, so that
+#                          the packing at the end runs before the device tool's limit (600 s) cuts the call
+# What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl,
+# table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (every log; the prebuild's own rows); the rest stays in $W.
 : "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
+left() { echo $(( ${CALL_S:-585} - ($(date +%s) - T0) )); }
+W=$(mktemp -d)  # logs and scratch, packed into $OUT/logs.tgz at the end
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 if [ -n "$PREBUILD" ] && [ -n "$CASES" ]; then
-  python3 tests/perf/bench_table.py gpu --out $OUT/prebuild --cases $CASES --build_only --budget_s 1200 \
-    > /dev/null 2> $OUT/prebuild.log &
+  python3 tests/perf/bench_table.py gpu --out $W/prebuild --cases $CASES --build_only --budget_s 1200 \
+    > /dev/null 2> $W/prebuild.log &
 fi
 if [ -n "$TESTS" ]; then
   # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none)
@@ -31,14 +37,15 @@ if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SW
   n=$(echo $SWEEP | wc -w)
   for entry in $SWEEP; do
     timeout $(( ${SWEEP_S:-150} / n + 60 )) python3 tests/perf/bench_linear.py --out $OUT --modes - --sweep \
-      --sweep_s $(( ${SWEEP_S:-150} / n )) --sweep_modes ${entry%%:*} --sweep_batches ${entry##*:} > /dev/null 2>> $OUT/sweep.log
+      --sweep_s $(( ${SWEEP_S:-150} / n )) --sweep_modes ${entry%%:*} --sweep_batches ${entry##*:} > /dev/null 2>> $W/sweep.log
     echo "sweep $entry rc=$? at $(el)"
   done
-  tail -n 3 $OUT/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
+  tail -n 3 $W/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
 fi
 if [ -n "$CASES" ]; then
-  python3 tests/perf/bench_table.py gpu --out $OUT/table --cases $CASES --budget_s ${BUDGET_S:-300} > /dev/null 2> $OUT/table.log
-  echo "table rc=$? at $(el)"; rm -rf $OUT/table/build-*.log
+  python3 tests/perf/bench_table.py gpu --out $OUT/table --logs $W/table --cases $CASES --budget_s ${BUDGET_S:-300} \
+    > /dev/null 2> $W/table.log
+  echo "table rc=$? at $(el)"; rm -rf $W/table/build-*.log
   python3 - $OUT/table/gpu.jsonl <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
@@ -61,30 +68,31 @@ if [ -n "$AB" ]; then
     [ -z "$eng" ] && { echo "ab: no engine of case $case in the table (AB_CASES must be in CASES)"; continue; }
     IFS=';' read -ra variants <<< ";$AB"
     for v in "${variants[@]}"; do
+      [ $(left) -lt ${AB_NEED_S:-90} ] && { echo "ab $case [$v] skipped: $(left) s of the call left"; continue; }
       read -ra words <<< "$v"; envs=(); flags=()
       for w in "${words[@]}"; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
-      env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile "${batches[@]}" --input_len 128 \
-        --output_len 256 "${flags[@]}" > $OUT/ab.part 2>> $OUT/ab.log
+      timeout $(( $(left) - 15 )) env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile \
+        "${batches[@]}" --input_len 128 --output_len 256 "${flags[@]}" > $W/ab.part 2>> $W/ab.log
       echo "ab $case [$v] rc=$? at $(el)"
       python3 -c "import json, sys
 for line in open(sys.argv[1]):
     if line.startswith('{'):
-        print(json.dumps({**json.loads(line), 'ab': sys.argv[2], 'case': sys.argv[3]}))" $OUT/ab.part "$v" $case >> $OUT/ab.jsonl
+        print(json.dumps({**json.loads(line), 'ab': sys.argv[2], 'case': sys.argv[3]}))" $W/ab.part "$v" $case >> $OUT/ab.jsonl
     done
   done
   python3 -c "import json, sys
 for r in map(json.loads, open(sys.argv[1])):
     if 'total_tok_s' in r:
         print(r['case'], repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
-  rm -f $OUT/ab.part
 fi
 # torch.compile's mutation analysis failing on a kernel of ours (it then takes every input as written; 2026-12-07:
 # the in-kernel split-K sum, fixed; tests/perf/trace_probe.py): said here, as the logs themselves come back packed
-grep -rlF --include='*.log' "assuming every input is mutated" "$OUT" | sed 's/^/MUTATION ANALYSIS FAILED in: /'
-# the device tool brings back 8 files at most (2026-12-07: the table's rows were left out): logs in one archive
-# (a PREBUILD still running is stopped first: nothing of this call uses it now, and the store's writes are atomic)
+grep -rlF --include='*.log' "assuming every input is mutated" "$W" "$OUT" | sed 's/^/MUTATION ANALYSIS FAILED in: /'
+# the device tool brings back 8 files at most (2026-12-07: the table's rows were left out twice, once when the call
+# was cut before this packing): logs in one archive (a PREBUILD still running is stopped first: nothing of this
+# call uses it now, and the store's writes are atomic)
 jobs -p | xargs -r kill 2> /dev/null; wait
-logs=$(cd "$OUT" && find . -name '*.log' | sort)
-[ -n "$logs" ] && (cd "$OUT" && tar czf logs.tgz $logs && rm -f $logs)
+find "$OUT" -name '*.log' -exec mv -t "$W" {} + 2> /dev/null
+(cd "$W" && tar czf "$OUT/logs.tgz" $(find . -name '*.log' -o -name 'gpu.jsonl' | sort))
 find "$OUT" -mindepth 1 -type d -empty -delete
 echo "done at $(el)"
