@@ -72,9 +72,9 @@ def decode_defaults(device: torch.device) -> dict:
     dependent launch (sm >= 90; torch >= 2.10 has the option): Inductor's kernels are launched so that each may
     start while the one before it ends, waiting (griddepcontrol.wait) before it reads what that one wrote, and
     let the next start once they have read their inputs: the gaps between a step's ~400 small kernels shrink.
-    H100, 2026-12-07, LLaMA-2-7B dummy, batch 1, 128 + 256 (runtime.bench --inductor triton.enable_pdl=true, one
-    warm machine): int8_wo 273.3 -> 281.2 total tok/s in the same call, bf16 178.2 -> 184.4 (two calls), batch
-    64 unchanged (6,877 / 6,885). Our own Triton kernels and cuBLAS launch as before (ordered after the kernel
+    H100, 2026-12-07, LLaMA-2-7B dummy, batch 1, 128 + 256, `runtime.bench --compile` with and without it, each
+    pair in one device call: int8_wo 273.3 -> 281.2 total tok/s, bf16 180.9 -> 184.2; batch 64 unchanged (6,877 /
+    6,885, two calls; docs/benchmarks.md). Our own Triton kernels and cuBLAS launch as before (after the kernel
     before them completes)."""
     import torch._inductor.config as inductor_config
 

@@ -179,6 +179,19 @@ def test_compiled_decode_matches_transformers(engine_of, reference, tmp_path):
         assert g.output_ids == hf_greedy(reference("tiny_llama"), ids, 12)
 
 
+def test_compile_options_are_the_defaults_under_the_callers(engine_of, monkeypatch):
+    """Engine.compile(inductor): runtime.engine.decode_defaults (programmatic dependent launch on sm >= 90), each
+    overridden by the caller's option of the same name; what was used is kept (runtime.bench's rows print it)."""
+    import runtime.engine as engine_module
+
+    engine, _ = engine_of("tiny_llama", "fp32")
+    monkeypatch.setattr(engine_module, "decode_defaults", lambda device: {"triton.enable_pdl": True})
+    e = Engine.load(engine.engine_dir, device="cpu")
+    assert e.compile().inductor_options == {"triton.enable_pdl": True}
+    assert e.compile({"triton.enable_pdl": False, "combo_kernels": True}).inductor_options == \
+        {"triton.enable_pdl": False, "combo_kernels": True}
+
+
 @pytest.mark.parametrize("check_every", [3, 8])
 def test_rows_stopping_at_different_steps_give_the_same_tokens_whatever_the_stop_check(tiny_llama, tmp_path,
                                                                                          check_every):

@@ -1,6 +1,6 @@
 """`make bench`: issue 10's table in one run, as JSON lines and docs/benchmarks.md.
 
-    python tests/perf/bench_table.py gpu --out OUT [--budget_s 1500]  # on a GPU machine (gpu_call.sh: a device call)
+    python tests/perf/bench_table.py gpu --out OUT [--budget_s 1500] [--logs DIR]  # on a GPU machine (gpu_call.sh)
     python tests/perf/bench_table.py gpu --quick --out OUT             # the same steps, tiny engine, CPU
     python tests/perf/bench_table.py cpu --out OUT [--quick]           # engine vs HF generate, fp32 batch 1
     python tests/perf/bench_table.py render OUT/gpu.jsonl [OUT/cpu.jsonl] --doc docs/benchmarks.md
@@ -215,13 +215,13 @@ def gpu(args) -> None:
         return base + [p for p in prec if not (q and p == "precision=bf16")] + limits[lim]  # quick: fp32
 
     if args.build_only:  # the engines alone (the store's locks let a later run of the same cases wait for them)
-        _Builds(run, out, env, overrides, cases).wait_all({})
+        _Builds(run, env, overrides, cases).wait_all({})
         return
     # the first case builds in the foreground, the others in the background (BUILD_SLOTS at a time, in the order
     # of the cases) while the GPU benches: four 7B quant builds at once on 16 cores took 290-510 s each (H100
     # host, 2026-12-06), and the first cases' engines came too late
     first = build(run, cases[0], overrides(cases[0]), 240) if cases else None  # alone: the GPU waits for it
-    builds = _Builds(run, out, env, overrides, cases[1:])
+    builds = _Builds(run, env, overrides, cases[1:])
     engines = {cases[0]: first} if cases else {}
 
     def engine(case):
@@ -269,8 +269,8 @@ class _Builds:
     """Engine builds in the background, at most BUILD_SLOTS at once, started in the order given; wait(case)
     starts a case at once if it is still queued."""
 
-    def __init__(self, run: Run, out: Path, env: dict, overrides, cases: list[str]):
-        self.run, self.out, self.env, self.overrides = run, out, env, overrides
+    def __init__(self, run: Run, env: dict, overrides, cases: list[str]):
+        self.run, self.env, self.overrides = run, env, overrides
         self.pending, self.running, self.done = list(cases), {}, {}  # running: case -> (t0, Popen); done: -> path
         self.pump()
 

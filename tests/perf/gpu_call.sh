@@ -11,14 +11,19 @@
 #   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
 #                          EF_ROPE_IN_ATTENTION=0"), rows in ab.jsonl (each with its variant as "ab" and its case);
-#                          AB_CASES="tight int8_tight": the engines of those cases instead, AB_BATCHES="1": those only
-#   CALL_S (default 585)   the whole call's seconds: an AB variant that would not end in them is skipped, so that
-#                          the packing at the end runs before the device tool's limit (600 s) cuts the call
+#                          AB_CASES="tight,int8_tight": the engines of those cases instead, AB_BATCHES="1": those
+#                          only. With PDL on by default (runtime.engine.decode_defaults), the first row of each case
+#                          has it on: its A/B is the variant "--inductor triton.enable_pdl=false"
+#   CALL_S (default 585)   the whole call's seconds, from the script's start: an AB variant starts only with at least
+#                          AB_NEED_S (default 120) of them left and is stopped 15 s before their end, so that the
+#                          packing below runs before the device tool's limit (600 s) cuts the call (the tests, sweeps
+#                          and table keep their own limits: TEST_S, SWEEP_S, BUDGET_S)
 # What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl,
-# table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (every log; the prebuild's own rows); the rest stays in $W.
-: "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
-source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
+# table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the prebuild's own rows).
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
+: "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
+OUT=$(realpath "$OUT")
+source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 left() { echo $(( ${CALL_S:-585} - ($(date +%s) - T0) )); }
 W=$(mktemp -d)  # logs and scratch, packed into $OUT/logs.tgz at the end
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -61,17 +66,19 @@ for line in open(sys.argv[1]):
 PY
 fi
 if [ -n "$AB" ]; then
-  batches=(); for b in ${AB_BATCHES:-1 64}; do batches+=(--batch_size $b); done
-  for case in ${AB_CASES:-tight}; do
+  batches=(); for b in ${AB_BATCHES//,/ }; do batches+=(--batch_size $b); done; AB_CASES=${AB_CASES:-tight}
+  [ ${#batches[@]} == 0 ] && batches=(--batch_size 1 --batch_size 64)
+  for case in ${AB_CASES//,/ }; do
     eng=$(python3 -c "import json, sys; print(next((r['engine'] for r in map(json.loads, open(sys.argv[1]))
           if r['kind'] == 'build' and r['name'] == sys.argv[2]), ''))" $OUT/table/gpu.jsonl $case)
     [ -z "$eng" ] && { echo "ab: no engine of case $case in the table (AB_CASES must be in CASES)"; continue; }
     IFS=';' read -ra variants <<< ";$AB"
     for v in "${variants[@]}"; do
-      [ $(left) -lt ${AB_NEED_S:-90} ] && { echo "ab $case [$v] skipped: $(left) s of the call left"; continue; }
+      t=$(( $(left) - 15 ))
+      [ $t -lt $(( ${AB_NEED_S:-120} - 15 )) ] || [ $t -lt 1 ] && { echo "ab $case [$v] skipped: $(left) s of the call left"; continue; }
       read -ra words <<< "$v"; envs=(); flags=()
       for w in "${words[@]}"; do [[ ${#flags[@]} == 0 && $w == *=* && $w != -* ]] && envs+=("$w") || flags+=("$w"); done
-      timeout $(( $(left) - 15 )) env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile \
+      timeout $t env "${envs[@]}" python3 -m runtime.bench --engine_dir "$eng" --compile \
         "${batches[@]}" --input_len 128 --output_len 256 "${flags[@]}" > $W/ab.part 2>> $W/ab.log
       echo "ab $case [$v] rc=$? at $(el)"
       python3 -c "import json, sys
@@ -80,7 +87,7 @@ for line in open(sys.argv[1]):
         print(json.dumps({**json.loads(line), 'ab': sys.argv[2], 'case': sys.argv[3]}))" $W/ab.part "$v" $case >> $OUT/ab.jsonl
     done
   done
-  python3 -c "import json, sys
+  [ -s $OUT/ab.jsonl ] && python3 -c "import json, sys
 for r in map(json.loads, open(sys.argv[1])):
     if 'total_tok_s' in r:
         print(r['case'], repr(r['ab']), r['batch'], r['total_tok_s'], r['decode_ms_per_step'])" $OUT/ab.jsonl
@@ -92,7 +99,8 @@ grep -rlF --include='*.log' "assuming every input is mutated" "$W" "$OUT" | sed 
 # was cut before this packing): logs in one archive (a PREBUILD still running is stopped first: nothing of this
 # call uses it now, and the store's writes are atomic)
 jobs -p | xargs -r kill 2> /dev/null; wait
-find "$OUT" -name '*.log' -exec mv -t "$W" {} + 2> /dev/null
-(cd "$W" && tar czf "$OUT/logs.tgz" $(find . -name '*.log' -o -name 'gpu.jsonl' | sort))
+find "$OUT" -name '*.log' -exec mv --backup=numbered -t "$W" {} + 2> /dev/null  # (none expected there)
+packed=$(cd "$W" && find . -name '*.log' -o -name 'gpu.jsonl' | sort)
+[ -n "$packed" ] && (cd "$W" && tar czf "$OUT/logs.tgz" $packed)
 find "$OUT" -mindepth 1 -type d -empty -delete
 echo "done at $(el)"
