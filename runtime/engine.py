@@ -75,11 +75,12 @@ def decode_defaults(device: torch.device) -> dict:
     H100, 2026-12-07, LLaMA-2-7B dummy, batch 1, 128 + 256, `runtime.bench --compile` with and without it, each
     pair in one device call: int8_wo 273.3 -> 281.2 total tok/s, bf16 180.9 -> 184.2; batch 64 unchanged (6,877 /
     6,885, two calls; docs/benchmarks.md). Our own Triton kernels and cuBLAS launch as before (after the kernel
-    before them completes)."""
+    before them completes). TORCHINDUCTOR_ENABLE_PDL=0 / 1 in the environment (Inductor's own switch) is left
+    to decide, for every command that compiles (runtime.run / summarize / bench --compile)."""
     import torch._inductor.config as inductor_config
 
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9 \
-            or not hasattr(inductor_config, "triton.enable_pdl"):
+    if device.type != "cuda" or "TORCHINDUCTOR_ENABLE_PDL" in os.environ \
+            or not hasattr(inductor_config, "triton.enable_pdl") or torch.cuda.get_device_capability(device)[0] < 9:
         return {}
     return {"triton.enable_pdl": True}
 

@@ -192,6 +192,24 @@ def test_compile_options_are_the_defaults_under_the_callers(engine_of, monkeypat
         {"triton.enable_pdl": False, "combo_kernels": True}
 
 
+def test_pdl_is_the_default_on_hopper_unless_the_environment_says(monkeypatch):
+    """runtime.engine.decode_defaults: Inductor's programmatic dependent launch on sm >= 90 only, and never over
+    an explicit TORCHINDUCTOR_ENABLE_PDL (Inductor's own switch, which then decides)."""
+    from runtime.engine import decode_defaults
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert decode_defaults(cuda) == {"triton.enable_pdl": True}
+    assert decode_defaults(torch.device("cpu")) == {}
+    for value in ("0", "1"):
+        monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", value)
+        assert decode_defaults(cuda) == {}
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert decode_defaults(cuda) == {}
+
+
 @pytest.mark.parametrize("check_every", [3, 8])
 def test_rows_stopping_at_different_steps_give_the_same_tokens_whatever_the_stop_check(tiny_llama, tmp_path,
                                                                                          check_every):
