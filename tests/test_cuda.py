@@ -117,8 +117,10 @@ def test_compiled_decode_with_programmatic_dependent_launch_equals_eager(tiny_mo
     the same kernels launched the plain way."""
     import torch._inductor.config as inductor_config
 
-    if torch.cuda.get_device_capability()[0] < 9 or not hasattr(inductor_config, "triton.enable_pdl"):
-        pytest.skip("programmatic dependent launch needs sm >= 90 (and torch >= 2.10)")
+    cap = torch.cuda.get_device_capability()
+    if cap[0] < 9 or not hasattr(inductor_config, "triton.enable_pdl"):
+        pytest.skip(f"programmatic dependent launch needs a GPU of sm >= 90 (Hopper or later) and torch >= 2.10; "
+                    f"this is sm {cap[0]}{cap[1]} with torch {torch.__version__}: the default is off here")
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", "precision=int8_wo",
                         f"precision.dtype={dtype}")
     fast = Engine.load(engine_dir, device="cuda").compile()
