@@ -187,17 +187,27 @@ def _assert_compiled_steps_write_in_place(kind: str, device: torch.device) -> No
     from torch._inductor.utils import run_and_get_code
 
     dtype = torch.float32 if device.type == "cpu" else torch.float16
-    dec, ref = random_decoder(kind, dtype, device), random_decoder(kind, dtype, device)
+    dec, eager = random_decoder(kind, dtype, device), random_decoder(kind, dtype, device)
+    ref = random_decoder(kind, torch.float32, device)  # the same weights in fp32: the reference of both
+
+    def close(ours, theirs, want):
+        """fp32: within 1e-4 of the reference; fp16: no further from it than twice the eager fp16 step is (+1e-3).
+        (Inductor rounds fused fp16 arithmetic unlike eager: on this 2-layer model compiled and eager fp16 differ
+        by ~0.02 in logits of ~6, as much as either differs from fp32; a wrong cache write gives O(1) errors.)"""
+        err = (ours.float() - want).abs().max().item()
+        tol = 1e-4 if dtype == torch.float32 else 2 * (theirs.float() - want).abs().max().item() + 1e-3
+        assert err <= tol, f"{err:.4g} from the fp32 reference (allowed {tol:.4g})"
+
     full = "(" + ", ".join(str(n) for n in dec.kv_cache[0].shape) + ")"  # e.g. (2, 4, 2, 40, 16)
     dec.compile_prefill()
     tokens, lengths = torch.tensor([5, 9, 2, 7, 1], device=device), [3, 2]
     logits, codes = run_and_get_code(dec.prefill, tokens, lengths)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert (logits - ref.prefill(tokens, lengths)).abs().max().item() <= tol
+    want = ref.prefill(tokens, lengths)
+    close(logits, eager.prefill(tokens, lengths), want)
     step = torch.compile(dec.decode, fullgraph=True, dynamic=False)
-    tok, pos = logits.argmax(-1), torch.tensor(lengths, device=device)
+    tok, pos = want.argmax(-1), torch.tensor(lengths, device=device)  # the same tokens for all three
     out, more = run_and_get_code(step, tok, pos)
-    assert (out - ref.decode(tok, pos)).abs().max().item() <= tol
+    close(out, eager.decode(tok, pos), ref.decode(tok, pos))
     code = "\n".join(codes + more)
     assert code.count("def call(") >= 2  # both graphs' code was captured
     half = "(" + ", ".join(str(n) for n in dec.kv_cache[0].shape[1:]) + ")"  # K or V alone

@@ -1,9 +1,11 @@
 """Batch-1..512 linears of a LLaMA-2-7B layer through kernels we could adopt (a measurement on the GPU, not a
 test): torch's own int4 tinygemm (`torch._weight_int4pack_mm`, as torchao and gpt-fast call it) fed from our
 packed int4 format, torch's `_weight_int8pack_mm` where CUDA has it, and a Triton GEMV that keeps a 2-D fp32
-accumulator and reduces once at the end (bf16, int8 per channel, int4 g128), each next to cuBLAS bf16.
+accumulator and reduces once at the end (bf16, int8 per channel, int4 g128), each next to cuBLAS bf16; and
+GemLite's int4 kernels (`pip install gemlite`, Triton, HQQ's w = (q - zero) * scale per group: our int4 g128 as it
+is, unpacked to levels), at its own choice of kernel and as its batch-1 GEMV_REVSPLITK.
 
-    python tests/perf/gemv_probe.py --out OUT
+    python tests/perf/gemv_probe.py --out OUT [--sections gemlite,tinygemm]
 
 Every row says the kernel's relative error against F.linear on the dequantized weight (the CPU
 reference's arithmetic), so a fast wrong kernel is visible.
@@ -141,6 +143,8 @@ def main() -> None:
                 out({"kind": "probe", "kernel": "tinygemm", "fmt": "int4_g128", "linear": lin, "M": M,
                      "us": round(us, 2), "GB_s": round(N * K / 2 / us / 1e3, 1), "rel_err": err})
             del packs
+    if "gemlite" in sections:
+        gemlite_section(data, ref, out)
     if "triton" in sections:  # our weight-only kernel (runtime/quant/triton_wo.py) at its default launch
         from runtime.quant import triton_wo
 
@@ -218,6 +222,51 @@ def main() -> None:
                 out({"kind": "probe", "kernel": "gemv2", "fmt": fmt, "linear": lin, "M": 1, "us": round(rows[0][0], 2),
                      "GB_s": round(nb / rows[0][0] / 1e3, 1), "rel_err": rows[0][2], "best": rows[0][1],
                      "top5": [(round(u, 2), c) for u, c, _ in rows[:5]], "tried": len(rows)})
+
+
+def gemlite_section(data: dict, ref: dict, out) -> None:
+    """GemLite's A16W4 (bf16 in and out, group 128) on our int4 g128 tensors: fma (its default: w = q * scale +
+    (-zero * scale), the zero folded in bf16) and exact ((q - zero) * scale, our arithmetic), batch 1 by its own
+    choice and by GEMV_REVSPLITK, batch 16 and 64 by its own choice; the first call of each batch autotunes (or
+    finds its shipped config of the card) outside the timed CUDA graph."""
+    try:
+        import gemlite
+        from gemlite import DType, GemLiteLinear
+    except Exception as e:  # noqa: BLE001
+        out({"kind": "failed", "kernel": "gemlite", "why": f"import: {e}"[:300]})
+        return
+    out({"kind": "env", "gemlite": getattr(gemlite, "__version__", "?")})
+    for fma in (True, False):
+        for lin, (N, K) in SHAPES.items():
+            try:
+                layers = []
+                for t in data[lin]["int4"]:
+                    g = GemLiteLinear(4, group_size=128, in_features=K, out_features=N, input_dtype=DType.BF16,
+                                      output_dtype=DType.BF16)
+                    g.pack(int4_wo.unpack(t["weight"]), t["scale"].to(torch.bfloat16), t["zero"].to(torch.bfloat16),
+                           fma_mode=fma)
+                    layers.append(g)
+            except Exception as e:  # noqa: BLE001
+                out({"kind": "failed", "kernel": "gemlite", "linear": lin, "fma": fma, "why": f"pack: {e}"[:300]})
+                continue
+            for M, how in ((1, "auto"), (1, "GEMV_REVSPLITK"), (16, "auto"), (64, "auto")):
+                x, r = ref[lin, M]
+
+                def call(g):
+                    return g(x) if how == "auto" else g.forward_manual(x, how)
+                try:
+                    for g in layers:  # autotune / config lookup, outside the graph
+                        call(g)
+                    torch.cuda.synchronize()
+                    err = rel(call(layers[0]), r["int4"])
+                    us = time_graph(lambda: [call(g) for g in layers], 15) * 1e6 / COPIES
+                except Exception as e:  # noqa: BLE001
+                    out({"kind": "failed", "kernel": "gemlite", "linear": lin, "M": M, "how": how, "fma": fma,
+                         "why": str(e)[:300]})
+                    continue
+                out({"kind": "probe", "kernel": f"gemlite_{how.lower()}" + ("" if fma else "_exact"), "fmt": "int4_g128",
+                     "linear": lin, "M": M, "us": round(us, 2), "GB_s": round(N * K / 2 / us / 1e3, 1), "rel_err": err})
+            del layers
 
 
 if __name__ == "__main__":

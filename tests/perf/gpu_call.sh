@@ -3,7 +3,9 @@
 # `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
 #   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds;
-#                          TESTS_N=4: that many pytest-xdist workers sharing the GPU, a file each (carry its wheels)
+#                          TESTS_N=4: that many pytest-xdist workers sharing the GPU (carry its wheels), tests dealt
+#                          one by one (TESTS_DIST=load; 2026-12-07 "loadfile" left test_cuda.py's compiled tests to one
+#                          worker, and the 150 s cut them), TESTS_DIST=loadfile: a file each
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
@@ -34,7 +36,7 @@ fi
 if [ -n "$TESTS" ]; then
   # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none)
   timeout ${TEST_S:-120} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider -p no:benchmark tests \
-    ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N --dist loadfile} > $OUT/cuda_tests.txt 2>&1
+    ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N --dist ${TESTS_DIST:-load}} > $OUT/cuda_tests.txt 2>&1
   echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"
   grep -cE " PASSED" $OUT/cuda_tests.txt; grep -E "(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
 fi

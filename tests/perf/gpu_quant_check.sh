@@ -7,7 +7,8 @@
 #   pip download -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps \
 #     hydra_core==1.3.2 omegaconf==2.3.0 absl_py nltk gguf==0.19.0 platformdirs hypothesis==6.170.15 sortedcontainers \
 #     pytest-xdist==3.8.0 execnet==2.1.2  (gpu_call.sh TESTS_N=)
-#   pip wheel -w .whl --no-deps antlr4-python3-runtime==4.9.3 rouge_score==0.1.2
+#   pip wheel -w .whl --no-deps antlr4-python3-runtime==4.9.3 rouge_score==0.1.2 gemlite==0.6.0.post2
+#   (gemlite: only tests/perf/gemv_probe.py --sections gemlite imports it, a kernel under evaluation)
 # Results: $OUT/quant_check.log, $OUT/cuda_tests.txt, $OUT/linear.jsonl. ~8 min on an H200 with the defaults.
 source tests/perf/device_env.sh  # the carried wheels, PYTHONPATH, EF_SHARED_DIR
 LOG=$OUT/quant_check.log; T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
