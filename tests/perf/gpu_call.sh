@@ -34,8 +34,10 @@ if [ -n "$PREBUILD" ] && [ -n "$CASES" ]; then
     > /dev/null 2> $W/prebuild.log &
 fi
 if [ -n "$TESTS" ]; then
-  # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none)
-  timeout ${TEST_S:-120} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider -p no:benchmark tests \
+  # -v: a line a test as it ends, so a run cut by the timeout still names what passed (-q under xdist names none);
+  # SIGINT at TEST_S: pytest stops and still prints the failures so far (2026-12-07: a cut run's one failure came
+  # back without its message), SIGKILL 20 s later
+  timeout -s INT -k 20 ${TEST_S:-120} python3 -m pytest -v -rfE -m cuda -p no:cacheprovider -p no:benchmark tests \
     ${TESTS_K:+-k "$TESTS_K"} ${TESTS_N:+-n $TESTS_N --dist ${TESTS_DIST:-load}} > $OUT/cuda_tests.txt 2>&1
   echo "cuda tests rc=$? at $(el): $(tail -n 1 $OUT/cuda_tests.txt)"
   grep -cE " PASSED" $OUT/cuda_tests.txt; grep -E "(FAILED|ERROR)" $OUT/cuda_tests.txt | head -n 10
