@@ -7,6 +7,7 @@
 #                          one by one (TESTS_DIST=load; 2026-12-07 "loadfile" left test_cuda.py's compiled tests to one
 #                          worker, and the 150 s cut them), TESTS_DIST=loadfile: a file each
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
+#   PROBE=gemlite,tinygemm tests/perf/gemv_probe.py --sections (a LLaMA-7B layer's linears by kernel), PROBE_S seconds
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
@@ -20,7 +21,7 @@
 #                          AB_NEED_S (default 120) of them left and is stopped 15 s before their end, so that the
 #                          packing below runs before the device tool's limit (600 s) cuts the call (the tests, sweeps
 #                          and table keep their own limits: TEST_S, SWEEP_S, BUDGET_S)
-# What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl,
+# What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl, gemv_probe.jsonl,
 # table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the prebuild's own rows).
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 : "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
@@ -50,6 +51,14 @@ if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SW
     echo "sweep $entry rc=$? at $(el)"
   done
   tail -n 3 $W/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
+fi
+if [ -n "$PROBE" ]; then  # tests/perf/gemv_probe.py's sections (e.g. gemlite,tinygemm,triton) within PROBE_S
+  timeout -s INT -k 10 ${PROBE_S:-150} python3 tests/perf/gemv_probe.py --out $OUT --sections $PROBE \
+    --budget_s ${PROBE_S:-150} > /dev/null 2> $W/probe.log
+  echo "probe $PROBE rc=$? at $(el)"; tail -n 3 $W/probe.log
+  [ -f $OUT/gemv_probe.jsonl ] && python3 -c "import json, sys; [print(r['kernel'], r.get('linear'), r.get('M'),
+    r.get('us'), r.get('GB_s'), r.get('rel_err')) if r['kind'] == 'probe' else print(r)
+    for r in map(json.loads, open(sys.argv[1]))]" $OUT/gemv_probe.jsonl
 fi
 if [ -n "$CASES" ]; then
   python3 tests/perf/bench_table.py gpu --out $OUT/table --logs $W/table --cases $CASES --budget_s ${BUDGET_S:-300} \
