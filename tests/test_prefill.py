@@ -183,19 +183,24 @@ def test_bucketed_graphs_give_the_eager_tokens(kind):
     assert sorted(graphed._graphs) == [1, 2, 4, 8]
 
 
-def _assert_compiled_steps_write_in_place(kind: str, device: torch.device) -> None:
+def _assert_compiled_steps_write_in_place(kind: str, device: torch.device, dtype: torch.dtype) -> None:
     from torch._inductor.utils import run_and_get_code
 
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
-    dec, eager = random_decoder(kind, dtype, device), random_decoder(kind, dtype, device)
-    ref = random_decoder(kind, torch.float32, device)  # the same weights in fp32: the reference of both
+    dec = random_decoder(kind, dtype, device)
+    ref = random_decoder(kind, torch.float32, device)  # the same weights in fp32: the reference
+    eager = random_decoder(kind, dtype, device) if dtype != torch.float32 else None  # fp16's yardstick
 
-    def close(ours, theirs, want):
-        """fp32: within 1e-4 of the reference; fp16: no further from it than twice the eager fp16 step is (+1e-3).
-        (Inductor rounds fused fp16 arithmetic unlike eager: on this 2-layer model compiled and eager fp16 differ
-        by ~0.02 in logits of ~6, as much as either differs from fp32; a wrong cache write gives O(1) errors.)"""
+    def close(ours, eager_out, want):
+        """fp32: within 1e-4 of the reference. fp16: the eager fp16 decoder within 0.1 of it (logits ~6), and the
+        compiled one within max(twice the eager error, 0.03) + 1e-3. (Inductor rounds fused fp16 arithmetic unlike
+        eager: on this 2-layer model, in fp16 on the CPU, compiled and eager differ by 0.0195, either from fp32 by
+        0.011-0.017; a lost cache write costs 1.2-9 here.)"""
         err = (ours.float() - want).abs().max().item()
-        tol = 1e-4 if dtype == torch.float32 else 2 * (theirs.float() - want).abs().max().item() + 1e-3
+        tol = 1e-4
+        if eager_out is not None:
+            e = (eager_out.float() - want).abs().max().item()
+            assert e <= 0.1, f"the eager fp16 decoder is {e:.4g} from the fp32 reference"
+            tol = max(2 * e, 3e-2) + 1e-3
         assert err <= tol, f"{err:.4g} from the fp32 reference (allowed {tol:.4g})"
 
     full = "(" + ", ".join(str(n) for n in dec.kv_cache[0].shape) + ")"  # e.g. (2, 4, 2, 40, 16)
@@ -203,11 +208,11 @@ def _assert_compiled_steps_write_in_place(kind: str, device: torch.device) -> No
     tokens, lengths = torch.tensor([5, 9, 2, 7, 1], device=device), [3, 2]
     logits, codes = run_and_get_code(dec.prefill, tokens, lengths)
     want = ref.prefill(tokens, lengths)
-    close(logits, eager.prefill(tokens, lengths), want)
+    close(logits, None if eager is None else eager.prefill(tokens, lengths), want)
     step = torch.compile(dec.decode, fullgraph=True, dynamic=False)
     tok, pos = want.argmax(-1), torch.tensor(lengths, device=device)  # the same tokens for all three
     out, more = run_and_get_code(step, tok, pos)
-    close(out, eager.decode(tok, pos), ref.decode(tok, pos))
+    close(out, None if eager is None else eager.decode(tok, pos), ref.decode(tok, pos))
     code = "\n".join(codes + more)
     assert code.count("def call(") >= 2  # both graphs' code was captured
     half = "(" + ", ".join(str(n) for n in dec.kv_cache[0].shape[1:]) + ")"  # K or V alone
@@ -215,17 +220,19 @@ def _assert_compiled_steps_write_in_place(kind: str, device: torch.device) -> No
         assert f"empty_strided_{device.type}({shape}" not in code, f"a {shape} buffer: the compiled code copies the cache"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["rope_gqa", "learned_mqa"])
-def test_compiled_steps_write_the_cache_in_place(kind, one_thread):
+def test_compiled_steps_write_the_cache_in_place(kind, dtype, one_thread):
     """Inductor's code for the compiled decode step and prefill allocates no buffer the size of a layer's K/V
     tensor: the cache is written in place. A step that read K / V through views made outside the graph copied
     the whole cache every layer on the GPU (H100, 2026-12-07: 22.9 ms a decode step at batch 1 where ~5 is
-    expected); on the CPU the same mistake shows as such buffers in the code."""
-    _assert_compiled_steps_write_in_place(kind, torch.device("cpu"))
+    expected); on the CPU the same mistake shows as such buffers in the code. In fp16 too: the bounds of the
+    GPU test below, checked where CI runs."""
+    _assert_compiled_steps_write_in_place(kind, torch.device("cpu"), dtype)
 
 
 @pytest.mark.parametrize("kind", ["rope_gqa", "learned_mqa"])
 @cuda
 def test_compiled_steps_write_the_cache_in_place_on_cuda(kind):
     """The same on the GPU, through the Triton decode attention (a custom op reading views of the cache)."""
-    _assert_compiled_steps_write_in_place(kind, DEV)
+    _assert_compiled_steps_write_in_place(kind, DEV, torch.float16)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, then
+# One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, kernel probe, then
 # `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
 #   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds;
@@ -7,7 +7,9 @@
 #                          one by one (TESTS_DIST=load; 2026-12-07 "loadfile" left test_cuda.py's compiled tests to one
 #                          worker, and the 150 s cut them), TESTS_DIST=loadfile: a file each
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
-#   PROBE=gemlite,tinygemm tests/perf/gemv_probe.py --sections (a LLaMA-7B layer's linears by kernel), PROBE_S seconds
+#   PROBE=gemlite,tinygemm tests/perf/gemv_probe.py --sections (a LLaMA-7B layer's linears by kernel) within PROBE_S
+#                          (300) seconds, its gemv2 sweep within 60 less; GemLite autotunes every shape but 4096 x 4096
+#                          on a fresh machine (its shipped H100 configs): rows are written as they come
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
@@ -21,8 +23,8 @@
 #                          AB_NEED_S (default 120) of them left and is stopped 15 s before their end, so that the
 #                          packing below runs before the device tool's limit (600 s) cuts the call (the tests, sweeps
 #                          and table keep their own limits: TEST_S, SWEEP_S, BUDGET_S)
-# What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl, gemv_probe.jsonl,
-# table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the prebuild's own rows).
+# What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl,
+# gemv_probe.jsonl, table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the prebuild's own rows).
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 : "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
 OUT=$(realpath "$OUT")
@@ -53,8 +55,8 @@ if [ -n "$SWEEP" ]; then  # each space-separated entry gets an equal share of SW
   tail -n 3 $W/sweep.log; python3 tests/perf/sweep_summary.py $OUT/linear.jsonl --top 8
 fi
 if [ -n "$PROBE" ]; then  # tests/perf/gemv_probe.py's sections (e.g. gemlite,tinygemm,triton) within PROBE_S
-  timeout -s INT -k 10 ${PROBE_S:-150} python3 tests/perf/gemv_probe.py --out $OUT --sections $PROBE \
-    --budget_s ${PROBE_S:-150} > /dev/null 2> $W/probe.log
+  timeout -s INT -k 10 ${PROBE_S:-300} python3 tests/perf/gemv_probe.py --out $OUT --sections $PROBE \
+    --budget_s $(( ${PROBE_S:-300} - 60 )) > /dev/null 2> $W/probe.log
   echo "probe $PROBE rc=$? at $(el)"; tail -n 3 $W/probe.log
   [ -f $OUT/gemv_probe.jsonl ] && python3 -c "import json, sys; [print(r['kernel'], r.get('linear'), r.get('M'),
     r.get('us'), r.get('GB_s'), r.get('rel_err')) if r['kind'] == 'probe' else print(r)
