@@ -39,6 +39,7 @@ CASES = {
     **{f"gemm_swap_{name}": ("gemm_swap", bits, group, True, 4, 128, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))},
     "gemm_swap_int8_channel_default_64_rows": ("gemm_swap", 8, 4096, True, 4, 64, 128),  # (its K split: trace_probe)
+    "gemm_swap_magic_int4_g128_64_rows": ("gemm_swap_magic", 4, 128, True, 4, 64, 128),  # nibbles to bf16 by bits
 }
 
 _PROBE = """
@@ -52,9 +53,10 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
                                                                PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0))
     else:
-        swap = kind == "gemm_swap"
+        swap = kind.startswith("gemm_swap")
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
-                                                          JOIN=False, SWAP=swap, MAGIC=swap and bits == 8)
+                                                          JOIN=False, SWAP=swap,
+                                                          MAGIC=swap and (bits == 8 or kind.endswith("magic")))
     out[name] = a.describe(a.compile_kernel(fn, args, c, warps, 3, a.GPUTarget("cuda", 90, 32)))
 print(json.dumps(out))
 """

@@ -271,8 +271,9 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        t._kernel_vs_reference(k, mode, M, dt, 'cpu')\n"
             "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"  # split K, and the batch-1 GEMV split or not
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)\n"
-            "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3,\n"
-            "                               NATURAL=True)\n"  # the tile loaded as stored, int4 interleaved: one dot
+            "        for magic in (False, True):\n"  # the tile loaded as stored, int4 interleaved: one dot (MAGIC: fp16)
+            "            t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
+            "                                   SPLIT_K=3, NATURAL=True, MAGIC=magic)\n"
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3,\n"
             "                               MAGIC=True)\n"  # int4 in fp16: nibbles to 1024 + q by bits (fp32: off)
             "        for magic, xsplit, join in ((False, True, False), (True, True, False), (False, False, True),\n"
@@ -310,10 +311,11 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "    t._kernel_vs_reference(k, 'int8_wo', 5, dt, 'cpu', K=320, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256,\n"
             "                           SPLIT_K=1, MAGIC=True)\n"
             # SWAP: out^T = W x^T (the weight the MMA's left operand), split or not, added in the kernel or not,
-            # int8 with and without MAGIC; rows and features not multiples of the tiles
+            # int8 and int4 with and without MAGIC (int4's: fp16 only); rows and features not multiples of the tiles
             "    for mode, K, magic, split, red in (('int8_wo', 320, True, 1, False), ('int8_wo', 288, False, 3, True),\n"
             "                                       ('int4_wo_g64', 320, False, 3, False), ('int4_wo_g64', 320, False, 3, True),\n"
-            "                                       ('int4_wo', 288, False, 1, False)):\n"  # 288: a masked last K tile
+            "                                       ('int4_wo', 288, False, 1, False), ('int4_wo_g64', 320, True, 3, True),\n"
+            "                                       ('int4_wo', 288, True, 1, False)):\n"  # 288: a masked last K tile
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=K, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
             "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n"
             # int4 at batch 1 with its default launch shape at a layer's K (512-feature tiles, K split 4, REDUCE)
@@ -401,6 +403,11 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
                          "MAGIC": True}),
                    (64, {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 8, "JOIN": True}),
                    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "JOIN": True,
+                         "MAGIC": True}),
+                   # the tile as stored with MAGIC (int4: OFF + q by bits, bf16 here too), SWAP'd or not
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "SWAP": True,
+                         "MAGIC": True, "REDUCE": True}),
+                   (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "NATURAL": True,
                          "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
     w = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(5))

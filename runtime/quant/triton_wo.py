@@ -53,6 +53,20 @@ def _levels(q, z, DTYPE: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _nibble_levels(q, z, DTYPE: tl.constexpr):
+    """int4 levels q in [0, 15] (int32) as the 16-bit float OFF + q, by bits alone (OR-ed into the mantissa of OFF:
+    bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400, both a ulp of 1 there, so exact), and OFF + z in fp32 for the caller
+    to take out of its sums: x @ (OFF + q) - sum(x) (OFF + z) = x @ (q - z)."""
+    if DTYPE == tl.bfloat16:
+        w = (q | 0x4300).to(tl.int16).to(DTYPE, bitcast=True)
+        zoff = z.to(tl.float32) + 128.0
+    else:
+        w = (q | 0x6400).to(tl.int16).to(DTYPE, bitcast=True)
+        zoff = z.to(tl.float32) + 1024.0
+    return w, zoff
+
+
+@triton.jit
 def _byte_kmask(k0, j, K, HALF: tl.constexpr, EVEN_K: tl.constexpr):
     """Which of an int4 tile's HALF bytes (features k0 + 2j, k0 + 2j + 1) lie before K: on the byte index, which
     the compiler sees contiguous (8-byte loads; the feature index 2j allowed only byte loads), and no mask at all
@@ -115,9 +129,9 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
     which). The weight rows fill the MMA's 64-row side, the batch its narrow side (as Marlin / Machete do): int8's
     default at 33-64 rows (default_config).
 
-    MAGIC (int4, 16-bit x, not NATURAL): a nibble becomes the 16-bit float OFF + q by bits alone, OR-ed into
-    the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so exact):
-    no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
+    MAGIC (int4, 16-bit x; either tile layout, SWAP too): a nibble becomes the 16-bit float OFF + q by bits
+    alone, OR-ed into the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so
+    exact; _nibble_levels): no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
     and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
     sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'.
     int8 (either tile layout): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
@@ -162,26 +176,28 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                         other=0).to(tl.int32)  # (BLOCK_N, HALF)
             if INT4:
                 b = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1 in order
-            wn = _levels(b, z[:, None], X.dtype.element_ty, MAGIC)  # (BLOCK_N, BLOCK_K); MAGIC: int8 only (launch)
+            if INT4 and MAGIC:  # OFF + level by bits; OFF + zero comes out of the sums below
+                wn, zoff = _nibble_levels(b, z, X.dtype.element_ty)  # zoff (BLOCK_N,)
+            else:
+                wn = _levels(b, z[:, None], X.dtype.element_ty, MAGIC)  # (BLOCK_N, BLOCK_K)
             if SWAP:  # out^T = w x^T: the levels are the MMA's left operand, taken from registers
                 part = _dot(wn, tl.trans(x), IEEE)  # (BLOCK_N, BLOCK_M)
             else:
                 part = _dot(x, tl.trans(wn), IEEE)
+            if INT4 and MAGIC:
+                xs = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)
+                if SWAP:
+                    part -= zoff[:, None] * xs[None, :]
+                else:
+                    part -= xs[:, None] * zoff[None, :]
         elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
             bmask = _byte_kmask(k0, j, K, HALF, EVEN_K)  # = kmask, in a form that allows vector loads
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=bmask[:, None] & nmask[None, :], other=0).to(tl.int32)
             if MAGIC:  # OFF + level as 16-bit floats by bits; OFF + zero comes out of the sums below
-                if X.dtype.element_ty == tl.bfloat16:
-                    BASE: tl.constexpr = 0x4300  # bf16 128.0
-                    OFF: tl.constexpr = 128.0
-                else:
-                    BASE: tl.constexpr = 0x6400  # fp16 1024.0
-                    OFF: tl.constexpr = 1024.0
-                lo = ((b & 15) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # (HALF, BLOCK_N) 2j
-                hi = ((b >> 4) | BASE).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # ... 2j + 1
-                zoff = z.to(tl.float32) + OFF
+                lo, zoff = _nibble_levels(b & 15, z, X.dtype.element_ty)  # (HALF, BLOCK_N) features 2j; (BLOCK_N,)
+                hi, _ = _nibble_levels(b >> 4, z, X.dtype.element_ty)  # ... 2j + 1
             else:
                 lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
                 hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
@@ -426,8 +442,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
         cfg["NATURAL"] = cfg.get("NATURAL", False) or cfg["SWAP"]  # SWAP loads the tile as stored
         cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
         cfg["JOIN"] = cfg.get("JOIN", False) and bits == 4 and not cfg["NATURAL"]
-        # the GEMM's MAGIC: int8, or int4 with 16-bit x and the tile as loaded (not NATURAL; _wo_kernel's docstring)
-        cfg["MAGIC"] = cfg["MAGIC"] and (bits == 8 or (not cfg["NATURAL"] and x.dtype in (torch.bfloat16, torch.float16)))
+        # the GEMM's MAGIC: int8, or int4 with 16-bit x (either tile layout; _wo_kernel's docstring)
+        cfg["MAGIC"] = cfg["MAGIC"] and (bits == 8 or x.dtype in (torch.bfloat16, torch.float16))
     # a tile never straddles two groups; the GEMV's may hold several whole ones (NG)
     ng = cfg["BLOCK_K"] // group if gemv and G > 1 and cfg["BLOCK_K"] > group else 1
     assert group % cfg["BLOCK_K"] == 0 or G == 1 or (ng * group == cfg["BLOCK_K"] and not ng & (ng - 1)), (group, cfg)

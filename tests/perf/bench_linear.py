@@ -150,13 +150,14 @@ class _WeightOnly:
         # int4's variants (triton_wo._wo_kernel), innermost so that a budget cut leaves each the same shapes:
         # JOIN (x read as stored, the weight levels interleaved back: one dot) and XSPLIT (x read contiguously,
         # parted even / odd), each with and without MAGIC (nibbles to bf16 by bits), NATURAL (the weight tile as
-        # stored), plain; likelier shapes first (wide N tiles: x is re-read from L2 by every N tile)
+        # stored) with and without MAGIC, plain; likelier shapes first (wide N tiles: x is re-read from L2 by every N tile)
         **{M: [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": 8 if bm * bn > 8192 else 4,
                 "num_stages": ns, "JOIN": jn, "XSPLIT": xs, "MAGIC": mg, "NATURAL": nat}
                for bn, bk, sk, ns, (jn, xs, mg, nat) in itertools.product(
                    (128, 64, 256), (128, 64), (2, 1, 4), (4, 3),
                    ((True, False, True, False), (True, False, False, False), (False, True, True, False),
-                    (False, True, False, False), (False, False, False, True), (False, False, False, False)))]
+                    (False, True, False, False), (False, False, True, True), (False, False, False, True),
+                    (False, False, False, False)))]
            for M, bm in ((16, 16), (64, 64))},
     }
     # int8 at 16 and 64 rows: MAGIC (fp32 bits, bf16 its upper half: no conversions), plain, NATURAL; the
@@ -195,7 +196,9 @@ class _WeightOnly:
     def __init__(self, mode: str, bits: int):
         self.mode, self.bits = mode, bits
         grids = {**self.grids, **self.grids8} if bits == 8 else {**self.grids, 1: self.gemv4 + self.grids[1]}
-        swap = {M: [{**c, "MAGIC": bits == 8} for c in cfgs] for M, cfgs in self.swap.items()}  # (int8's only)
+        # int8 with MAGIC; int4 with and without it (its MAGIC in the tile as stored is new on 2026-12-07: untimed)
+        swap = {M: [{**c, "MAGIC": mg} for c in cfgs for mg in ((True,) if bits == 8 else (True, False))]
+                for M, cfgs in self.swap.items()}
         self.grids = {M: swap.get(M, []) + grid for M, grid in grids.items()}
         self.grids[1] = self.ahead[bits] + self.grids[1]
 
