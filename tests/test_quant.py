@@ -262,6 +262,12 @@ def test_gemv_weight_tiles_read_nothing_past_k_or_n():
     _interpreted("import triton_probes\ntriton_probes.check_gemv_tile_masks()\n")
 
 
+def test_int4_magic_levels_are_exact_in_bf16_and_fp16():
+    """The int4 nibble -> 16-bit float by bits (triton_wo._nibble_levels) alone, through Triton's interpreter: the
+    whole kernel's bf16 runs only on CUDA (the interpreter's bf16 arithmetic is not the GPU's), its bit trick here."""
+    _interpreted("import triton_probes\ntriton_probes.check_nibble_levels()\n")
+
+
 def test_triton_weight_only_kernel_matches_the_torch_reference():
     """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
     imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""
@@ -271,9 +277,10 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "        t._kernel_vs_reference(k, mode, M, dt, 'cpu')\n"
             "    for mode in ('int4_wo_g64', 'int4_wo', 'int8_wo'):\n"  # split K, and the batch-1 GEMV split or not
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)\n"
-            "        for magic in (False, True):\n"  # the tile loaded as stored, int4 interleaved: one dot (MAGIC: fp16)
-            "            t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64,\n"
-            "                                   SPLIT_K=3, NATURAL=True, MAGIC=magic)\n"
+            "        for magic, K in ((False, 256), (True, 256), (True, 320 if mode == 'int4_wo_g64' else 288)):\n"
+            "            t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, K=K, BLOCK_M=16, BLOCK_N=16,\n"
+            "                                   BLOCK_K=64, SPLIT_K=3, NATURAL=True, MAGIC=magic)\n"  # the tile as
+            # stored, int4 interleaved: one dot (MAGIC: fp16 only; K 288: a masked last tile, per channel)
             "        t._kernel_vs_reference(k, mode, 5, dt, 'cpu', N=40, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3,\n"
             "                               MAGIC=True)\n"  # int4 in fp16: nibbles to 1024 + q by bits (fp32: off)
             "        for magic, xsplit, join in ((False, True, False), (True, True, False), (False, False, True),\n"

@@ -131,9 +131,10 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 
     MAGIC (int4, 16-bit x; either tile layout, SWAP too): a nibble becomes the 16-bit float OFF + q by bits
     alone, OR-ed into the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so
-    exact; _nibble_levels): no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit)
-    and bounds the kernel, not the bytes. The offset comes out of the accumulator, per tile: x @ (OFF + q) -
-    sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the 16-bit inputs'.
+    exact; _nibble_levels): no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight:
+    s32 -> f32 -> 16-bit) and bounds the kernel, not the bytes. The offset comes out of the accumulator, per
+    tile: x @ (OFF + q) - sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the
+    16-bit inputs'.
     int8 (either tile layout): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
     2**23 + 128 + z leaves q - z exactly, and bf16 takes that float's upper 16 bits (exact: |q - z| < 256 has
     8 significant bits): an add, a subtract and a shift a weight instead of two conversions (int to float, at a

@@ -104,7 +104,8 @@ def main() -> None:
                 (8, 4096, 64, 32, 256, 4, 4, True, False, False), (8, 4096, 64, 64, 128, 4, 3, False, True, False),
                 (8, 4096, 64, 64, 128, 4, 3, True, True, True), (8, 4096, 16, 128, 128, 4, 4, True, True, True),
                 (4, 128, 64, 64, 128, 4, 3, False, False, False), (4, 128, 64, 64, 128, 4, 3, True, False, False),
-                (4, 128, 64, 64, 128, 4, 3, False, True, True), (4, 128, 16, 128, 128, 4, 4, False, True, True)]:
+                (4, 128, 64, 64, 128, 4, 3, False, True, True), (4, 128, 16, 128, 128, 4, 4, False, True, True),
+                (4, 128, 64, 64, 128, 4, 3, True, True, True), (4, 128, 16, 128, 128, 4, 4, True, True, True)]:
             consts = dict(base, GROUP=group, INT4=bits == 4, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                           SPLIT_K=1, NATURAL=natural, MAGIC=magic, XSPLIT=False, JOIN=False, SWAP=swap)
             k = compile_kernel(wo._wo_kernel, GEMM_ARGS, consts, warps, stages, target)
