@@ -6,7 +6,11 @@ over it for the whole query group of KV head g (each K/V block is read once for 
 query heads, as rows of one tl.dot). Chunks past L exit at once: the cost follows the live length
 while the grid depends only on shapes, so it is the same launch on every step (CUDA graphs).
 Stage 2, grid (B, nh): combines the splits' partial outputs with their log-sum-exp. When one split
-is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not launched.
+is enough to fill the GPU, stage 1 writes the output directly and stage 2 is not launched. With REDUCE
+($EF_ATTN_REDUCE=1, untimed: off by default) there is no stage 2: the last program of a (b, g) to arrive (a
+counter in LOCKS, zeros at launch) combines the splits, in their order (the bits do not depend on which came
+last), as the weight-only GEMV's in-kernel split-K sum does; at batch 1 the stage-2 kernel costs 48-50 µs a
+7B decode step on the H100 and H200 (32 launches), a fill of the counters takes its place.
 
 Softmax runs in base 2 (scores pre-multiplied by log2 e); ALiBi adds slope * (j - pos) in fp32.
 Rotary (when given its tables): q arrives unrotated and each program rotates its rows at pos[b] as the
@@ -21,21 +25,24 @@ scale folds into the score scale and the V scale into the output, so the loop do
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 _LOG2E = 1.4426950408889634
+REDUCE = os.environ.get("EF_ATTN_REDUCE") == "1"  # decided once, at import (not in the decode loop)
 
 
 @triton.jit
-def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT,
+def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT, LOCKS,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   stride_ob, stride_oh, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
-                  IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr):
+                  IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr, REDUCE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # b * stride_kb can pass 2**31
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,6 +122,31 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
         tl.store(O_PART + row[:, None] * HD + d[None, :], o, mask=gmask[:, None])
         tl.store(LSE_PART + row, tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
                  mask=gmask)
+        if REDUCE:  # the last of the (b, kvh) programs to arrive combines its G heads' splits
+            tl.debug_barrier()  # every thread's partials stored before the release below
+            if tl.atomic_add(LOCKS + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                _combine_rows(O_PART, LSE_PART, OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                              (b * NH + heads) * SPLITS, gmask, SPLITS, HD)
+
+
+@triton.jit
+def _combine_rows(O_PART, LSE_PART, out_ptrs, base, rmask, SPLITS, HD: tl.constexpr):
+    """REDUCE's stage 2 for a few rows (a KV head's query heads): partials base + 0 .. SPLITS-1 of each row
+    (from L2, .cg: other programs wrote them), weighted by exp2(lse - max), added in split order."""
+    d = tl.arange(0, HD)
+    mx = tl.full(base.shape, float("-inf"), tl.float32)
+    for t in range(SPLITS):
+        mx = tl.maximum(mx, tl.load(LSE_PART + base + t, mask=rmask, other=float("-inf"), cache_modifier=".cg"))
+    mx = tl.where(rmask, mx, 0.0)  # split 0 is never empty: finite on every real row
+    total = tl.zeros(base.shape, tl.float32)
+    out = tl.zeros([base.shape[0], HD], tl.float32)
+    for t in range(SPLITS):
+        w = tl.exp2(tl.load(LSE_PART + base + t, mask=rmask, other=float("-inf"), cache_modifier=".cg") - mx)
+        out += tl.load(O_PART + (base + t)[:, None] * HD + d[None, :], mask=rmask[:, None], other=0.0,
+                       cache_modifier=".cg") * w[:, None]
+        total += w
+    out = out / tl.where(rmask, total, 1.0)[:, None]
+    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
@@ -144,12 +176,13 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
     # (runtime.bench_attention --sweep, 7B shapes): within 1% of the best of 36 launch shapes at batch
     # 1 and 64, live 384 and 2300; 4 waves (17 splits at batch 1) were 10-15% slower.
     splits = max(1, min(2 * _sm_count(device) // (B * nkv), triton.cdiv(S, block_n), 64))
-    return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3}
+    return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3, "reduce": REDUCE}
 
 
 def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, rope=None, *, block_n: int,
-           splits: int, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it).
+           splits: int, num_warps: int = 4, num_stages: int = 2, reduce: bool = False) -> torch.Tensor:
+    """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it);
+    reduce: the splits combined by each (b, KV head)'s last program, no stage-2 kernel (module docstring).
     kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype.
     rope: (cos, sin) tables (positions, rotary_dim) fp32, contiguous: q comes unrotated and is rotated here."""
     B, nh, hd = q.shape
@@ -165,18 +198,21 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
     quant = kv_scale is not None
     assert quant or k_cache.dtype.is_floating_point and k_cache.dtype.itemsize > 1, "an 8-bit cache needs kv_scale"
     cos, sin = rope if rope is not None else (pos, pos)  # unread when ROT is 0
+    reduce = reduce and not direct
+    # a counter a (b, KV head), zeros, with reduce only (never read otherwise: pos stands in)
+    locks = torch.zeros(B * nkv, dtype=torch.int32, device=q.device) if reduce else pos
     assert rope is None or (cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
                             and cos.shape[1] % 2 == 0 and cos.shape[1] <= hd)
     wrap_triton(_split_kernel)[(B, nkv, splits)](
-        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out,
+        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out, locks,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         scale * _LOG2E, splits,
         NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, KV_QUANT=quant,
         IEEE=(q.dtype if quant else k_cache.dtype) == torch.float32, DIRECT=direct,
-        ROT=cos.shape[1] if rope is not None else 0, num_warps=num_warps, num_stages=num_stages)
-    if not direct:
+        ROT=cos.shape[1] if rope is not None else 0, REDUCE=reduce, num_warps=num_warps, num_stages=num_stages)
+    if not direct and not reduce:
         wrap_triton(_combine_kernel)[(B, nh)](
             part_o, part_lse, out, out.stride(0), out.stride(1), splits,
             NH=nh, HD=hd, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4)

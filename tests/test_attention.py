@@ -104,12 +104,50 @@ def test_triton_op_matches_reference(kernels, name, dtype, one_thread):
     assert_close(kernels.decode_attention(q, k, v, pos, q.shape[-1] ** -0.5, slopes), ref, dtype)
 
 
+@pytest.mark.parametrize("reduce", [False, True])
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (3, 16), (7, 32), (64, 16)])
-def test_triton_any_split_count(kernels, splits, block_n, one_thread):
-    """Direct (one split) and combined outputs alike, also with more splits than live blocks (empty ones)."""
+def test_triton_any_split_count(kernels, splits, block_n, reduce, one_thread):
+    """Direct (one split) and combined outputs alike, also with more splits than live blocks (empty ones); the
+    splits combined by a second kernel or by each KV head's last program (reduce: no NaN from the poisoned cache
+    or the empty splits, rows of every batch entry and head written)."""
     (q, k, v, pos, slopes), ref = make_inputs(CASES["b2_gqa8_alibi"], torch.float32, seed=3)
-    assert_close(kernels.launch(q, k, v, pos, q.shape[-1] ** -0.5, slopes, splits=splits, block_n=block_n),
-                 ref, torch.float32)
+    out = kernels.launch(q, k, v, pos, q.shape[-1] ** -0.5, slopes, splits=splits, block_n=block_n, reduce=reduce)
+    assert_close(out, ref, torch.float32)
+
+
+def test_in_kernel_combine_is_an_environment_switch_decided_at_import():
+    """$EF_ATTN_REDUCE=1 makes the custom op's launch combine the splits in the kernel; unset, the second kernel
+    does (the default until the GPU says otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton; on CPU it runs interpreted)")
+    probe = ("import torch, runtime.attention_triton as a; "
+             "print(a.default_config(1, 32, 32, 384, 128, torch.device('cpu'))['reduce'])")
+    for value, want in (("1", "True"), (None, "False")):
+        env = {k: v for k, v in os.environ.items() if k != "EF_ATTN_REDUCE"}
+        if value:
+            env["EF_ATTN_REDUCE"] = value
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_in_kernel_combine_equals_the_combine_kernel(kernels, dtype, one_thread):
+    """reduce=True ($EF_ATTN_REDUCE=1) against the two-kernel form on every case: the same weights, added in
+    the same split order, so within a few fp32 ulps of each other (not bit-equal: tl.sum's tree against a loop)."""
+    for name, case in CASES.items():
+        (q, k, v, pos, slopes), _ = make_inputs(case, dtype, seed=8)
+        cfg = dict(splits=5, block_n=16)
+        a = kernels.launch(q, k, v, pos, case[4] ** -0.5, slopes, **cfg)
+        b = kernels.launch(q, k, v, pos, case[4] ** -0.5, slopes, reduce=True, **cfg)
+        assert not b.isnan().any(), name
+        assert (a.double() - b.double()).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-3), name
+        if CUDA:  # programs race to be last there: the bits must not depend on which one is
+            runs = [kernels.launch(q, k, v, pos, case[4] ** -0.5, slopes, reduce=True, **cfg) for _ in range(10)]
+            assert all(torch.equal(r, b) for r in runs), name
 
 
 def test_triton_scale_and_activation_dtype(kernels, one_thread):

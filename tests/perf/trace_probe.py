@@ -81,15 +81,16 @@ def launches() -> list[tuple[str, object, dict]]:
             x, w = torch.zeros(M, 4096, dtype=dt), torch.zeros(4096, 4096, dtype=dt)
             take(f"w8a8 {dt} M={M}", lambda: w8a8.launch(x, w, torch.ones(M, 1), torch.ones(4096), bf))
     # decode attention: split or not, rotary in the kernel; ALiBi (BLOOM); an int8 K/V cache with its scales
-    for B, splits, alibi, cache in ((1, 4, False, bf), (64, 1, False, bf), (4, 2, True, bf), (4, 2, False, torch.int8)):
+    for B, splits, alibi, cache, reduce in ((1, 4, False, bf, False), (1, 4, False, bf, True), (64, 1, False, bf, False),
+                                            (4, 2, True, bf, False), (4, 2, False, torch.int8, False)):
         q = torch.zeros(B, 32, 128, dtype=bf)
         kv = torch.zeros(2, B, 8 if not alibi else 32, 384, 128, dtype=cache)
         rope = None if alibi else (torch.zeros(384, 128), torch.zeros(384, 128))
         slopes = torch.ones(32) if alibi else None
         kv_scale = torch.ones(2) if cache == torch.int8 else None
-        take(f"decode attention B={B} splits={splits} alibi={alibi} cache={cache}",
+        take(f"decode attention B={B} splits={splits} alibi={alibi} cache={cache}" + (" reduce" if reduce else ""),
              lambda: attn.launch(q, kv[0], kv[1], torch.zeros(B, dtype=torch.int64), 0.088, slopes, kv_scale, rope,
-                                 block_n=64, splits=splits))
+                                 block_n=64, splits=splits, reduce=reduce))
     return out
 
 
