@@ -83,10 +83,12 @@ def _triton_prepare(pos, S, slopes, dtype):
 
 
 def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None, rope=None):
-    from .attention_triton import decode_attention  # imports triton: only when this entry runs
+    from .attention_triton import REDUCE, decode_attention  # imports triton: only when this entry runs
 
+    # (REDUCE an argument of the op, not read inside it: so it is part of the traced graph, and of the compile
+    # cache's key, which a switch read inside the op's body would not be)
     return decode_attention(q, k_cache, v_cache, pos, q.shape[-1] ** -0.5 if scale is None else scale, slopes,
-                            kv_scale, *(rope or (None, None)))
+                            kv_scale, *(rope or (None, None)), reduce=REDUCE)
 
 
 DECODE_ATTENTION: dict[str, DecodeAttention] = {

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 _LOG2E = 1.4426950408889634
-REDUCE = os.environ.get("EF_ATTN_REDUCE") == "1"  # decided once, at import (not in the decode loop)
+REDUCE = os.environ.get("EF_ATTN_REDUCE") == "1"  # decided once, at import; the attention entry passes it
 
 
 @triton.jit
@@ -176,7 +176,7 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
     # (runtime.bench_attention --sweep, 7B shapes): within 1% of the best of 36 launch shapes at batch
     # 1 and 64, live 384 and 2300; 4 waves (17 splits at batch 1) were 10-15% slower.
     splits = max(1, min(2 * _sm_count(device) // (B * nkv), triton.cdiv(S, block_n), 64))
-    return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3, "reduce": REDUCE}
+    return {"block_n": block_n, "splits": splits, "num_warps": 4, "num_stages": 3}
 
 
 def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, rope=None, *, block_n: int,
@@ -223,14 +223,15 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float, alibi_slopes: torch.Tensor | None,
                      kv_scale: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
-                     rope_sin: torch.Tensor | None = None) -> torch.Tensor:
+                     rope_sin: torch.Tensor | None = None, reduce: bool = False) -> torch.Tensor:
     """q (B, nh, hd), caches (>=B, nkv, S, hd) as stored, pos (B,) int64 -> (B, nh, hd) in q's dtype;
     kv_scale [s_k, s_v] for an int8 / fp8 cache; rope_cos / rope_sin: the rotary tables (positions,
-    rotary_dim) fp32 when q comes unrotated (rotated here at pos, one kernel fewer a layer).
+    rotary_dim) fp32 when q comes unrotated (rotated here at pos, one kernel fewer a layer); reduce: the splits
+    combined in the split kernel (the module docstring; the entry passes $EF_ATTN_REDUCE).
 
     A triton_op: torch.compile(fullgraph=True) traces into both kernels, and CUDA graphs capture them.
     """
     B, nh, hd = q.shape
     cfg = default_config(B, nh, k_cache.shape[1], k_cache.shape[2], hd, q.device)
     rope = None if rope_cos is None else (rope_cos, rope_sin)
-    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, rope, **cfg)
+    return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, rope, reduce=reduce, **cfg)

@@ -85,10 +85,11 @@ def case(B: int, live: int, S: int, nh: int, nkv: int, hd: int, dtype, layers: i
     err = (out - ref).abs().max().item()
     record("triton", lambda k, v: at.decode_attention(q, k, v, pos, hd ** -0.5, None), config=cfg,
            max_abs_err_vs_torch=err)
-    if cfg["splits"] > 1:  # the splits combined in the kernel (EF_ATTN_REDUCE=1) against the second kernel
-        c = {**cfg, "reduce": not cfg["reduce"]}
-        record("triton_reduce" if c["reduce"] else "triton_combine_kernel",
-               lambda k, v: at.launch(q, k, v, pos, hd ** -0.5, None, **c), config=c)
+    if cfg["splits"] > 1:  # the splits combined in the split kernel (EF_ATTN_REDUCE=1) beside the second kernel
+        c = {**cfg, "reduce": True}
+        err = (at.launch(q, ks[0], vs[0], pos, hd ** -0.5, None, **c).float() - ref).abs().max().item()
+        record("triton_reduce", lambda k, v: at.launch(q, k, v, pos, hd ** -0.5, None, **c), config=c,
+               max_abs_err_vs_torch=err)
     if sweep:
         for block_n, warps, stages, mult in itertools.product([32, 64, 128], [4, 8], [2, 3], [0.5, 1, 2]):
             splits = max(1, int(round(cfg["splits"] * mult)))
