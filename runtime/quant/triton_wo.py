@@ -371,8 +371,8 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     rows, not yet timed in the engine. Split 2 everywhere (165.2 a layer) took the int8 engine at batch 64 from
     6,068 to 6,515 total tok/s (the same H100, next call), while that call's torch (2.11) still took this kernel's
     every input as written (tests/perf/trace_probe.py; fixed after); timed on Hopper only, where SWAP's reason
-    holds. Small M: narrow N tiles, K split until there are about WAVES programs per multiprocessor (a 4096-wide attn.o has only 128 tiles of 32 outputs for 132 SMs). The int4 GEMM's
-    MAGIC stays off: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
+    holds. Small M: narrow N tiles, K split until there are about WAVES programs per multiprocessor (a 4096-wide
+    attn.o has only 128 tiles of 32 outputs for 132 SMs). The int4 GEMM's MAGIC stays off by default: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
     against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few

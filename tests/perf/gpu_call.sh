@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (the device tool's `run`): optional cuda tests, an optional Triton launch-shape sweep, kernel probe, then
-# `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
+# One device call (the device tool's `run`): optional cuda tests, Triton launch-shape sweep and kernel probe,
+# then `bench_table.py gpu` with the cases named; everything under $OUT. Carry .whl (see gpu_quant_check.sh's header),
 # .peers (a copy of ../shared/peers) and .shared (stories260K, tokenizers/gpt2, data/ of ../shared).
 #   TESTS=1 [TESTS_K=expr]  pytest -m cuda over tests/ (-k "$TESTS_K" when given), within TEST_S seconds;
 #                          TESTS_N=4: that many pytest-xdist workers sharing the GPU (carry its wheels), tests dealt
@@ -24,7 +24,8 @@
 #                          packing below runs before the device tool's limit (600 s) cuts the call (the tests, sweeps
 #                          and table keep their own limits: TEST_S, SWEEP_S, BUDGET_S)
 # What comes back (the device tool returns 8 files at most, and drops the rest): cuda_tests.txt, linear.jsonl,
-# gemv_probe.jsonl, table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the prebuild's own rows).
+# gemv_probe.jsonl, table/gpu.jsonl + benchmarks.md, ab.jsonl and logs.tgz (the logs but the builds'; the
+# prebuild's own rows).
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 ))s; }
 : "${OUT:?gpu_call.sh writes under \$OUT (the device tool sets it)}"
 OUT=$(realpath "$OUT")
