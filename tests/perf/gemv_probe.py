@@ -2,6 +2,7 @@
 test): torch's own int4 tinygemm (`torch._weight_int4pack_mm`, as torchao and gpt-fast call it) fed from our
 packed int4 format, torch's `_weight_int8pack_mm` where CUDA has it, and a Triton GEMV that keeps a 2-D fp32
 accumulator and reduces once at the end (bf16, int8 per channel, int4 g128), each next to cuBLAS bf16; and
+our int4 g128 GEMV over the weights repacked K-major (kmajor), and
 GemLite's int4 kernels (`pip install gemlite`, Triton, HQQ's w = (q - zero) * scale per group: our int4 g128 as it
 is, unpacked to levels), at its own choice of kernel (GEMV_REVSPLITK at batch 1) and, at batch 1, its plain GEMV.
 
@@ -65,6 +66,55 @@ def _gemv2(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn, KIND: tl.constexpr, GROUP
     if KIND == 1:
         dot = dot * tl.load(SCALE + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(OUT + pid_k.to(tl.int64) * N + n, dot, mask=nmask)
+
+
+@triton.jit
+def _kmajor4(X, WT, ST, ZT, OUT, N, G, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """int4 g128 GEMV on the weights repacked K-major: word (r, n) of WT (K/8, N) int32 holds features 8r..8r+7
+    of output n (our bytes of row n read as little-endian int32: nibble i = feature 8r + i), scales and zeros
+    (G, N): every load runs along N, contiguous, and a group's sum over its GROUP / 8 words stays in a thread
+    (no shuffles); a nibble becomes fp32 128 + q by a shift and an and-or (MAGIC), then one FMA."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    R: tl.constexpr = GROUP // 8
+    r = tl.arange(0, R)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g in range(pid_k, G, SPLIT_K):
+        w = tl.load(WT + (g * R + r).to(tl.int64)[:, None] * N + n[None, :], mask=nmask[None, :], other=0)
+        s = tl.load(ST + g * N + n, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(ZT + g * N + n, mask=nmask, other=0).to(tl.float32)
+        dot = tl.zeros([R, BLOCK_N], tl.float32)
+        xs = tl.zeros([R], tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(X + (g * R + r) * 8 + i).to(tl.float32)
+            if i < 4:
+                q = ((w << (16 - 4 * i)) & 0xF0000) | 0x43000000
+            elif i == 4:
+                q = (w & 0xF0000) | 0x43000000
+            else:
+                q = ((w >> (4 * i - 16)) & 0xF0000) | 0x43000000
+            dot += q.to(tl.float32, bitcast=True) * xi[:, None]
+            xs += xi
+        acc += s * (tl.sum(dot, axis=0) - (z + 128.0) * tl.sum(xs, axis=0))
+    tl.store(OUT + pid_k.to(tl.int64) * N + n, acc, mask=nmask)
+
+
+def kmajor_operands(weight, scale, zero):
+    """Our int4 (N, K/2) uint8 + (N, G) scales / zeros as _kmajor4 reads them (a copy: made once, at load)."""
+    N = weight.shape[0]
+    wt = weight.contiguous().view(torch.int32).reshape(N, -1).t().contiguous()
+    return wt, scale.t().contiguous(), zero.t().contiguous()
+
+
+def kmajor4(x, ops, BLOCK_N, SPLIT_K, num_warps, num_stages=2, group=128):
+    wt, st, zt = ops
+    N, G = wt.shape[1], st.shape[0]
+    out = torch.empty((SPLIT_K, N), dtype=torch.float32, device=x.device)
+    _kmajor4[(triton.cdiv(N, BLOCK_N), SPLIT_K)](x, wt, st, zt, out, N, G, BLOCK_N=BLOCK_N, GROUP=group,
+                                                  SPLIT_K=SPLIT_K, num_warps=num_warps, num_stages=num_stages)
+    return (out[0] if SPLIT_K == 1 else out.sum(0)).to(x.dtype)[None]
 
 
 def gemv2(x, w, scale, zero, kind, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages=3):
@@ -143,6 +193,28 @@ def main() -> None:
                 out({"kind": "probe", "kernel": "tinygemm", "fmt": "int4_g128", "linear": lin, "M": M,
                      "us": round(us, 2), "GB_s": round(N * K / 2 / us / 1e3, 1), "rel_err": err})
             del packs
+    if "kmajor" in sections:  # _kmajor4 over a small launch grid, batch 1, best per linear
+        for lin, (N, K) in SHAPES.items():
+            x, r = ref[lin, 1]
+            opss = [kmajor_operands(t["weight"], t["scale"], t["zero"]) for t in data[lin]["int4"]]
+            rows = []
+            for bn, sk, nw, ns in itertools.product((128, 256, 512), (1, 2, 4, 8, 16), (4, 8), (1,)):
+                if time.time() > t_end or bn < 32 * nw:
+                    continue
+                try:
+                    err = rel(kmajor4(x, opss[0], bn, sk, nw, ns), r["int4"])
+                    us = time_graph(lambda: [kmajor4(x, o, bn, sk, nw, ns) for o in opss], 9) * 1e6 / COPIES
+                except Exception as e:  # noqa: BLE001
+                    out({"kind": "failed", "kernel": "kmajor4", "cfg": [bn, sk, nw, ns], "why": str(e)[:200]})
+                    continue
+                rows.append((us, [bn, sk, nw, ns], err))
+            rows.sort(key=lambda t: t[0])
+            if rows:
+                out({"kind": "probe", "kernel": "kmajor4", "fmt": "int4_g128", "linear": lin, "M": 1,
+                     "us": round(rows[0][0], 2), "GB_s": round(N * K / 2 / rows[0][0] / 1e3, 1),
+                     "rel_err": rows[0][2], "best": rows[0][1], "top5": [(round(u, 2), c) for u, c, _ in rows[:5]],
+                     "tried": len(rows)})
+            del opss
     if "gemlite" in sections:
         gemlite_section(data, ref, out)
     if "triton" in sections:  # our weight-only kernel (runtime/quant/triton_wo.py) at its default launch
