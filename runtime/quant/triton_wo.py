@@ -372,8 +372,13 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     6,068 to 6,515 total tok/s (the same H100, next call), while that call's torch (2.11) still took this kernel's
     every input as written (tests/perf/trace_probe.py; fixed after); timed on Hopper only, where SWAP's reason
     holds. Small M: narrow N tiles, K split until there are about WAVES programs per multiprocessor (a 4096-wide
-    attn.o has only 128 tiles of 32 outputs for 132 SMs). The int4 GEMM's MAGIC stays off by default: on the H100 (2026-12-06) int4 g128 at batch 64 took 595 us a layer with it (bench_linear)
-    against 394 without it in the engine's profile (not the same call: the sweep's MAGIC axis is to decide)."""
+    attn.o has only 128 tiles of 32 outputs for 132 SMs). int4 (groups of 128 or more) at 33-64 rows: the int8
+    shape above, SWAP 64 x 64 x 128, 3 stages, the same K splits, MAGIC only where the programs are no more than
+    the SMs (H100, 2026-12-07, bench_linear --sweep at 64 rows, 141 shapes, us: attn.qkv 38.53 split 2 without
+    MAGIC against 49.46 with, mlp.up 62.5 unsplit without against 82.92 with; attn.o 20.35 and mlp.down 45.05
+    split 2 with MAGIC against 26.63 and 63.35 without: 166.4 a layer, the sweep's per-linear bests; the
+    previous default, 64 x 64 x 128 tiles as transposed and split 4 summed after, 330.4; MAGIC everywhere,
+    split 2, 188.9). Not yet timed in the engine."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few
         rows, ahead = (16, 1) if triton.cdiv(N, 32) < 2 * sms else (32, 0)
@@ -395,13 +400,15 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
             split //= 2
         return {"GEMV": True, "BLOCK_N": 32 if bits == 8 else 128, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 4,
                 "MAGIC": True}
-    if bits == 8 and group == K and 32 < M <= 64:  # int8 per channel at 64 rows (the docstring)
+    if 32 < M <= 64 and ((bits == 8 and group == K) or (bits == 4 and group % 128 == 0)):  # (the docstring)
         tiles = triton.cdiv(N, 64)
         split = 1 if tiles >= 2 * sms else 2
         while tiles * split < sms // 2 and K // (128 * split * 2) >= 4:  # >= 4 tiles of K per program
             split *= 2
+        # int4: MAGIC's ~50 more registers cost programs an SM only where there are more programs than SMs
+        magic = bits == 8 or tiles * split <= sms
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE": split > 1, "SWAP": True,
-                "MAGIC": True, "num_warps": 4, "num_stages": 3}
+                "MAGIC": magic, "num_warps": 4, "num_stages": 3}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)
