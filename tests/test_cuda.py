@@ -114,7 +114,8 @@ def test_compiled_decode_with_programmatic_dependent_launch_equals_eager(tiny_mo
     launch: each may start before the one before it ends, and waits before it reads), an int8 engine, each prompt
     alone (batch 1, where the int8 GEMV runs) and together: fp32 gives the plain eager engine's tokens; bf16 (where
     Inductor's fused arithmetic rounds unlike eager's) the tokens of the same compiled step with the option off,
-    the same kernels launched the plain way."""
+    the same kernels launched the plain way, at batch 1 only (two compiled engines; with batch 3 too, its four
+    compiles outlasted the device calls' 130-150 s test limit on 2026-12-07, three times)."""
     import torch._inductor.config as inductor_config
 
     cap = torch.cuda.get_device_capability()
@@ -132,7 +133,7 @@ def test_compiled_decode_with_programmatic_dependent_launch_equals_eager(tiny_mo
         ref = Engine.load(engine_dir, device="cuda").compile({"triton.enable_pdl": False})
         assert ref.inductor_options["triton.enable_pdl"] is False
     prompts = [[5, 6, 7], list(range(10, 40)), [100]]
-    for batch in [[p] for p in prompts] + [prompts]:
+    for batch in [[p] for p in prompts] + ([prompts] if dtype == "fp32" else []):
         a = fast.generate(batch, max_new_tokens=32, ignore_eos=True)
         b = ref.generate(batch, max_new_tokens=32, ignore_eos=True)
         assert [g.output_ids for g in a] == [g.output_ids for g in b]
