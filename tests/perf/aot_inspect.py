@@ -1,7 +1,7 @@
 """Compile the weight-only kernels (runtime/quant/triton_wo.py) for a GPU target without a GPU, and say what
 the machine code does: registers, spills, shared memory, the width of its global loads, whether loads are
-pipelined (cp.async / TMA), and whether tensor-core MMAs take an operand from registers or both from shared
-memory. For deciding what is worth device time, not a benchmark.
+pipelined (cp.async / TMA), whether tensor-core MMAs take an operand from registers or both from shared
+memory, and the SASS of the K loop (warp-instructions a weight byte: the issue bound, loop_body). For deciding what is worth device time, not a benchmark.
 
     python tests/perf/aot_inspect.py [--target cuda:90] [--grid gemv|gemm|all]
 
@@ -60,13 +60,33 @@ def compile_kernel(fn, args, consts, warps, stages, target):
                           options=opts.__dict__)
 
 
-def describe(k) -> dict:
+def loop_body(sass: str) -> Counter:
+    """Opcodes of the longest loop in cuobjdump's SASS (from a backward branch's target to the branch): the K loop,
+    run once a tile. Its warp-instructions a tile over the tile's weight bytes bound the kernel by issue: an SM
+    issues 4 a cycle, so at 0.35 a byte an H100 (132 SMs, 1.98 GHz) can read no more than ~3 TB/s however its
+    memory system keeps up, and at the ~60% issue efficiency such loops reach, ~1.8."""
+    rows = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*?(0x[0-9a-f]+)?\s*;", sass)
+    best: list = []
+    for at, op, target in rows:
+        if op == "BRA" and target and int(target, 16) < int(at, 16):
+            body = [o for a, o, _ in rows if int(target, 16) <= int(a, 16) <= int(at, 16)]
+            best = body if len(body) > len(best) else best
+    return Counter(best)
+
+
+def describe(k, warps: int = 4, tile_bytes: int = 0) -> dict:
+    """tile_bytes: the weight bytes of one K step of one program, for the loop's warp-instructions a byte."""
     ptx = k.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
         tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    body = loop_body(sass)
+    loop = {"loop_sass": sum(body.values()), "loop_top": dict(body.most_common(6))}
+    if tile_bytes:
+        loop["warp_instr_per_byte"] = round(sum(body.values()) * warps / tile_bytes, 3)
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", res)
     loads = Counter(re.findall(r"ld\.global(?:\.[a-z0-9]+)*", ptx))
     mma = Counter()
@@ -76,7 +96,7 @@ def describe(k) -> dict:
     mma["mma.sync"] = ptx.count("mma.sync")
     return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
             "smem": k.metadata.shared, "loads": dict(loads), "cp.async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
-            "tma": ptx.count("cp.async.bulk"), **{k: v for k, v in mma.items() if v}}
+            "tma": ptx.count("cp.async.bulk"), **{k: v for k, v in mma.items() if v}, **loop}
 
 
 def main() -> None:
@@ -97,7 +117,8 @@ def main() -> None:
             consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
                           PREFETCH=ahead)
             k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
-            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead}", describe(k))
+            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead}",
+                  describe(k, warps, bn * bk * bits // 8))
     if a.grid in ("gemm", "all"):
         for bits, group, bm, bn, bk, warps, stages, magic, natural, swap in [
                 (8, 4096, 64, 64, 128, 4, 3, False, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False, False),
@@ -110,7 +131,7 @@ def main() -> None:
                           SPLIT_K=1, NATURAL=natural, MAGIC=magic, XSPLIT=False, JOIN=False, SWAP=swap)
             k = compile_kernel(wo._wo_kernel, GEMM_ARGS, consts, warps, stages, target)
             print(f"gemm int{bits} g{group} {bm}x{bn}x{bk} w{warps} s{stages} magic={magic} natural={natural} "
-                  f"swap={swap}", describe(k))
+                  f"swap={swap}", describe(k, warps, bn * bk * bits // 8))
 
 
 if __name__ == "__main__":

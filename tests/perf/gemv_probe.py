@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from runtime.bench_attention import time_graph  # noqa: E402
 from runtime.quant import MODES  # noqa: E402
 from runtime.quant import int4_wo  # noqa: E402
+from runtime.quant.triton_wo import _store_split  # noqa: E402
 
 SHAPES = {"attn.qkv": (12288, 4096), "attn.o": (4096, 4096), "mlp.up": (22016, 4096), "mlp.down": (4096, 11008)}
 COPIES = 4
@@ -69,11 +70,14 @@ def _gemv2(X, W, SCALE, ZERO, OUT, N, K, G, stride_wn, KIND: tl.constexpr, GROUP
 
 
 @triton.jit
-def _kmajor4(X, WT, ST, ZT, OUT, N, G, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+def _kmajor4(X, WT, ST, ZT, OUT, PART, LOCKS, N, G, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+             SPLIT_K: tl.constexpr):
     """int4 g128 GEMV on the weights repacked K-major: word (r, n) of WT (K/8, N) int32 holds features 8r..8r+7
     of output n (our bytes of row n read as little-endian int32: nibble i = feature 8r + i), scales and zeros
     (G, N): every load runs along N, contiguous, and a group's sum over its GROUP / 8 words stays in a thread
-    (no shuffles); a nibble becomes fp32 128 + q by a shift and an and-or (MAGIC), then one FMA."""
+    (no shuffles); a nibble becomes fp32 128 + q by a shift and an and-or (MAGIC), then one FMA. K split
+    SPLIT_K ways (program k takes groups k, k + SPLIT_K, ...), the splits added in the kernel by each column
+    tile's last program (triton_wo._store_split's REDUCE: in a fixed order, no summing kernel)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,7 +102,7 @@ def _kmajor4(X, WT, ST, ZT, OUT, N, G, BLOCK_N: tl.constexpr, GROUP: tl.constexp
             dot += q.to(tl.float32, bitcast=True) * xi[:, None]
             xs += xi
         acc += s * (tl.sum(dot, axis=0) - (z + 128.0) * tl.sum(xs, axis=0))
-    tl.store(OUT + pid_k.to(tl.int64) * N + n, acc, mask=nmask)
+    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, SPLIT_K > 1)
 
 
 def kmajor_operands(weight, scale, zero):
@@ -111,10 +115,13 @@ def kmajor_operands(weight, scale, zero):
 def kmajor4(x, ops, BLOCK_N, SPLIT_K, num_warps, num_stages=2, group=128):
     wt, st, zt = ops
     N, G = wt.shape[1], st.shape[0]
-    out = torch.empty((SPLIT_K, N), dtype=torch.float32, device=x.device)
-    _kmajor4[(triton.cdiv(N, BLOCK_N), SPLIT_K)](x, wt, st, zt, out, N, G, BLOCK_N=BLOCK_N, GROUP=group,
-                                                  SPLIT_K=SPLIT_K, num_warps=num_warps, num_stages=num_stages)
-    return (out[0] if SPLIT_K == 1 else out.sum(0)).to(x.dtype)[None]
+    tiles = triton.cdiv(N, BLOCK_N)
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    part = torch.empty((SPLIT_K, N), dtype=torch.float32, device=x.device) if SPLIT_K > 1 else out
+    locks = torch.zeros(tiles, dtype=torch.int32, device=x.device) if SPLIT_K > 1 else out
+    _kmajor4[(tiles, SPLIT_K)](x, wt, st, zt, out, part, locks, N, G, BLOCK_N=BLOCK_N, GROUP=group,
+                               SPLIT_K=SPLIT_K, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def gemv2(x, w, scale, zero, kind, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages=3):
@@ -198,8 +205,9 @@ def main() -> None:
             x, r = ref[lin, 1]
             opss = [kmajor_operands(t["weight"], t["scale"], t["zero"]) for t in data[lin]["int4"]]
             rows = []
-            for bn, sk, nw, ns in itertools.product((128, 256, 512), (1, 2, 4, 8, 16), (4, 8), (1,)):
-                if time.time() > t_end or bn < 32 * nw:
+            # (2026-12-07: the best of splits 1-16, stages 1, were all at split 16, then summed by a second kernel)
+            for bn, sk, nw, ns in itertools.product((128, 256, 512), (8, 16, 32, 64), (4, 8), (1, 3)):
+                if time.time() > t_end or bn < 32 * nw or sk > K // 128:
                     continue
                 try:
                     err = rel(kmajor4(x, opss[0], bn, sk, nw, ns), r["int4"])
