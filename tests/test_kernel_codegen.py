@@ -51,7 +51,8 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
              MAGIC=kind.startswith("gemv"))
     if kind.startswith("gemv"):
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
-                                                               PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0))
+                                                               PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0),
+                                                               PRMT=kind.endswith("prmt"))
     else:
         swap = kind.startswith("gemm_swap")
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,

@@ -24,6 +24,8 @@ linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -64,6 +66,32 @@ def _nibble_levels(q, z, DTYPE: tl.constexpr):
         w = (q | 0x6400).to(tl.int16).to(DTYPE, bitcast=True)
         zoff = z.to(tl.float32) + 1024.0
     return w, zoff
+
+
+@triton.jit
+def _prmt_int8(raw):
+    """int8 levels as fp32 by byte permutes (inline PTX: CUDA only; the interpreter takes the other forms' arithmetic),
+    four a 32-bit register: one xor flips the four sign bits (q + 128, 0..255), one prmt a level puts the byte
+    under the exponent of 2**23 (0x4B000000): fp32 2**23 + 128 + q, exact (the caller subtracts 2**23 + 128).
+    In sm90 SASS (Triton 3.6) the GEMV's loop takes ~6 instructions a level with it against ~7 with MAGIC's
+    shifts and masks (tests/perf/aot_inspect.py)."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b32 pt, pk; mov.b32 pk, 0x4B000000; xor.b32 pt, $4, 0x80808080; prmt.b32 $0, pt, pk, 0x7440; "
+            "prmt.b32 $1, pt, pk, 0x7441; prmt.b32 $2, pt, pk, 0x7442; prmt.b32 $3, pt, pk, 0x7443; }",
+        constraints="=r,=r,=r,=r,r", args=[raw], dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _prmt_int4(raw):
+    """int4 levels (raw uint8, two a byte) as fp32 by byte permutes, as _prmt_int8: two ands and a shift part the
+    nibbles of four bytes (features 2j, 2j + 1), one prmt a level puts a nibble in bits 16-19 of 128.0
+    (0x43000000, a ulp of 1 there): (lo, hi) fp32 128 + q, MAGIC's offset."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b32 pl, ph, pk; mov.b32 pk, 0x43000000; and.b32 pl, $8, 0x0F0F0F0F; shr.u32 ph, $8, 4; "
+            "and.b32 ph, ph, 0x0F0F0F0F; prmt.b32 $0, pl, pk, 0x7044; prmt.b32 $1, pl, pk, 0x7144; "
+            "prmt.b32 $2, pl, pk, 0x7244; prmt.b32 $3, pl, pk, 0x7344; prmt.b32 $4, ph, pk, 0x7044; "
+            "prmt.b32 $5, ph, pk, 0x7144; prmt.b32 $6, ph, pk, 0x7244; prmt.b32 $7, ph, pk, 0x7344; }",
+        constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[raw], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -243,7 +271,8 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+                    NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+                    PRMT: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -260,7 +289,9 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     PREFETCH = D (0, 1, 2): the weight tiles D steps ahead are loaded before a step's arithmetic (registers, as
     stored), so that D + 1 tiles are in flight where the loads of one tile at a time leave a program's share of
     the memory system idle between steps (a GEMV is bound by the bytes each SM keeps in flight: one 16 KiB
-    tile a program and one or two programs an SM at a 4096-wide linear)."""
+    tile a program and one or two programs an SM at a 4096-wide linear).
+
+    PRMT (CUDA only): the levels made by byte permutes instead of MAGIC's shifts and masks (_prmt_int8, _prmt_int4)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -298,7 +329,9 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             b = raw.to(tl.int32)
             xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
-            if MAGIC:
+            if PRMT:
+                lo, hi = _prmt_int4(raw)  # 128 + (b & 15), 128 + (b >> 4)
+            elif MAGIC:
                 lo = (((b << 16) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b & 15)
                 hi = (((b << 12) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b >> 4)
             else:
@@ -312,11 +345,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         else:
             kk = k0 + j
             kmask = kk < K
-            q = raw.to(tl.int32)
-            if MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
-                q = (((q << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
+            if PRMT:  # q exactly: 2**23 + 128 + q less 2**23 + 128
+                q = _prmt_int8(raw) - 8388736.0
+            elif MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
+                q = (((raw.to(tl.int32) << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
             else:
-                q = q.to(tl.float32)
+                q = raw.to(tl.int32).to(tl.float32)
             x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
             if NG > 1:
                 dot = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, HALF // NG)), axis=2)
@@ -328,8 +362,10 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             z = tl.load(ZERO + meta, mask=mmask, other=0).to(tl.float32)
         else:
             z = tl.zeros(s.shape, tl.float32)
-        if MAGIC:
-            z += 128.0 if INT4 else 384.0
+        if INT4 and (MAGIC or PRMT):
+            z += 128.0
+        elif MAGIC and not PRMT:
+            z += 384.0
         if NG > 1:
             acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
         else:
@@ -427,9 +463,9 @@ WAVES = 4
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-           **cfg) -> torch.Tensor:
+           prmt: bool = False, **cfg) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
-    zero (N, groups) or (N,); zero None: symmetric."""
+    zero (N, groups) or (N,); zero None: symmetric. prmt: the GEMV's PRMT where cfg does not say (CUDA only)."""
     M = x.shape[0]
     N = weight.shape[0]
     K = weight.shape[1] * (2 if bits == 4 else 1)
@@ -444,8 +480,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     if gemv:
         cfg.setdefault("PREFETCH", 0)
         assert cfg["PREFETCH"] in (0, 1, 2), cfg  # weight tiles loaded ahead: none, one or two
+        cfg["PRMT"] = cfg.get("PRMT", prmt) and x.is_cuda  # (inline PTX: not in Triton's interpreter)
     else:
         cfg.pop("PREFETCH", None)  # (the GEMM pipelines its tiles through shared memory: num_stages)
+        cfg.pop("PRMT", None)  # (the GEMV's)
         cfg["SWAP"] = cfg.get("SWAP", False)
         cfg["NATURAL"] = cfg.get("NATURAL", False) or cfg["SWAP"]  # SWAP loads the tile as stored
         cfg["XSPLIT"] = cfg.get("XSPLIT", False) and bits == 4 and not cfg["NATURAL"]
@@ -565,14 +603,19 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
         return y.reshape(*lead, y.shape[-1])
     if M > DEQUANT_ABOVE:
         return torch.nn.functional.linear(x, dequantize(weight, scale, zero, bits).to(x.dtype))
-    return weight_only_linear(x, weight, scale, zero, bits)
+    return weight_only_linear(x, weight, scale, zero, bits, PRMT)
+
+
+# $EF_WO_PRMT=1: the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; untimed, off by default), read once, at import,
+# and passed to the op as an argument, so that a compiled graph and its cache key hold it
+PRMT = os.environ.get("EF_WO_PRMT") == "1"
 
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bits: int) -> torch.Tensor:
+                       bits: int, prmt: bool = False) -> torch.Tensor:
     """x (..., K) -> (..., N): the weight-only GEMM as a triton_op, so torch.compile(fullgraph=True) traces
     into the kernel and CUDA graphs capture it."""
     lead = x.shape[:-1]
-    y = launch(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale, zero, bits)
+    y = launch(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale, zero, bits, prmt)
     return y.reshape(*lead, y.shape[-1])

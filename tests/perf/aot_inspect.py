@@ -114,11 +114,12 @@ def main() -> None:
                 (8, 4096, 32, 256, 4, 1, 0), (8, 4096, 16, 1024, 8, 1, 0), (8, 4096, 16, 1024, 8, 1, 2),
                 (4, 128, 128, 128, 4, 1, 0), (4, 128, 32, 1024, 8, 8, 0), (4, 128, 32, 512, 4, 4, 0),
                 (4, 128, 32, 512, 4, 4, 2), (4, 128, 64, 512, 8, 4, 0)]:
-            consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
-                          PREFETCH=ahead)
-            k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
-            print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead}",
-                  describe(k, warps, bn * bk * bits // 8))
+            for prmt in (False, True):  # the levels by MAGIC's shifts and masks, or by byte permutes
+                consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
+                              PREFETCH=ahead, PRMT=prmt)
+                k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
+                print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead} prmt={prmt}",
+                      describe(k, warps, bn * bk * bits // 8))
     if a.grid in ("gemm", "all"):
         for bits, group, bm, bn, bk, warps, stages, magic, natural, swap in [
                 (8, 4096, 64, 64, 128, 4, 3, False, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False, False),

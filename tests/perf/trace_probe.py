@@ -73,6 +73,8 @@ def launches() -> list[tuple[str, object, dict]]:
             s, z = torch.ones((N, G), dtype=dt).squeeze(1), torch.zeros((N, G), dtype=dt).squeeze(1)
             take(f"weight-only int{bits} {dt} M={M} K={K}",
                  lambda: wo.launch(torch.randn(M, K, generator=g).to(dt), w, s, z if bits == 4 else None, bits))
+    # the GEMV's levels by byte permutes (inline PTX; launch turns it on for CUDA tensors only): flipped here
+    out.extend((f"{name} PRMT", k, dict(a, PRMT=True)) for name, k, a in list(out) if " M=1 " in name)
     take("dequantize int4 g128", lambda: wo.dequantize(torch.zeros((4096, 2048), dtype=torch.uint8),
                                                       torch.ones(4096, 32, dtype=bf), torch.zeros(4096, 32, dtype=bf),
                                                       4))
