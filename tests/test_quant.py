@@ -417,6 +417,9 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
                    # the tile as stored with MAGIC (int4: OFF + q by bits, bf16 here too), SWAP'd or not
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "SWAP": True,
                          "MAGIC": True, "REDUCE": True}),
+                   # int4's default at 33-64 rows where the programs outnumber the SMs: SWAP without MAGIC
+                   (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3,
+                         "SWAP": True, "MAGIC": False}),
                    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "NATURAL": True,
                          "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
