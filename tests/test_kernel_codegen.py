@@ -33,6 +33,9 @@ CASES = {
        for name, bits, group, warps in (("int4_g128", 4, 128, 4), ("int8_channel", 8, 4096, 8))},
     "gemv_ahead1_int8_channel_default_masked_K": ("gemv_ahead1", 8, 4096, False, 8, 16, 512),
     "gemv_ahead1_int4_g128_masked_K": ("gemv_ahead1", 4, 128, False, 4, 32, 512),
+    # the levels by byte permutes (PRMT: inline PTX, packs of four bytes): its weight loads as wide
+    "gemv_prmt_int8_channel_masked_K": ("gemv_prmt", 8, 4096, False, 8, 32, 512),
+    "gemv_prmt_int4_g128": ("gemv_prmt", 4, 128, True, 4, 32, 512),
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},

@@ -79,7 +79,7 @@ class Int4WeightOnlyLinear:
             from . import triton_wo
 
             y = (triton_wo.cuda_linear(x, self.weight, self.scale, self.zero, 4, self.tiny) if self.kernel == "cuda"
-                 else triton_wo.weight_only_linear(x, self.weight, self.scale, self.zero, 4))
+                 else triton_wo.weight_only_linear(x, self.weight, self.scale, self.zero, 4, triton_wo.PRMT))
             return y if self.bias is None else y + self.bias
         w = self.dequantized
         if w is None or w.dtype != x.dtype:

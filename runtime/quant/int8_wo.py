@@ -41,7 +41,7 @@ class Int8WeightOnlyLinear:
             from . import triton_wo
 
             y = (triton_wo.cuda_linear(x, self.weight, self.raw_scale, None, 8) if self.kernel == "cuda"
-                 else triton_wo.weight_only_linear(x, self.weight, self.raw_scale, None, 8))
+                 else triton_wo.weight_only_linear(x, self.weight, self.raw_scale, None, 8, triton_wo.PRMT))
         else:
             y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
