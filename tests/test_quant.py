@@ -263,8 +263,9 @@ def test_gemv_weight_tiles_read_nothing_past_k_or_n():
 
 
 def test_int4_magic_levels_are_exact_in_bf16_and_fp16():
-    """The int4 nibble -> 16-bit float by bits (triton_wo._nibble_levels) alone, through Triton's interpreter: the
-    whole kernel's bf16 runs only on CUDA (the interpreter's bf16 arithmetic is not the GPU's), its bit trick here."""
+    """The int4 nibble -> 16-bit float by bits (triton_wo._nibble_off, bf16 and fp16) and the levels q - z made from
+    two of them (fp16), through Triton's interpreter: bf16 arithmetic runs only on CUDA (the interpreter has none),
+    its bit trick here."""
     _interpreted("import triton_probes\ntriton_probes.check_nibble_levels()\n")
 
 

@@ -56,16 +56,20 @@ def _levels(q, z, DTYPE: tl.constexpr, MAGIC: tl.constexpr):
 
 @triton.jit
 def _nibble_levels(q, z, DTYPE: tl.constexpr):
-    """int4 levels q in [0, 15] (int32) as the 16-bit float OFF + q, by bits alone (OR-ed into the mantissa of OFF:
-    bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400, both a ulp of 1 there, so exact), and OFF + z in fp32 for the caller
-    to take out of its sums: x @ (OFF + q) - sum(x) (OFF + z) = x @ (q - z)."""
-    if DTYPE == tl.bfloat16:
-        w = (q | 0x4300).to(tl.int16).to(DTYPE, bitcast=True)
-        zoff = z.to(tl.float32) + 128.0
-    else:
-        w = (q | 0x6400).to(tl.int16).to(DTYPE, bitcast=True)
-        zoff = z.to(tl.float32) + 1024.0
-    return w, zoff
+    """int4 levels q - z in DTYPE (q, z in [0, 15], int32, z broadcastable to q) without int-to-float conversions:
+    each OR-ed into the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400, both a ulp of 1 there) is
+    OFF + q / OFF + z exactly, and their 16-bit difference is q - z exactly (|q - z| <= 15): a packed subtraction,
+    two levels an instruction (HADD2). (Until the sixth session of 2026-12-07 the offset came out of the fp32 sums
+    instead, x @ (OFF + q) - sum(x) (OFF + z): x's row sums a tile, ~60% more instructions in the 64-row loop.)"""
+    return _nibble_off(q, DTYPE) - _nibble_off(z, DTYPE)
+
+
+@triton.jit
+def _nibble_off(q, DTYPE: tl.constexpr):
+    """OFF + q in DTYPE for q in [0, 15] (int32), by bits: q OR-ed into the mantissa of OFF (bf16 128.0 = 0x4300,
+    fp16 1024.0 = 0x6400, a ulp of 1 there)."""
+    OFF: tl.constexpr = 0x4300 if DTYPE == tl.bfloat16 else 0x6400
+    return (q | OFF).to(tl.int16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -160,10 +164,9 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
 
     MAGIC (int4, 16-bit x; either tile layout, SWAP too): a nibble becomes the 16-bit float OFF + q by bits
     alone, OR-ed into the mantissa of OFF (bf16 128.0 = 0x4300, fp16 1024.0 = 0x6400: both have a ulp of 1 there, so
-    exact; _nibble_levels): no int-to-float conversion, which runs at a quarter of the FP32 rate (two a weight:
-    s32 -> f32 -> 16-bit) and bounds the kernel, not the bytes. The offset comes out of the accumulator, per
-    tile: x @ (OFF + q) - sum(x) (OFF + z); the fp32 sums lose log2(OFF / 8) of their 24 bits to it, far below the
-    16-bit inputs'.
+    exact), and OFF + z leaves it by a packed 16-bit subtraction, exactly (_nibble_levels): no int-to-float
+    conversion, which runs at a quarter of the FP32 rate (two a weight: s32 -> f32 -> 16-bit) and bounds the
+    kernel, not the bytes; the levels are the plain path's, bit for bit.
     int8 (either tile layout): q + 128 goes into the low bits of fp32 2**23 (an integer add), one fp32 subtraction of
     2**23 + 128 + z leaves q - z exactly, and bf16 takes that float's upper 16 bits (exact: |q - z| < 256 has
     8 significant bits): an add, a subtract and a shift a weight instead of two conversions (int to float, at a
@@ -206,39 +209,31 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                         other=0).to(tl.int32)  # (BLOCK_N, HALF)
             if INT4:
                 b = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))  # features 2j, 2j + 1 in order
-            if INT4 and MAGIC:  # OFF + level by bits; OFF + zero comes out of the sums below
-                wn, zoff = _nibble_levels(b, z, X.dtype.element_ty)  # zoff (BLOCK_N,)
+            if INT4 and MAGIC:  # by bits and a packed subtraction
+                wn = _nibble_levels(b, z[:, None], X.dtype.element_ty)  # (BLOCK_N, BLOCK_K)
             else:
                 wn = _levels(b, z[:, None], X.dtype.element_ty, MAGIC)  # (BLOCK_N, BLOCK_K)
             if SWAP:  # out^T = w x^T: the levels are the MMA's left operand, taken from registers
                 part = _dot(wn, tl.trans(x), IEEE)  # (BLOCK_N, BLOCK_M)
             else:
                 part = _dot(x, tl.trans(wn), IEEE)
-            if INT4 and MAGIC:
-                xs = tl.sum(x.to(tl.float32), axis=1)  # (BLOCK_M,)
-                if SWAP:
-                    part -= zoff[:, None] * xs[None, :]
-                else:
-                    part -= xs[:, None] * zoff[None, :]
         elif INT4:
             kk = k0 + 2 * j  # the even input features of the tile
             kmask = kk < K
             bmask = _byte_kmask(k0, j, K, HALF, EVEN_K)  # = kmask, in a form that allows vector loads
             b = tl.load(w_cols + (k0 // 2 + j)[:, None], mask=bmask[:, None] & nmask[None, :], other=0).to(tl.int32)
-            if MAGIC:  # OFF + level as 16-bit floats by bits; OFF + zero comes out of the sums below
-                lo, zoff = _nibble_levels(b & 15, z, X.dtype.element_ty)  # (HALF, BLOCK_N) features 2j; (BLOCK_N,)
-                hi, _ = _nibble_levels(b >> 4, z, X.dtype.element_ty)  # ... 2j + 1
+            if MAGIC:  # by bits and a packed subtraction
+                lo = _nibble_levels(b & 15, z[None, :], X.dtype.element_ty)  # (HALF, BLOCK_N) features 2j
+                hi = _nibble_levels(b >> 4, z[None, :], X.dtype.element_ty)  # ... 2j + 1
             else:
                 lo = ((b & 15) - z[None, :]).to(X.dtype.element_ty)  # (HALF, BLOCK_N) levels of features 2j
                 hi = ((b >> 4) - z[None, :]).to(X.dtype.element_ty)  # ... of features 2j + 1
-                zoff = tl.zeros([BLOCK_N], tl.float32)
             if JOIN or XSPLIT:  # x's tile read contiguously (vector loads)
                 kx = k0 + tl.arange(0, BLOCK_K)
                 xt = tl.load(x_rows + kx[None, :], mask=mmask[:, None] & (kx < K)[None, :], other=0.0)
             if JOIN:  # the levels interleaved back into feature order: one dot over x as stored
                 w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
                 part = _dot(xt, w, IEEE)
-                xs = tl.sum(xt.to(tl.float32), axis=1)  # (BLOCK_M,)
             else:
                 if XSPLIT:  # x's even / odd features parted in registers
                     x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))
@@ -246,9 +241,6 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
                     x_even = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
                     x_odd = tl.load(x_rows + (kk + 1)[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
                 part = _dot(x_even, lo, IEEE) + _dot(x_odd, hi, IEEE)
-                xs = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
-            if MAGIC:
-                part -= xs[:, None] * zoff[None, :]
         else:
             kk = k0 + j
             kmask = kk < K
@@ -416,7 +408,10 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     split 2 with MAGIC against 26.63 and 63.35 without: 166.4 a layer, the sweep's per-linear bests; the
     previous default, 64 x 64 x 128 tiles as transposed and split 4 summed after, 330.4; MAGIC everywhere,
     split 2, 188.9). Not yet timed in the engine; swept for g128 only (per channel and groups of 256 or more take the
-    same shape, untimed)."""
+    same shape, untimed). That sweep timed MAGIC's first form (the offset out of the fp32 sums: x's row sums a
+    tile); its second (_nibble_levels: the zero point subtracted in 16 bits) has the shorter loop of the two
+    (sm90 SASS, Triton 3.6, with zero points: 386 instructions against 416 without MAGIC, whose 64 int-to-float
+    conversions run at a quarter rate, and 607 for the first form): MAGIC everywhere is the next sweep's question."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few
         rows, ahead = (16, 1) if triton.cdiv(N, 32) < 2 * sms else (32, 0)
