@@ -588,6 +588,9 @@ def tinygemm_operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 TINYGEMM_UP_TO = 16
 DEQUANT_ABOVE = 64
+# $EF_WO_PRMT=1: the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; untimed, off by default), read
+# once, at import, and passed to the op as an argument, so that a compiled graph and its cache key hold it
+PRMT = os.environ.get("EF_WO_PRMT") == "1"
 
 
 def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -602,11 +605,6 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     if M > DEQUANT_ABOVE:
         return torch.nn.functional.linear(x, dequantize(weight, scale, zero, bits).to(x.dtype))
     return weight_only_linear(x, weight, scale, zero, bits, PRMT)
-
-
-# $EF_WO_PRMT=1: the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; untimed, off by default), read once, at import,
-# and passed to the op as an argument, so that a compiled graph and its cache key hold it
-PRMT = os.environ.get("EF_WO_PRMT") == "1"
 
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())
