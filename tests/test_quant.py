@@ -418,16 +418,20 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
                    # the tile as stored with MAGIC (int4: OFF + q by bits, bf16 here too), SWAP'd or not
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "SWAP": True,
                          "MAGIC": True, "REDUCE": True}),
-                   # int4's default at 33-64 rows where the programs outnumber the SMs: SWAP without MAGIC
+                   # SWAP without MAGIC (int4's default at 33-64 rows where the programs outnumbered the SMs until
+                   # MAGIC's second form; in the sweep's grid)
                    (64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3,
                          "SWAP": True, "MAGIC": False}),
                    (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "NATURAL": True,
                          "MAGIC": True})):
         _kernel_vs_reference(wo_kernel, mode, M, dtype, "cuda", N=1024, K=2048, **cfg)
-    # the GEMV's levels by byte permutes (PRMT, inline PTX: never run by the interpreter tests): the default launch,
-    # several whole groups a tile (int4 g128: NG 4), a ragged K (a masked last tile), tiles fetched ahead
-    _kernel_vs_reference(wo_kernel, mode, 1, dtype, "cuda", N=1024, K=2048, prmt=True)
+    # the GEMV's levels by byte permutes (PRMT, inline PTX: never run by the interpreter tests): the default launch
+    # with it allowed (int8's default has it) and not ($EF_WO_PRMT=0), several whole groups a tile (int4 g128: NG 4),
+    # a ragged K (a masked last tile: int8's default 1024-wide tiles at K 2112, as at LLaMA-7B's mlp.down), tiles
+    # fetched ahead
     ragged = (2176, 512) if mode == "int4_wo_g128" else (2112, 128)  # (K, BLOCK_K): a partial last tile
+    for prmt, K in ((True, 2048), (False, 2048), (True, ragged[0])):
+        _kernel_vs_reference(wo_kernel, mode, 1, dtype, "cuda", N=1024, K=K, prmt=prmt)
     for K, cfg in ((2048, {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 2, "num_warps": 4, "MAGIC": True,
                            "REDUCE": True}),
                    (2560, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 8, "MAGIC": True,

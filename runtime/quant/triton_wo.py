@@ -372,10 +372,15 @@ def _sm_count(device: torch.device) -> int:
     return sms(device)
 
 
-def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) -> dict:
-    """Launch shape from static sizes (the same launch every decode step); BLOCK_K divides the group.
+def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, prmt: bool = True) -> dict:
+    """Launch shape from static sizes (the same launch every decode step); BLOCK_K divides the group. prmt: the
+    GEMV may make its levels by byte permutes (CUDA, not ROCm; $EF_WO_PRMT=0 says no).
 
-    Batch 1 takes the GEMV kernel. int8 per channel: where the 32-row tiles are fewer than two a multiprocessor
+    Batch 1 takes the GEMV kernel. int8 per channel, with PRMT: 16 x 1024 tiles, 8 warps, no tile loaded ahead,
+    K split only where the tiles are under half the SMs (H100, 2026-12-07, seventh session, bench_linear --sweep,
+    257 shapes, CUDA-graph timed, us: attn.qkv 21.16, attn.o 10.68, mlp.up 35.78, mlp.down 22.95: 90.6 a
+    LLaMA-7B layer, the best single shape, against 99.4 for the shape below; per-linear bests summed 89.9). Without
+    PRMT: where the 32-row tiles are fewer than two a multiprocessor
     (attn.o and mlp.down of LLaMA-7B, 4,096 outputs), 16-row tiles with the next weight tile loaded ahead
     (PREFETCH 1): on the H100 (2026-12-07, bench_linear --sweep, CUDA-graph timed) attn.o 13.72 -> 11.83 us and
     mlp.down 31.28 -> 26.01 (a layer 105.1 -> 97.9; wider linears keep the 32 rows: attn.qkv 21.98 against 25.99
@@ -402,24 +407,24 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
     every input as written (tests/perf/trace_probe.py; fixed after); timed on Hopper only, where SWAP's reason
     holds. Small M: narrow N tiles, K split until there are about WAVES programs per multiprocessor (a 4096-wide
     attn.o has only 128 tiles of 32 outputs for 132 SMs). int4 (groups of 128 or more) at 33-64 rows: the int8
-    shape above, SWAP 64 x 64 x 128, 3 stages, the same K splits, MAGIC only where the programs are no more than
-    the SMs (H100, 2026-12-07, bench_linear --sweep at 64 rows, 141 shapes, us: attn.qkv 38.53 split 2 without
-    MAGIC against 49.46 with, mlp.up 62.5 unsplit without against 82.92 with; attn.o 20.35 and mlp.down 45.05
-    split 2 with MAGIC against 26.63 and 63.35 without: 166.4 a layer, the sweep's per-linear bests; the
-    previous default, 64 x 64 x 128 tiles as transposed and split 4 summed after, 330.4; MAGIC everywhere,
-    split 2, 188.9). Not yet timed in the engine; swept for g128 only (per channel and groups of 256 or more take the
-    same shape, untimed). That sweep timed MAGIC's first form (the offset out of the fp32 sums: x's row sums a
-    tile); its second (_nibble_levels: the zero point subtracted in 16 bits) has the shorter loop of the two
-    (sm90 SASS, Triton 3.6, with zero points: 386 instructions against 416 without MAGIC, whose 64 int-to-float
-    conversions run at a quarter rate, and 607 for the first form): MAGIC everywhere is the next sweep's question."""
+    shape above, SWAP 64 x 64 x 128, 3 stages, the same K splits, MAGIC in its second form (_nibble_levels: the
+    zero point subtracted in 16 bits; sm90 SASS, Triton 3.6, with zero points: a 386-instruction loop against 416
+    without MAGIC, whose 64 int-to-float conversions run at a quarter rate): H100, 2026-12-07, seventh session,
+    bench_linear --sweep at 64 rows, 125 shapes, us: attn.qkv 33.14 with MAGIC against 38.45 without, attn.o
+    21.5, mlp.up 51.0 unsplit against 62.01 without, mlp.down 48.89: 154.5 a layer against 172.2 for MAGIC only
+    where the programs were no more than the SMs (the sixth session's choice, when MAGIC's first form took the
+    offset out of the fp32 sums and lost where there were more programs: 166.4 by its sweep) and 330.4 for the
+    shape before that. In the engine with the sixth session's choice (same H100, seventh session): int4 g128
+    at batch 64 6,527.7 total tok/s against bf16's 6,691.2 (0.98x). Swept for g128 only (per channel and groups of
+    256 or more take the same shape, untimed)."""
     block_k = next(b for b in (128, 64, 32) if group % b == 0) if group % 32 == 0 else 32
     if M == 1 and bits == 8 and group == K:  # per channel: the K splits only where the rows are too few
-        rows, ahead = (16, 1) if triton.cdiv(N, 32) < 2 * sms else (32, 0)
+        rows, wide, ahead = (16, 1024, 0) if prmt else (16, 512, 1) if triton.cdiv(N, 32) < 2 * sms else (32, 512, 0)
         split = 1
-        while triton.cdiv(N, rows) * split < sms // 2 and K // (512 * split * 2) >= 2:
+        while triton.cdiv(N, rows) * split < sms // 2 and K // (wide * split * 2) >= 2:
             split *= 2
-        return {"GEMV": True, "BLOCK_N": rows, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 8, "MAGIC": True,
-                "PREFETCH": ahead}
+        return {"GEMV": True, "BLOCK_N": rows, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 8, "MAGIC": True,
+                "PREFETCH": ahead, "PRMT": prmt}
     if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0):  # tiles of whole groups (NG) or in one
         split = 4
         while split > 1 and K // (512 * split) < 2:
@@ -438,10 +443,8 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8) 
         split = 1 if tiles >= 2 * sms else 2
         while tiles * split < sms // 2 and K // (128 * split * 2) >= 4:  # >= 4 tiles of K per program
             split *= 2
-        # int4: MAGIC's ~50 more registers cost programs an SM only where there are more programs than SMs
-        magic = bits == 8 or tiles * split <= sms
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE": split > 1, "SWAP": True,
-                "MAGIC": magic, "num_warps": 4, "num_stages": 3}
+                "MAGIC": True, "num_warps": 4, "num_stages": 3}
     if M <= 16:
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4}
         tiles = triton.cdiv(N, 32)
@@ -460,16 +463,18 @@ WAVES = 4
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-           prmt: bool = False, **cfg) -> torch.Tensor:
+           prmt: bool = True, **cfg) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
-    zero (N, groups) or (N,); zero None: symmetric. prmt: the GEMV's PRMT where cfg does not say (CUDA only)."""
+    zero (N, groups) or (N,); zero None: symmetric. prmt False: never the GEMV's PRMT (which only CUDA has)."""
     M = x.shape[0]
     N = weight.shape[0]
     K = weight.shape[1] * (2 if bits == 4 else 1)
     G = scale.numel() // N
     group = K // G
     assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
-    cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits))
+    # (inline PTX: NVIDIA only, and not in Triton's interpreter, which the CPU tests run)
+    prmt = prmt and x.is_cuda and torch.version.hip is None
+    cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits, prmt))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
     # every constexpr passed: wrap_triton (torch.compile) does not fill in a kernel's defaults
@@ -477,8 +482,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     if gemv:
         cfg.setdefault("PREFETCH", 0)
         assert cfg["PREFETCH"] in (0, 1, 2), cfg  # weight tiles loaded ahead: none, one or two
-        # (inline PTX: NVIDIA only, and not in Triton's interpreter, which the CPU tests run)
-        cfg["PRMT"] = cfg.get("PRMT", prmt) and x.is_cuda and torch.version.hip is None
+        cfg["PRMT"] = cfg.get("PRMT", False) and prmt
     else:
         cfg.pop("PREFETCH", None)  # (the GEMM pipelines its tiles through shared memory: num_stages)
         cfg.pop("PRMT", None)  # (the GEMV's)
@@ -588,9 +592,10 @@ def tinygemm_operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 TINYGEMM_UP_TO = 16
 DEQUANT_ABOVE = 64
-# $EF_WO_PRMT=1: the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; untimed, off by default), read
-# once, at import, and passed to the op as an argument, so that a compiled graph and its cache key hold it
-PRMT = os.environ.get("EF_WO_PRMT") == "1"
+# $EF_WO_PRMT=0: never the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; default_config takes them for
+# int8 at batch 1), for A/B runs; read once, at import, and passed to the op as an argument, so that a compiled
+# graph and its cache key hold it
+PRMT = os.environ.get("EF_WO_PRMT", "1") != "0"
 
 
 def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -609,7 +614,7 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
 
 @triton_op("engine_factory::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bits: int, prmt: bool = False) -> torch.Tensor:
+                       bits: int, prmt: bool = True) -> torch.Tensor:
     """x (..., K) -> (..., N): the weight-only GEMM as a triton_op, so torch.compile(fullgraph=True) traces
     into the kernel and CUDA graphs capture it."""
     lead = x.shape[:-1]
