@@ -193,7 +193,8 @@ class _WeightOnly:
                   "REDUCE": sk > 1, "PREFETCH": pf}
                  for pf, sk, bn, nw in itertools.product((2, 1), (4, 2), (32, 16), (4, 8))]}
 
-    # batch 1 before all: the GEMV's levels by byte permutes (PRMT, 2026-12-07, untimed: sm90 SASS of the loop
+    # batch 1 before all: the GEMV's levels by byte permutes (PRMT; int8 16 x 1024 the H100's best of 2026-12-07, now
+    # the default; int4 not yet swept: sm90 SASS of the loop
     # 15-35% shorter than MAGIC's shifts and masks, the int4 GEMV's 0.44 -> 0.28 warp-instructions a byte), at the
     # default shapes and around them, with and without tiles fetched ahead
     prmt = {8: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True,

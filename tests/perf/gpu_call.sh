@@ -15,7 +15,7 @@
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
 #   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
-#                          EF_ROPE_IN_ATTENTION=0", "EF_WO_PRMT=1" with AB_CASES=int8_tight), rows in ab.jsonl (each with its
+#                          EF_ROPE_IN_ATTENTION=0", "EF_WO_PRMT=0" with AB_CASES=int8_tight), rows in ab.jsonl (each with its
 #                          variant as "ab" and its case);
 #                          AB_CASES="tight,int8_tight": the engines of those cases instead, AB_BATCHES="1": those
 #                          only. With PDL on by default (runtime.engine.decode_defaults), the first row of each case
