@@ -249,6 +249,17 @@ class _WeightOnly:
 
         return triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), self.bits, **cfg)
 
+    def engine(self, t, x):
+        """The engine's own path at this size where it is not the default launch (int4 in bf16 up to
+        TINYGEMM_UP_TO rows: torch's tinygemm, triton_wo.cuda_linear) as a callable; else None."""
+        from runtime.quant import triton_wo
+
+        M = x.shape[0]
+        if self.bits != 4 or x.dtype != torch.bfloat16 or M > triton_wo.TINYGEMM_UP_TO:
+            return None
+        tiny = triton_wo.tinygemm_operands(t["weight"], t["scale"], t["zero"])
+        return tiny and (lambda: triton_wo.cuda_linear(x, t["weight"], t["scale"], t["zero"], 4, tiny))
+
 
 class _W8A8:
     """The W8A8 / E4M3 Triton GEMM (runtime/quant/triton_w8a8.py) for sq (per token, per channel) or fp8, on
@@ -316,6 +327,11 @@ def sweep(args, out) -> None:
                     out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
                     break
                 res[lin].append((us, "default" if cfg is None else c))
+        engine = {}  # the engine's own path where it is not our kernel (int4 batch 1: tinygemm), timed alike
+        for lin in SHAPES:
+            runs = [getattr(k, "engine", lambda t, x: None)(t, x) for t, x in ops[lin]]
+            if all(runs):
+                engine[lin] = timed(lambda: [run() for run in runs], reps=7) / COPIES
         for lin, shape in SHAPES.items():
             ok = sorted(res[lin], key=lambda r: r[0])
             if not ok:
@@ -326,7 +342,8 @@ def sweep(args, out) -> None:
                  "default": defaults[lin], "default_us": round(d, 2) if d else None,
                  "default_GB_s": round(wbytes / d / 1e3, 1) if d else None, "best_us": round(ok[0][0], 2),
                  "best": ok[0][1], "best_GB_s": round(wbytes / ok[0][0] / 1e3, 1),
-                 "top5": [(round(u, 2), c) for u, c in ok[:5]], "all": [(round(u, 2), c) for u, c in res[lin]]})
+                 "top5": [(round(u, 2), c) for u, c in ok[:5]], "all": [(round(u, 2), c) for u, c in res[lin]],
+                 **({"engine_us": round(engine[lin], 2)} if lin in engine else {})})
         del ops
         _empty_cache()
 
