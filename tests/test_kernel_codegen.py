@@ -95,10 +95,11 @@ def test_gemv_loads_weights_in_vectors(compiled, name):
     kind, bits, _, _, warps, bn, bk = CASES[name]
     wide = sum(n for op, n in d["loads"].items() if ".v4." in op or ".v2." in op)
     # a thread's share of the weight tile (bn x bk levels, int4 half the bytes) in 8- or 16-byte loads, never bytes;
-    # fetched ahead: the loads of the tiles before the loop besides the loop's own
+    # fetched ahead: the loads of the tiles before the loop besides the loop's own; and x's (a tile's features as
+    # stored, one vector load or none, where the compiler keeps it in scalar loads)
     tiles = 1 + {"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0)
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
-    assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8), d
+    assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8) + 1, d
     assert d["stack"] == 0, d  # no spills
 
 

@@ -75,14 +75,17 @@ def _nibble_off(q, DTYPE: tl.constexpr):
 @triton.jit
 def _prmt_int8(raw):
     """int8 levels as fp32 by byte permutes (inline PTX: CUDA only; the interpreter takes the other forms' arithmetic),
-    four a 32-bit register: one xor flips the four sign bits (q + 128, 0..255), one prmt a level puts the byte
-    under the exponent of 2**23 (0x4B000000): fp32 2**23 + 128 + q, exact (the caller subtracts 2**23 + 128).
-    In sm90 SASS (Triton 3.6, the GPU machine's) the GEMV's loop is 15-20% shorter with it (tests/perf/aot_inspect.py)
-    where no tile is fetched ahead; with PREFETCH the carried byte tiles are repacked every step and the gain goes
-    (16 x 512, one ahead: 0.312 -> 0.302 warp-instructions a byte; two ahead: 0.365 -> 0.385, longer)."""
+    four a 32-bit register: one xor flips the four sign bits (q + 128, 0..255), one prmt a level puts the byte in
+    bits 8-15 of 32768.0 (0x47000000, a ulp of 1 there): fp32 32768 + 128 + q, exact, summed as it is (the caller
+    takes 32896 sum(x) off a tile's sum, as MAGIC's 384: no subtraction a weight; the offset costs the fp32 sums
+    ~7 bits more than MAGIC's, leaving ~14, above fp16's 11). In sm90 SASS (Triton 3.6, the GPU machine's) the
+    GEMV's loop is 15-20% shorter with it than with MAGIC (tests/perf/aot_inspect.py) where no tile is fetched
+    ahead, and ~15% shorter again without the subtraction a weight (its first form, 2**23 + 128 + q, less 2**23 + 128
+    a weight: 16 x 1024, 8 warps, 395 -> 330 instructions); with PREFETCH the carried byte tiles are repacked every
+    step and the gain goes (16 x 512, one ahead: 0.312 -> 0.302 warp-instructions a byte in the first form)."""
     return tl.inline_asm_elementwise(
-        asm="{ .reg .b32 pt, pk; mov.b32 pk, 0x4B000000; xor.b32 pt, $4, 0x80808080; prmt.b32 $0, pt, pk, 0x7440; "
-            "prmt.b32 $1, pt, pk, 0x7441; prmt.b32 $2, pt, pk, 0x7442; prmt.b32 $3, pt, pk, 0x7443; }",
+        asm="{ .reg .b32 pt, pk; mov.b32 pk, 0x47000000; xor.b32 pt, $4, 0x80808080; prmt.b32 $0, pt, pk, 0x7604; "
+            "prmt.b32 $1, pt, pk, 0x7614; prmt.b32 $2, pt, pk, 0x7624; prmt.b32 $3, pt, pk, 0x7634; }",
         constraints="=r,=r,=r,=r,r", args=[raw], dtype=tl.float32, is_pure=True, pack=4)
 
 
@@ -317,11 +320,9 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
         if PREFETCH == 0:  # (here, after the scales' load: int4's ptxas then needs ~110 registers, not ~170)
             raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
         if INT4:
-            kk = k0 + 2 * j
-            kmask = kk < K
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             b = raw.to(tl.int32)
-            xe = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-            xo = tl.load(X + kk + 1, mask=kmask, other=0.0).to(tl.float32)
             if PRMT:
                 lo, hi = _prmt_int4(raw)  # 128 + (b & 15), 128 + (b >> 4)
             elif MAGIC:
@@ -329,35 +330,34 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                 hi = (((b << 12) & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + (b >> 4)
             else:
                 lo, hi = (b & 15).to(tl.float32), (b >> 4).to(tl.float32)
-            if NG > 1:  # per group: (BLOCK_N, NG) sums, (NG,) sums of x
-                dot = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, HALF // NG)), axis=2)
-                xsum = tl.sum(tl.reshape(xe + xo, (NG, HALF // NG)), axis=1)
-            else:
-                dot = tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1)
-                xsum = tl.sum(xe + xo, axis=0)
+            # the levels in feature order (2j, 2j + 1 side by side in a thread) against x as stored: one product
+            # sum, an FMA a level (lo * x_even + hi * x_odd summed after took an FMUL, an FMA and an FADD a pair)
+            q = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
         else:
             kk = k0 + j
             kmask = kk < K
-            if PRMT:  # q exactly: 2**23 + 128 + q less 2**23 + 128
-                q = _prmt_int8(raw) - 8388736.0
+            if PRMT:  # 32896 + q, exact (the offset leaves with the zero point below)
+                q = _prmt_int8(raw)
             elif MAGIC:  # 384 + q: q + 128 (0..255) at the units place of 256.0's mantissa (bits 15-22)
                 q = (((raw.to(tl.int32) << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
             else:
                 q = raw.to(tl.int32).to(tl.float32)
             x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-            if NG > 1:
-                dot = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, HALF // NG)), axis=2)
-                xsum = tl.sum(tl.reshape(x, (NG, HALF // NG)), axis=1)
-            else:
-                dot = tl.sum(q * x[None, :], axis=1)
-                xsum = tl.sum(x, axis=0)
+        if NG > 1:  # per group: (BLOCK_N, NG) sums, (NG,) sums of x
+            dot = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, BLOCK_K // NG)), axis=2)
+            xsum = tl.sum(tl.reshape(x, (NG, BLOCK_K // NG)), axis=1)
+        else:
+            dot = tl.sum(q * x[None, :], axis=1)
+            xsum = tl.sum(x, axis=0)
         if HAS_ZERO:
             z = tl.load(ZERO + meta, mask=mmask, other=0).to(tl.float32)
         else:
             z = tl.zeros(s.shape, tl.float32)
         if INT4 and (MAGIC or PRMT):
             z += 128.0
-        elif MAGIC and not PRMT:
+        elif PRMT:
+            z += 32896.0
+        elif MAGIC:
             z += 384.0
         if NG > 1:
             acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
