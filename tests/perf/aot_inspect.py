@@ -3,7 +3,7 @@ the machine code does: registers, spills, shared memory, the width of its global
 pipelined (cp.async / TMA), whether tensor-core MMAs take an operand from registers or both from shared
 memory, and the SASS of the K loop (warp-instructions a weight byte: the issue bound, loop_body). For deciding what is worth device time, not a benchmark.
 
-    python tests/perf/aot_inspect.py [--target cuda:90] [--grid gemv|gemm|all]
+    python tests/perf/aot_inspect.py [--target cuda:90] [--grid gemv|gemm|gluon|all]
 
 Integer arguments get Triton's divisibility-by-16 hint, as its JIT gives them at run time for our shapes.
 """
@@ -102,7 +102,7 @@ def describe(k, warps: int = 4, tile_bytes: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="cuda:90")
-    ap.add_argument("--grid", default="all", choices=["gemv", "gemm", "all"])
+    ap.add_argument("--grid", default="all", choices=["gemv", "gemm", "gluon", "all"])
     a = ap.parse_args()
     backend, arch = a.target.split(":")
     target = GPUTarget(backend, int(arch), 32)
@@ -133,6 +133,33 @@ def main() -> None:
             k = compile_kernel(wo._wo_kernel, GEMM_ARGS, consts, warps, stages, target)
             print(f"gemm int{bits} g{group} {bm}x{bn}x{bk} w{warps} s{stages} magic={magic} natural={natural} "
                   f"swap={swap}", describe(k, warps, bn * bk * bits // 8))
+
+
+    if a.grid in ("gluon", "all"):  # runtime/quant/gluon_int4.py (Triton 3.6's Gluon API: the GPU machine's)
+        gluon_grid(target)
+
+
+def gluon_grid(target) -> None:
+    """The Gluon int4 MMA GEMV: a 128-k group a loop, BN rows of weights (BN * 64 bytes) a program."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from runtime.quant import gluon_int4
+
+    args = ["X", "WP", "SZ", "XS", "OUT", "M", "N", "K", "stride_xm"]
+    types = {"X": "*bf16", "WP": "*i32", "SZ": "*fp32", "XS": "*fp32", "OUT": "*fp32"}
+    for bn, split, warps, zero in [(64, 1, 4, True), (128, 1, 4, True), (128, 1, 4, False), (128, 4, 8, True),
+                                   (256, 1, 4, True)]:
+        consts = dict(BN=bn, SPLIT_K=split, NW=warps, HAS_ZERO=zero)
+        sig = {**{x: types.get(x, "i32") for x in args}, **{k: "constexpr" for k in consts}}
+        attrs = {(args.index(x),): [["tt.divisibility", 16]] for x in args if x != "M"}
+        opts = triton.compiler.make_backend(target).parse_options({"num_warps": warps})
+        try:
+            k = triton.compile(GluonASTSource(fn=gluon_int4.wo_int4_mma_kernel, signature=sig, constexprs=consts,
+                                              attrs=attrs), target=target, options=opts.__dict__)
+        except Exception as e:  # noqa: BLE001 (another Triton's Gluon API: written against 3.6)
+            print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero}: cannot compile here: {str(e)[:200]}")
+            continue
+        print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero}", describe(k, warps, bn * 128 // 2))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ packed int4 format, torch's `_weight_int8pack_mm` where CUDA has it, and a Trito
 accumulator and reduces once at the end (bf16, int8 per channel, int4 g128), each next to cuBLAS bf16; and
 our int4 g128 GEMV over the weights repacked K-major (kmajor), and
 GemLite's int4 kernels (`pip install gemlite`, Triton, HQQ's w = (q - zero) * scale per group: our int4 g128 as it
-is, unpacked to levels), at its own choice of kernel (GEMV_REVSPLITK at batch 1) and, at batch 1, its plain GEMV.
+is, unpacked to levels), at its own choice of kernel (GEMV_REVSPLITK at batch 1) and, at batch 1, its plain GEMV;
+and (gluon) the experimental Gluon MMA GEMV of runtime/quant/gluon_int4.py at batch 1 and 8, by launch shape.
 
     python tests/perf/gemv_probe.py --out OUT [--sections gemlite,tinygemm]
 
@@ -242,6 +243,25 @@ def main() -> None:
                         continue
                     out({"kind": "probe", "kernel": "triton_wo", "fmt": fmt, "linear": lin, "M": M, "us": round(us, 2),
                          "GB_s": round(N * K * bits / 8 / us / 1e3, 1), "rel_err": err})
+    if "gluon" in sections:  # runtime/quant/gluon_int4.py (experimental): MMA over weights in fragment order
+        from runtime.quant import gluon_int4
+
+        for lin, (N, K) in SHAPES.items():
+            packs = [(gluon_int4.repack_int4(t["weight"]), gluon_int4.repack_meta(t["scale"], t["zero"]))
+                     for t in data[lin]["int4"]]
+            for M, (bn, split, warps) in itertools.product((1, 8), ((128, 1, 4), (64, 1, 4), (128, 2, 4), (128, 4, 8),
+                                                                      (256, 1, 4), (64, 2, 4))):
+                x, r = ref[lin, M]
+                try:
+                    err = rel(gluon_int4.launch(x, *packs[0], N, K, bn, split, warps), r["int4"])
+                    us = time_graph(lambda: [gluon_int4.launch(x, wp, sz, N, K, bn, split, warps) for wp, sz in packs],
+                                    15) * 1e6 / COPIES
+                except Exception as e:  # noqa: BLE001
+                    out({"kind": "failed", "kernel": "gluon_int4", "linear": lin, "M": M, "why": str(e)[:300]})
+                    continue
+                out({"kind": "probe", "kernel": "gluon_int4", "fmt": "int4_g128", "linear": lin, "M": M,
+                     "cfg": {"BN": bn, "SPLIT_K": split, "num_warps": warps}, "us": round(us, 2),
+                     "GB_s": round(N * K / 2 / us / 1e3, 1), "rel_err": err})
     if "dequant" in sections:  # the prefill path's one-pass dequantize: bytes read + written per second
         from runtime.quant import triton_wo
 
