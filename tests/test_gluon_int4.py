@@ -92,3 +92,27 @@ def test_gluon_int4_kernel_on_cuda(M, BN, split, warps):
                    num_warps=warps)
     err = (got.cpu().double() - ref).abs().max() / ref.abs().max()
     assert err < 1e-4, err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+def test_int4_linear_with_the_gluon_kernel_on_cuda_eager_and_compiled(monkeypatch):
+    """$EF_WO_GLUON=1: the engine's int4 g128 linear takes the Gluon kernel up to 8 rows in bf16 (eager, and
+    compiled with the op opaque to Inductor), against the same linear's plain-torch reference."""
+    from runtime.quant import MODES, make_linear
+
+    monkeypatch.setenv("EF_WO_GLUON", "1")
+    w = torch.randn(384, 1024, generator=torch.Generator().manual_seed(3))
+    stored = {f"l.{k}": v.cuda() for k, v in MODES["int4_wo_g128"].quantize(w, torch.bfloat16).items()}
+    lin = make_linear("int4_wo_g128", stored, "l")
+    assert lin.gluon is not None
+    ref = make_linear("int4_wo_g128", {k: v.cpu() for k, v in stored.items()}, "l")
+    ref.kernel = "torch"
+    step = torch.compile(lambda x: lin(x), fullgraph=True)
+    for M in (1, 3, 8):
+        x = torch.randn(M, 1024, generator=torch.Generator().manual_seed(M)).bfloat16()
+        want = ref(x.float()).double()
+        for got in (lin(x.cuda()), step(x.cuda())):
+            assert got.dtype == torch.bfloat16 and got.shape == (M, 384)
+            err = (got.cpu().double() - want).abs().max() / want.abs().max()
+            assert err < 1.6e-2, (M, err)

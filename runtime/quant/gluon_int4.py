@@ -229,15 +229,64 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
         gl.atomic_add(OUT + o_off, acc, mask=o_mask)
 
 
+def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int]:
+    """(BN, SPLIT_K, warps) from static sizes; untimed: 128-row tiles where they alone give each SM a program,
+    else 64; K split (fp32 atomics) while the programs stay within two an SM and each keeps 4 groups or more."""
+    bn = 128 if N % 128 == 0 and N // 128 >= sms else 64
+    split = 1
+    while (N // bn) * split * 2 <= 2 * sms and K // 128 // (split * 2) >= 4:
+        split *= 2
+    return bn, split, 4
+
+
+def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple | None:
+    """Our int4 linear's tensors (weight (N, K/2) uint8, scale and zero (N, groups)) repacked for linear(), made
+    once at load (GPU memory then holds the int4 weight twice), or None where this kernel does not apply (not
+    CUDA, groups other than 128, N not a multiple of 64)."""
+    N, K = weight.shape[0], weight.shape[1] * 2
+    if weight.device.type != "cuda" or K % 128 or N % 64 or scale.numel() != N * (K // 128):
+        return None
+    z = None if zero is None else zero.reshape(N, -1)
+    return repack_int4(weight), repack_meta(scale.reshape(N, -1), z), N, K
+
+
+@torch.library.custom_op("engine_factory::gluon_int4_mm", mutates_args=())
+def _mm(x: torch.Tensor, xs: torch.Tensor, wp: torch.Tensor, sz: torch.Tensor, N: int, K: int, BN: int, split: int,
+        warps: int) -> torch.Tensor:
+    """(M, N) fp32 from x (M <= 8, K) bf16 and its groups' sums xs (G, 8) fp32: an opaque op to torch.compile (it
+    does not trace Gluon kernels), a plain launch that CUDA graphs capture."""
+    out = (torch.zeros if split > 1 else torch.empty)(x.shape[0], N, dtype=torch.float32, device=x.device)
+    wo_int4_mma_kernel[(N // BN, split)](x, wp, sz, xs, out, x.shape[0], N, K, x.stride(0), BN=BN, SPLIT_K=split,
+                                         NW=warps, HAS_ZERO=sz.dim() == 5, num_warps=warps)
+    return out
+
+
+@_mm.register_fake
+def _(x, xs, wp, sz, N, K, BN, split, warps):
+    return x.new_empty(x.shape[0], N, dtype=torch.float32)
+
+
+def _group_sums(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x (M, K) -> (K / 128, 8) fp32: each group's sum of x a row, padded to the MMA's 8 columns (plain torch ops:
+    under torch.compile one fused reduction)."""
+    M = x.shape[0]
+    return torch.nn.functional.pad(x.float().view(M, K // GROUP, GROUP).sum(-1).t(), (0, 8 - M)).contiguous()
+
+
+def linear(x: torch.Tensor, ops: tuple) -> torch.Tensor:
+    """x (..., K) bf16, at most 8 rows -> (..., N) in x's dtype; ops = operands(...)."""
+    from .triton_wo import _sm_count
+
+    wp, sz, N, K = ops
+    x2 = x.reshape(-1, K).contiguous()
+    bn, split, warps = default_launch(N, K, _sm_count(x.device))
+    y = _mm(x2, _group_sums(x2, K), wp, sz, N, K, bn, split, warps)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def launch(x: torch.Tensor, wp: torch.Tensor, sz: torch.Tensor, N: int, K: int, BN: int = 128, SPLIT_K: int = 1,
            num_warps: int = 4) -> torch.Tensor:
     """x (M <= 8, K) bf16, wp = repack_int4(weight), sz = repack_meta(scale, zero) -> (M, N) fp32. xs: the
     groups' sums of x (fp32), padded to 8 columns; SPLIT_K > 1: fp32 atomics into a zeroed output."""
     assert x.dtype == torch.bfloat16 and x.shape[0] <= 8 and N % BN == 0 and K % 128 == 0, (x.shape, N, K, BN)
-    M = x.shape[0]
-    xs = torch.zeros(K // GROUP, 8, dtype=torch.float32, device=x.device)
-    xs[:, :M] = x.float().view(M, K // GROUP, GROUP).sum(-1).t()
-    out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    wo_int4_mma_kernel[(N // BN, SPLIT_K)](x, wp, sz, xs, out, M, N, K, x.stride(0), BN=BN, SPLIT_K=SPLIT_K,
-                                           NW=num_warps, HAS_ZERO=sz.dim() == 5, num_warps=num_warps)
-    return out
+    return _mm(x, _group_sums(x, K), wp, sz, N, K, BN, SPLIT_K, num_warps)

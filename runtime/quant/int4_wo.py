@@ -16,6 +16,7 @@ channel. All follow the weight's dims, so a row-parallel rank holds its input fe
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,8 @@ class Int4WeightOnlyLinear:
     """On CUDA, triton_wo.cuda_linear: torch's int4 tinygemm up to batch 16 (bf16; its tiles of the weight are
     made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the
     Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
-    at every batch. Elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the
+    at every batch; $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
+    (groups of 128; its repacked weight made at load, a third copy in GPU memory). Elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the
     kernels): unpack, dequantize to the activation dtype, matmul.
 
     On CPU the weight is dequantized once, here, in the float dtype of its scales (the engine's activation
@@ -65,16 +67,26 @@ class Int4WeightOnlyLinear:
         self.dequantized = (dequantize(self.weight, self.scale, self.zero, self.scale.dtype)  # (out, in)
                             if self.weight.device.type == "cpu" else None)
         self.tiny = None  # torch's int4 tinygemm operands for small batches (runtime/quant/triton_wo.py)
+        self.gluon = None  # $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
         if self.kernel == "cuda":
             from .triton_wo import tinygemm_operands
 
             self.tiny = tinygemm_operands(self.weight, self.scale, self.zero)
+            if os.environ.get("EF_WO_GLUON") == "1":
+                from . import gluon_int4
+
+                self.gluon = gluon_int4.operands(self.weight, self.scale, self.zero)
 
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gluon is not None and x.dtype == torch.bfloat16 and x.numel() <= 8 * x.shape[-1]:
+            from . import gluon_int4
+
+            y = gluon_int4.linear(x, self.gluon)
+            return y if self.bias is None else y + self.bias
         if self.kernel in ("triton", "cuda"):
             from . import triton_wo
 
