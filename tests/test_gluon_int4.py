@@ -74,6 +74,20 @@ def test_repack_and_the_kernels_index_math_give_the_reference(M, zero, BN):
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-9), (got - ref).abs().max()
 
 
+def test_the_host_side_runs_where_the_weights_are_and_under_torch_compile():
+    """The repack keeps to its input's device (meta: no data, the same ops as on CUDA); the groups' sums of x,
+    plain torch ops around the opaque kernel op, trace whole (fullgraph) and give the eager sums."""
+    w = torch.empty(256, 512, dtype=torch.uint8, device="meta")
+    wp = g.repack_int4(w)
+    assert wp.device.type == "meta" and wp.shape == (16, 16, 32, 4) and wp.dtype == torch.int32
+    x = torch.randn(3, 1024).bfloat16()
+    sums = torch.compile(g._group_sums, fullgraph=True, backend="eager")(x, 1024)
+    assert sums.shape == (8, 8) and torch.equal(sums, g._group_sums(x, 1024))
+    assert torch.allclose(sums[:, :3], x.float().view(3, 8, 128).sum(-1).t()) and not sums[:, 3:].any()
+    scale = torch.rand(256, 8).bfloat16()
+    assert g.operands(torch.zeros(256, 512, dtype=torch.uint8), scale, None) is None  # (not CUDA)
+
+
 def test_the_dots_k_order_is_a_permutation_within_64_blocks():
     k = g.logical_to_physical_k(256)
     assert sorted(k.tolist()) == list(range(256))

@@ -58,7 +58,7 @@ def repack_int4(w: torch.Tensor) -> torch.Tensor:
     q = q[:, logical_to_physical_k(K)]                                              # logical k order
     q = q.view(N // 16, 2, 8, K // 64, 2, 4, 8)                                      # nb, h, g, kb, c, t, e
     q = q[..., NIB_ORDER]                                                            # e -> nibble position p
-    word = (q << (4 * torch.arange(8))).sum(-1)                                      # nb, h, g, kb, c, t
+    word = (q << (4 * torch.arange(8, device=q.device))).sum(-1)                                      # nb, h, g, kb, c, t
     word = word.permute(0, 3, 2, 5, 4, 1).reshape(N // 16, K // 64, 32, 4)         # nb, kb, (g, t), (c, h)
     return (word - ((word >= 2**31).to(torch.int64) << 32)).to(torch.int32).contiguous()
 
@@ -226,7 +226,7 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
     if SPLIT_K == 1:
         gl.store(OUT + o_off, acc, mask=o_mask)
     else:
-        gl.atomic_add(OUT + o_off, acc, mask=o_mask)
+        gl.atomic_add(OUT + o_off, acc, mask=o_mask, sem="relaxed")
 
 
 def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int]:
@@ -244,10 +244,12 @@ def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     once at load (GPU memory then holds the int4 weight twice), or None where this kernel does not apply (not
     CUDA, groups other than 128, N not a multiple of 64)."""
     N, K = weight.shape[0], weight.shape[1] * 2
-    if weight.device.type != "cuda" or K % 128 or N % 64 or scale.numel() != N * (K // 128):
-        return None
+    if weight.device.type != "cuda" or K % 128 or N % 64 or scale.numel() != N * (K // 128) \
+            or scale.dtype != torch.bfloat16 or torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return None  # (bf16 mma.sync: sm >= 80; the engines that run it are bf16)
     z = None if zero is None else zero.reshape(N, -1)
-    return repack_int4(weight), repack_meta(scale.reshape(N, -1), z), N, K
+    # repacked on the host: the int64 intermediates of a 4096 x 11008 weight take ~1 GB
+    return repack_int4(weight.cpu()).to(weight.device), repack_meta(scale.reshape(N, -1), z), N, K
 
 
 @torch.library.custom_op("engine_factory::gluon_int4_mm", mutates_args=())
@@ -270,7 +272,7 @@ def _group_sums(x: torch.Tensor, K: int) -> torch.Tensor:
     """x (M, K) -> (K / 128, 8) fp32: each group's sum of x a row, padded to the MMA's 8 columns (plain torch ops:
     under torch.compile one fused reduction)."""
     M = x.shape[0]
-    return torch.nn.functional.pad(x.float().view(M, K // GROUP, GROUP).sum(-1).t(), (0, 8 - M)).contiguous()
+    return torch.nn.functional.pad(x.float().view(M, K // 128, 128).sum(-1).t(), (0, 8 - M)).contiguous()
 
 
 def linear(x: torch.Tensor, ops: tuple) -> torch.Tensor:
@@ -288,5 +290,6 @@ def launch(x: torch.Tensor, wp: torch.Tensor, sz: torch.Tensor, N: int, K: int, 
            num_warps: int = 4) -> torch.Tensor:
     """x (M <= 8, K) bf16, wp = repack_int4(weight), sz = repack_meta(scale, zero) -> (M, N) fp32. xs: the
     groups' sums of x (fp32), padded to 8 columns; SPLIT_K > 1: fp32 atomics into a zeroed output."""
-    assert x.dtype == torch.bfloat16 and x.shape[0] <= 8 and N % BN == 0 and K % 128 == 0, (x.shape, N, K, BN)
+    assert x.dtype == torch.bfloat16 and 0 < x.shape[0] <= 8 and x.stride(1) == 1, (x.dtype, x.shape, x.stride())
+    assert N % BN == 0 and K % 128 == 0 and BN // 16 >= num_warps, (N, K, BN, num_warps)  # (w_layout: a warp a 16 rows)
     return _mm(x, _group_sums(x, K), wp, sz, N, K, BN, SPLIT_K, num_warps)

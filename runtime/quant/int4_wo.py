@@ -82,7 +82,7 @@ class Int4WeightOnlyLinear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gluon is not None and x.dtype == torch.bfloat16 and x.numel() <= 8 * x.shape[-1]:
+        if self.gluon is not None and x.dtype == torch.bfloat16 and 0 < x.numel() <= 8 * x.shape[-1]:
             from . import gluon_int4
 
             y = gluon_int4.linear(x, self.gluon)
