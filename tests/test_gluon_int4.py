@@ -96,14 +96,15 @@ def test_the_dots_k_order_is_a_permutation_within_64_blocks():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
-@pytest.mark.parametrize("M,BN,split,warps", [(1, 128, 1, 4), (1, 64, 1, 4), (5, 128, 4, 8), (8, 256, 1, 4)])
-def test_gluon_int4_kernel_on_cuda(M, BN, split, warps):
+@pytest.mark.parametrize("M,BN,split,warps,ahead", [(1, 128, 1, 4, 0), (1, 64, 1, 4, 1), (5, 128, 4, 8, 1),
+                                                    (8, 256, 1, 4, 0), (2, 64, 3, 4, 2)])
+def test_gluon_int4_kernel_on_cuda(M, BN, split, warps, ahead):
     """The kernel against our int4 reference (fp32 accumulation over bf16 levels and x: relative to the largest
     output, within bf16's rounding of x's products)."""
     N, K = 512, 2048
     w, scale, z, x, ref = _operands(N, K, M, True, seed=M)
     got = g.launch(x.cuda(), g.repack_int4(w).cuda(), g.repack_meta(scale, z).cuda(), N, K, BN=BN, SPLIT_K=split,
-                   num_warps=warps)
+                   num_warps=warps, PREFETCH=ahead)
     err = (got.cpu().double() - ref).abs().max() / ref.abs().max()
     assert err < 1e-4, err
 

@@ -143,7 +143,10 @@ def _dequant(words):
 @gluon.jit
 def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
                        BN: gl.constexpr, SPLIT_K: gl.constexpr, NW: gl.constexpr,
-                       XTRIV: gl.constexpr = False, HAS_ZERO: gl.constexpr = True):
+                       XTRIV: gl.constexpr = False, HAS_ZERO: gl.constexpr = True, PREFETCH: gl.constexpr = 0):
+    """PREFETCH D (0, 1, 2): the weight words of the groups D steps ahead loaded before a step's MMAs (registers,
+    4 a step a thread), so that a program keeps D + 1 steps of its bytes in flight (no software pipelining here
+    otherwise: a load is used in the step that issues it); past the last group the last is loaded again, unused."""
     NB: gl.constexpr = BN // 16
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
@@ -197,8 +200,20 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
             + gl.expand_dims(gl.expand_dims(mh, 0), 1)
         SZW: gl.constexpr = 2
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    if PREFETCH >= 1:
+        ahead1 = gl.load(WP + w_off + gl.minimum(pid_k, G - 1) * 256)
+    if PREFETCH >= 2:
+        ahead2 = gl.load(WP + w_off + gl.minimum(pid_k + SPLIT_K, G - 1) * 256)
     for g in range(pid_k, G, SPLIT_K):
-        words = gl.load(WP + w_off + g * 256)                                         # 16 B a thread a 64 k
+        if PREFETCH == 1:
+            words = ahead1
+            ahead1 = gl.load(WP + w_off + gl.minimum(g + SPLIT_K, G - 1) * 256)
+        elif PREFETCH == 2:
+            words = ahead1
+            ahead1 = ahead2
+            ahead2 = gl.load(WP + w_off + gl.minimum(g + 2 * SPLIT_K, G - 1) * 256)
+        else:
+            words = gl.load(WP + w_off + g * 256)                                     # 16 B a thread a 64 k
         wq = _dequant(gl.expand_dims(words, 2) + dummy)                               # [2NB, 128, 8] bf16
         wq = gl.reshape(wq, [NB, 2, 8, 4, 2, 2, 8])                                   # nb kb g t c h e
         wq = gl.permute(wq, [0, 5, 2, 1, 4, 3, 6])                                    # nb h g kb c t e
@@ -229,14 +244,16 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
         gl.atomic_add(OUT + o_off, acc, mask=o_mask, sem="relaxed")
 
 
-def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int]:
-    """(BN, SPLIT_K, warps) from static sizes; untimed: 128-row tiles where they alone give each SM a program,
-    else 64; K split (fp32 atomics) while the programs stay within two an SM and each keeps 4 groups or more."""
+def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int, int]:
+    """(BN, SPLIT_K, warps, PREFETCH) from static sizes; untimed: 128-row tiles where they alone give each SM a
+    program, else 64; K split (fp32 atomics into a zeroed output: a memset more a call) while the programs stay
+    within two an SM and each keeps 4 groups or more; one group's words fetched ahead (two spill at BN 64 under
+    Triton 3.6: 8 bytes of stack)."""
     bn = 128 if N % 128 == 0 and N // 128 >= sms else 64
     split = 1
     while (N // bn) * split * 2 <= 2 * sms and K // 128 // (split * 2) >= 4:
         split *= 2
-    return bn, split, 4
+    return bn, split, 4, 1
 
 
 def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple | None:
@@ -254,17 +271,17 @@ def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 
 @torch.library.custom_op("engine_factory::gluon_int4_mm", mutates_args=())
 def _mm(x: torch.Tensor, xs: torch.Tensor, wp: torch.Tensor, sz: torch.Tensor, N: int, K: int, BN: int, split: int,
-        warps: int) -> torch.Tensor:
+        warps: int, prefetch: int) -> torch.Tensor:
     """(M, N) fp32 from x (M <= 8, K) bf16 and its groups' sums xs (G, 8) fp32: an opaque op to torch.compile (it
     does not trace Gluon kernels), a plain launch that CUDA graphs capture."""
     out = (torch.zeros if split > 1 else torch.empty)(x.shape[0], N, dtype=torch.float32, device=x.device)
     wo_int4_mma_kernel[(N // BN, split)](x, wp, sz, xs, out, x.shape[0], N, K, x.stride(0), BN=BN, SPLIT_K=split,
-                                         NW=warps, HAS_ZERO=sz.dim() == 5, num_warps=warps)
+                                         NW=warps, HAS_ZERO=sz.dim() == 5, PREFETCH=prefetch, num_warps=warps)
     return out
 
 
 @_mm.register_fake
-def _(x, xs, wp, sz, N, K, BN, split, warps):
+def _(x, xs, wp, sz, N, K, BN, split, warps, prefetch):
     return x.new_empty(x.shape[0], N, dtype=torch.float32)
 
 
@@ -281,15 +298,14 @@ def linear(x: torch.Tensor, ops: tuple) -> torch.Tensor:
 
     wp, sz, N, K = ops
     x2 = x.reshape(-1, K).contiguous()
-    bn, split, warps = default_launch(N, K, _sm_count(x.device))
-    y = _mm(x2, _group_sums(x2, K), wp, sz, N, K, bn, split, warps)
+    y = _mm(x2, _group_sums(x2, K), wp, sz, N, K, *default_launch(N, K, _sm_count(x.device)))
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def launch(x: torch.Tensor, wp: torch.Tensor, sz: torch.Tensor, N: int, K: int, BN: int = 128, SPLIT_K: int = 1,
-           num_warps: int = 4) -> torch.Tensor:
+           num_warps: int = 4, PREFETCH: int = 0) -> torch.Tensor:
     """x (M <= 8, K) bf16, wp = repack_int4(weight), sz = repack_meta(scale, zero) -> (M, N) fp32. xs: the
     groups' sums of x (fp32), padded to 8 columns; SPLIT_K > 1: fp32 atomics into a zeroed output."""
     assert x.dtype == torch.bfloat16 and 0 < x.shape[0] <= 8 and x.stride(1) == 1, (x.dtype, x.shape, x.stride())
     assert N % BN == 0 and K % 128 == 0 and BN // 16 >= num_warps, (N, K, BN, num_warps)  # (w_layout: a warp a 16 rows)
-    return _mm(x, _group_sums(x, K), wp, sz, N, K, BN, SPLIT_K, num_warps)
+    return _mm(x, _group_sums(x, K), wp, sz, N, K, BN, SPLIT_K, num_warps, PREFETCH)

@@ -147,9 +147,10 @@ def gluon_grid(target) -> None:
 
     args = ["X", "WP", "SZ", "XS", "OUT", "M", "N", "K", "stride_xm"]
     types = {"X": "*bf16", "WP": "*i32", "SZ": "*fp32", "XS": "*fp32", "OUT": "*fp32"}
-    for bn, split, warps, zero in [(64, 1, 4, True), (128, 1, 4, True), (128, 1, 4, False), (128, 4, 8, True),
-                                   (256, 1, 4, True)]:
-        consts = dict(BN=bn, SPLIT_K=split, NW=warps, HAS_ZERO=zero)
+    for bn, split, warps, zero, ahead in [(64, 1, 4, True, 0), (64, 1, 4, True, 1), (64, 1, 4, True, 2),
+                                          (128, 1, 4, True, 0), (128, 1, 4, False, 0), (128, 4, 8, True, 1),
+                                          (128, 1, 4, True, 2), (256, 1, 4, True, 0)]:
+        consts = dict(BN=bn, SPLIT_K=split, NW=warps, HAS_ZERO=zero, PREFETCH=ahead)
         sig = {**{x: types.get(x, "i32") for x in args}, **{k: "constexpr" for k in consts}}
         attrs = {(args.index(x),): [["tt.divisibility", 16]] for x in args if x != "M"}
         opts = triton.compiler.make_backend(target).parse_options({"num_warps": warps})
@@ -157,9 +158,10 @@ def gluon_grid(target) -> None:
             k = triton.compile(GluonASTSource(fn=gluon_int4.wo_int4_mma_kernel, signature=sig, constexprs=consts,
                                               attrs=attrs), target=target, options=opts.__dict__)
         except Exception as e:  # noqa: BLE001 (another Triton's Gluon API: written against 3.6)
-            print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero}: cannot compile here: {str(e)[:200]}")
+            print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero} ahead {ahead}: cannot compile here: "
+                  f"{str(e)[:200]}")
             continue
-        print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero}", describe(k, warps, bn * 128 // 2))
+        print(f"gluon int4 BN{bn} split{split} w{warps} zero={zero} ahead {ahead}", describe(k, warps, bn * 128 // 2))
 
 
 if __name__ == "__main__":

@@ -252,18 +252,20 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 out({"kind": "failed", "kernel": "gluon_int4", "linear": lin, "why": str(e)[:300]})
                 continue
-            for M, (bn, split, warps) in itertools.product((1, 8), ((128, 1, 4), (64, 1, 4), (128, 2, 4), (128, 4, 8),
-                                                                      (256, 1, 4), (64, 2, 4))):
+            shapes = [gluon_int4.default_launch(N, K, torch.cuda.get_device_properties(0).multi_processor_count),
+                      (64, 1, 4, 0), (64, 1, 4, 2), (128, 1, 4, 1), (128, 2, 4, 1), (64, 2, 4, 1), (64, 4, 4, 1),
+                      (128, 4, 8, 1), (256, 1, 4, 1)]
+            for M, (bn, split, warps, ahead) in itertools.product((1, 8), shapes):
                 x, r = ref[lin, M]
                 try:
-                    err = rel(gluon_int4.launch(x, *packs[0], N, K, bn, split, warps), r["int4"])
-                    us = time_graph(lambda: [gluon_int4.launch(x, wp, sz, N, K, bn, split, warps) for wp, sz in packs],
-                                    15) * 1e6 / COPIES
+                    err = rel(gluon_int4.launch(x, *packs[0], N, K, bn, split, warps, ahead), r["int4"])
+                    us = time_graph(lambda: [gluon_int4.launch(x, wp, sz, N, K, bn, split, warps, ahead)
+                                             for wp, sz in packs], 15) * 1e6 / COPIES
                 except Exception as e:  # noqa: BLE001
                     out({"kind": "failed", "kernel": "gluon_int4", "linear": lin, "M": M, "why": str(e)[:300]})
                     continue
                 out({"kind": "probe", "kernel": "gluon_int4", "fmt": "int4_g128", "linear": lin, "M": M,
-                     "cfg": {"BN": bn, "SPLIT_K": split, "num_warps": warps}, "us": round(us, 2),
+                     "cfg": {"BN": bn, "SPLIT_K": split, "num_warps": warps, "PREFETCH": ahead}, "us": round(us, 2),
                      "GB_s": round(N * K / 2 / us / 1e3, 1), "rel_err": err})
     if "dequant" in sections:  # the prefill path's one-pass dequantize: bytes read + written per second
         from runtime.quant import triton_wo
