@@ -61,7 +61,7 @@ if [ -n "$PROBE" ]; then  # tests/perf/gemv_probe.py's sections (e.g. gemlite,ti
     --budget_s $(( ${PROBE_S:-300} - 60 )) > /dev/null 2> $W/probe.log
   echo "probe $PROBE rc=$? at $(el)"; tail -n 3 $W/probe.log
   [ -f $OUT/gemv_probe.jsonl ] && python3 -c "import json, sys; [print(r['kernel'], r.get('linear'), r.get('M'),
-    r.get('us'), r.get('GB_s'), r.get('rel_err')) if r['kind'] == 'probe' else print(r)
+    r.get('us'), r.get('GB_s'), r.get('rel_err'), r.get('cfg', '')) if r['kind'] == 'probe' else print(r)
     for r in map(json.loads, open(sys.argv[1]))]" $OUT/gemv_probe.jsonl
 fi
 if [ -n "$CASES" ]; then
