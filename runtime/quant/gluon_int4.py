@@ -258,8 +258,8 @@ def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int, int]:
 
 def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple | None:
     """Our int4 linear's tensors (weight (N, K/2) uint8, scale and zero (N, groups)) repacked for linear(), made
-    once at load (GPU memory then holds the int4 weight twice), or None where this kernel does not apply (not
-    CUDA, groups other than 128, N not a multiple of 64)."""
+    once at load (one more copy of the int4 bytes in GPU memory), or None where this kernel does not apply (not
+    CUDA, groups other than 128, N not a multiple of 64, scales not bf16, sm < 80)."""
     N, K = weight.shape[0], weight.shape[1] * 2
     if weight.device.type != "cuda" or K % 128 or N % 64 or scale.numel() != N * (K // 128) \
             or scale.dtype != torch.bfloat16 or torch.cuda.get_device_capability(weight.device) < (8, 0):
