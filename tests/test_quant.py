@@ -331,7 +331,7 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             # int8 per channel at 33-64 rows with its default (SWAP 64 x 64 x 128, K split 2 added in the kernel)
             "assert k.default_config(40, 96, 640, 640, 132)['SWAP']\n"
             "t._kernel_vs_reference(k, 'int8_wo', 40, torch.float16, 'cpu', N=96, K=640)\n"
-            # int4 g128 the same at 33-64 rows (SWAP + MAGIC where the programs are few, int4's fp16 x)
+            # int4 g128 the same at 33-64 rows (SWAP + MAGIC, int4's fp16 x)
             "assert k.default_config(40, 96, 640, 128, 132, 4)['SWAP']\n"
             "t._kernel_vs_reference(k, 'int4_wo_g128', 40, torch.float16, 'cpu', N=96, K=640)\n")
     _interpreted(code)

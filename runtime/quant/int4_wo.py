@@ -51,8 +51,9 @@ class Int4WeightOnlyLinear:
     made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the
     Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
     at every batch; $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
-    (groups of 128; its repacked weight made at load, a third copy in GPU memory). Elsewhere, or with $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the
-    kernels): unpack, dequantize to the activation dtype, matmul.
+    (groups of 128; its repacked weight made at load, a third copy in GPU memory). Elsewhere, or with
+    $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernels): unpack, dequantize to the
+    activation dtype, matmul.
 
     On CPU the weight is dequantized once, here, in the float dtype of its scales (the engine's activation
     dtype): unpacking every call cost 55 s an article of SmolLM2-135M summarize on 2 cores. It is the per-call arithmetic done early, so the products are bit-identical; an input of

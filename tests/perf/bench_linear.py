@@ -194,9 +194,8 @@ class _WeightOnly:
                  for pf, sk, bn, nw in itertools.product((2, 1), (4, 2), (32, 16), (4, 8))]}
 
     # batch 1 before all: the GEMV's levels by byte permutes (PRMT; int8 16 x 1024 the H100's best of 2026-12-07, now
-    # the default; int4 not yet swept: sm90 SASS of the loop
-    # 15-35% shorter than MAGIC's shifts and masks, the int4 GEMV's 0.44 -> 0.28 warp-instructions a byte), at the
-    # default shapes and around them, with and without tiles fetched ahead
+    # the default; int4 not yet swept, its loop in sm90 SASS 15-35% shorter than with MAGIC's shifts and masks), at
+    # the default shapes and around them, with and without tiles fetched ahead
     prmt = {8: [{"GEMV": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": nw, "MAGIC": True,
                  "REDUCE": sk > 1, "PREFETCH": pf, "PRMT": True}
                 for bn, bk, sk, nw, pf in [(16, 512, 1, 8, 1), (16, 512, 1, 8, 0), (32, 512, 1, 8, 0), (16, 512, 1, 4, 0),
