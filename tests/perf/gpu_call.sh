@@ -7,7 +7,7 @@
 #                          one by one (TESTS_DIST=load; 2026-12-07 "loadfile" left test_cuda.py's compiled tests to one
 #                          worker, and the 150 s cut them), TESTS_DIST=loadfile: a file each
 #   SWEEP="modes:batches ..."  bench_linear.py --sweep per entry, SWEEP_S seconds shared by the entries
-#   PROBE=gemlite,tinygemm,kmajor tests/perf/gemv_probe.py --sections (a LLaMA-7B layer's linears by kernel) within PROBE_S
+#   PROBE=gemlite,tinygemm,kmajor,gluon gemv_probe.py --sections (a LLaMA-7B layer's linears by kernel) within PROBE_S
 #                          (300) seconds, its gemv2 sweep within 60 less; GemLite autotunes every shape but 4096 x 4096
 #                          on a fresh machine (its shipped H100 configs): rows are written as they come
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
