@@ -47,9 +47,9 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 
 
 class Int4WeightOnlyLinear:
-    """On CUDA, triton_wo.cuda_linear: torch's int4 tinygemm up to batch 16 (bf16; its tiles of the weight are
-    made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the
-    Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
+    """On CUDA, triton_wo.cuda_linear: the Triton GEMV at batch 1, torch's int4 tinygemm for batches 2-16 (bf16;
+    its tiles of the weight are made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight,
+    half of bf16's), the Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
     at every batch; $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
     (groups of 128; its repacked weight made at load, a third copy in GPU memory). Elsewhere, or with
     $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernels): unpack, dequantize to the

@@ -14,9 +14,10 @@ hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and o
 `cuda_linear` is what a weight-only linear runs on CUDA ($EF_WO_KERNEL=auto): per batch the fastest of three
 paths, from the H200 probe of a LLaMA-7B layer (tests/perf/gemv_probe.py, 2026-12-03, µs for its four
 linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
-- int4 with bf16 activations, batch <= 16: torch's own int4 tinygemm (`aten._weight_int4pack_mm`, the kernel
-  of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1 against 176 for the Triton GEMV here
-  (86.8 on an H100 since its int4 loads are 16 bytes wide, against tinygemm's 69.5 there, 2026-12-07);
+- int4 with bf16 activations, batch 2-16 (and 1 with $EF_WO_PRMT=0): torch's own int4 tinygemm
+  (`aten._weight_int4pack_mm`, the kernel of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1
+  against 176 for the Triton GEMV here (H200, 2026-12-03); at batch 1 the Triton GEMV with PRMT now wins
+  (H100, 2026-12-07: 64.0 against tinygemm's 69.6 in the same call; default_config);
 - batch above DEQUANT_ABOVE (64): one Triton pass writes the float weight and cuBLAS multiplies (prefill; int4
   at 512: the Triton GEMM took 8,271, tinygemm slower still). The first version of that pass ran at 0.4 TB/s
   (int4 batch 64 at 47 ms a step, H200); this one reads each byte once, and its speed is not measured yet;
@@ -397,8 +398,11 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
     H200); not measured yet. int4 at batch 1 (where a tile of 512 features holds whole groups or lies in one):
     32 x 512 tiles, 4 warps, K split 4 ways added in the kernel (REDUCE): 86.8 us a LLaMA-7B layer against 111.0
     for the 128 x 128, split-8 shape before it, the best single shape of the H100 sweep of 2026-12-07 (after the
-    int4 loads became 16 bytes wide; per-linear bests summed 84.9; torch's tinygemm, which the engine runs at
-    batch 1: 69.5). int8 per channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's
+    int4 loads became 16 bytes wide; per-linear bests summed 84.9; torch's tinygemm: 69.5). With PRMT (levels
+    joined in feature order) the same tiles, K split only until there are four programs an SM (H100, 2026-12-07,
+    eighth session, bench_linear --sweep, 44 shapes, us: attn.qkv 16.02 split 2, attn.o 8.67 split 4, mlp.up
+    22.73 unsplit, mlp.down 16.61 split 4: 64.0 a layer against 82.4 for the split-4 shape with MAGIC and 69.6
+    for tinygemm in the same call; the engine now leaves tinygemm to batches 2-16). int8 per channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's
     64-row side), 3 stages, K split 2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two
     an SM, none where more (H100, 2026-12-07, bench_linear --sweep at 64 rows, 111 shapes, us: attn.qkv 35.69 split
     2 against 39.0 unsplit, attn.o 19.39 and mlp.down 41.82 split 2, mlp.up 54.1 unsplit against 68.26 split 2;
@@ -428,11 +432,13 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
         return {"GEMV": True, "BLOCK_N": rows, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 8, "MAGIC": True,
                 "PREFETCH": ahead, "PRMT": prmt}
     if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0):  # tiles of whole groups (NG) or in one
-        split = 4
+        split = 1 if prmt else 4
+        while prmt and split < 4 and triton.cdiv(N, 32) * split < 4 * sms and K // (512 * split * 2) >= 2:
+            split *= 2  # with PRMT (the docstring): until there are four programs an SM
         while split > 1 and K // (512 * split) < 2:
             split //= 2
         return {"GEMV": True, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 4, "MAGIC": True,
-                "REDUCE": split > 1}
+                "REDUCE": split > 1, "PREFETCH": 0, "PRMT": prmt}
     if M == 1:
         wide = 256 if bits == 8 and group % 256 == 0 else block_k
         split = 8
@@ -605,7 +611,7 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
                 tiny: tuple | None = None) -> torch.Tensor:
     """x (..., K) -> (..., N) by the fastest path for its batch (module docstring); tiny: tinygemm_operands."""
     M = x.numel() // x.shape[-1]
-    if tiny is not None and M <= TINYGEMM_UP_TO and x.dtype == torch.bfloat16:
+    if tiny is not None and (1 < M or not PRMT) and M <= TINYGEMM_UP_TO and x.dtype == torch.bfloat16:
         packed, scale_offset, group = tiny
         lead = x.shape[:-1]
         y = torch.ops.aten._weight_int4pack_mm(x.reshape(M, x.shape[-1]).contiguous(), packed, group, scale_offset)
