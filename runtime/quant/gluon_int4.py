@@ -1,6 +1,10 @@
 """int4 g128 weight-only GEMV / small GEMM (batch M <= 8) in Triton's Gluon dialect, Marlin's way. EXPERIMENTAL:
-not used by the engine, never run on a GPU yet (2026-12-07: written and compiled offline for sm90 under the GPU
-machine's Triton 3.6; its CUDA test and `tests/perf/gemv_probe.py --sections gluon` wait for a device call).
+not used by the engine. Written and compiled offline for sm90 under the GPU machine's Triton 3.6 (2026-12-07);
+on an H100 (eighth session) its CUDA tests passed, but `tests/perf/gemv_probe.py --sections gluon` timed it slower
+than tinygemm: the best of nine launch shapes a linear summed 103.6 us a LLaMA-7B layer at batch 1 against 67.8
+(attn.o 16.7 against 7.4; mlp.down unsplit 90-117 us), so it is bound by latency, not by its instructions: each
+thread keeps one or two 16-byte words in flight. More words fetched ahead (registers allowing) and deeper K
+splits are what to try next.
 
 Why: every plain-Triton int4 kernel of ours (triton_wo.py) builds one fp32 level a weight and multiplies it by an
 FMA, 0.23 warp-instructions a weight byte at best in the K loop's sm90 SASS, so it stops near 1.5 TB/s on an H100
@@ -18,8 +22,9 @@ Layout: repack_int4 turns our int4 storage ((N, K/2) uint8, feature 2j in the lo
 32 lanes, 4 words); repack_meta the scales and zeros into fp32 (G, N/16, 8, 2, 2). A dot's logical k is a
 permutation of the features (logical_to_physical_k) so that x's 16-byte load a thread holds two whole B fragments;
 the weights take the same permutation. Needs N % 16 == 0 (BN | N), K % 128 == 0, groups of 128. What the
-interpreter cannot check (it does not run Gluon): the packed order of inline asm's bf16 outputs (element 2j in the
-low half of register j is assumed; if wrong, NIB_ORDER is the one fix, on the host) and Triton's mma_v2 lowering.
+interpreter cannot check (it does not run Gluon), the CUDA tests do: the packed order of inline asm's bf16 outputs
+(element 2j in the low half of register j, as assumed; NIB_ORDER is where the host would change it) and Triton's
+mma_v2 lowering.
 tests/test_gluon_int4.py replays the kernel's offsets, reshapes and permutes in float64 on the CPU against the
 dequantized reference (the repack and the index math)."""
 

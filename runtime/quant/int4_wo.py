@@ -49,9 +49,11 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 class Int4WeightOnlyLinear:
     """On CUDA, triton_wo.cuda_linear: the Triton GEMV at batch 1, torch's int4 tinygemm for batches 2-16 (bf16;
     its tiles of the weight are made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight,
-    half of bf16's), the Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel
-    at every batch; $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
-    (groups of 128; its repacked weight made at load, a third copy in GPU memory). Elsewhere, or with
+    half of bf16's), the Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton:
+    the Triton kernel at every batch; $EF_WO_GLUON=1 (experimental): runtime/quant/gluon_int4.py for 5-8 rows in
+    bf16 (groups of 128; its repacked weight made at load, a third copy in GPU memory), where it beat tinygemm
+    on an H100 (a LLaMA-7B layer's linears at 8 rows: 110.4 us against 145.7; at 1 row it lost, 103.6 against
+    67.8, and tinygemm's 4 rows took 91.8; 2026-12-07, tests/perf/gemv_probe.py --sections gluon,tinygemm). Elsewhere, or with
     $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernels): unpack, dequantize to the
     activation dtype, matmul.
 
@@ -68,7 +70,7 @@ class Int4WeightOnlyLinear:
         self.dequantized = (dequantize(self.weight, self.scale, self.zero, self.scale.dtype)  # (out, in)
                             if self.weight.device.type == "cpu" else None)
         self.tiny = None  # torch's int4 tinygemm operands for small batches (runtime/quant/triton_wo.py)
-        self.gluon = None  # $EF_WO_GLUON=1 (experimental, untimed): runtime/quant/gluon_int4.py up to 8 rows in bf16
+        self.gluon = None  # $EF_WO_GLUON=1 (experimental): runtime/quant/gluon_int4.py for 5-8 rows in bf16
         if self.kernel == "cuda":
             from .triton_wo import tinygemm_operands
 
@@ -83,7 +85,7 @@ class Int4WeightOnlyLinear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gluon is not None and x.dtype == torch.bfloat16 and 0 < x.numel() <= 8 * x.shape[-1]:
+        if self.gluon is not None and x.dtype == torch.bfloat16 and 4 * x.shape[-1] < x.numel() <= 8 * x.shape[-1]:
             from . import gluon_int4
 
             y = gluon_int4.linear(x, self.gluon)

@@ -382,7 +382,8 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
     K split only where the tiles are under half the SMs (H100, 2026-12-07, seventh session, bench_linear --sweep,
     257 shapes, CUDA-graph timed, us: attn.qkv 21.16, attn.o 10.68, mlp.up 35.78, mlp.down 22.95: 90.6 a
     LLaMA-7B layer, the best single shape, against 99.4 for the shape below; per-linear bests summed 89.9; timed in
-    PRMT's first form, the second, without a subtraction a weight, is untimed: _prmt_int8). Without
+    PRMT's first form; the second, without a subtraction a weight (_prmt_int8), 88.6 in the eighth session's
+    sweep, still the best of 45 shapes, and the int8 engine 1.65x bf16 at batch 1 with it). Without
     PRMT: where the 32-row tiles are fewer than two a multiprocessor
     (attn.o and mlp.down of LLaMA-7B, 4,096 outputs), 16-row tiles with the next weight tile loaded ahead
     (PREFETCH 1): on the H100 (2026-12-07, bench_linear --sweep, CUDA-graph timed) attn.o 13.72 -> 11.83 us and
