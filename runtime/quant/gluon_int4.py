@@ -250,15 +250,19 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
 
 
 def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int, int]:
-    """(BN, SPLIT_K, warps, PREFETCH) from static sizes; untimed: 128-row tiles where they alone give each SM a
-    program, else 64; K split (fp32 atomics into a zeroed output: a memset more a call) while the programs stay
-    within two an SM and each keeps 4 groups or more; one group's words fetched ahead (two spill at BN 64 under
-    Triton 3.6: 8 bytes of stack)."""
-    bn = 128 if N % 128 == 0 and N // 128 >= sms else 64
+    """(BN, SPLIT_K, warps, PREFETCH) from static sizes: 64-row tiles, 4 warps, one group's words fetched ahead,
+    K split 4 ways (fp32 atomics into a zeroed output: a memset more a call) while each split keeps 4 groups or
+    more. H100, 2026-12-07 (eighth session, gemv_probe --sections gluon, nine shapes, a LLaMA-7B layer's four
+    linears, us at 1 / 8 rows): this shape 104.7 / 110.8, within 1% of the per-linear bests (103.6 / 110.4), where
+    the first rule here (128-row tiles where they alone gave each SM a program, splits while the programs stayed
+    within two an SM) took 136.5 / 150.8: attn.qkv unsplit 38.4 against 22.6 split 4. The kernel waits on memory
+    latency (a thread keeps one or two 16-byte words in flight), so more programs win; 8-way splits and two
+    groups ahead at split 4 are in the probe's grid, untimed. (Two ahead spill 8 bytes of stack at BN 64 under
+    Triton 3.6.) sms: kept for rules to come."""
     split = 1
-    while (N // bn) * split * 2 <= 2 * sms and K // 128 // (split * 2) >= 4:
+    while split < 4 and K // 128 // (split * 2) >= 4:
         split *= 2
-    return bn, split, 4, 1
+    return 64, split, 4, 1
 
 
 def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple | None:

@@ -253,8 +253,8 @@ def main() -> None:
                 out({"kind": "failed", "kernel": "gluon_int4", "linear": lin, "why": str(e)[:300]})
                 continue
             shapes = [gluon_int4.default_launch(N, K, torch.cuda.get_device_properties(0).multi_processor_count),
-                      (64, 1, 4, 0), (64, 1, 4, 2), (128, 1, 4, 1), (128, 2, 4, 1), (64, 2, 4, 1), (64, 4, 4, 1),
-                      (128, 4, 8, 1), (256, 1, 4, 1)]
+                      (64, 1, 4, 2), (128, 2, 4, 1), (64, 2, 4, 1), (64, 4, 4, 0), (64, 4, 4, 2), (64, 8, 4, 1),
+                      (64, 8, 4, 2), (128, 4, 8, 1), (128, 8, 8, 1), (64, 16, 4, 1)]
             for M, (bn, split, warps, ahead) in itertools.product((1, 8), shapes):
                 x, r = ref[lin, M]
                 try:
