@@ -12,7 +12,7 @@ import yaml
 
 from engine_factory import config
 from engine_factory.engines import BOUNDS
-from engine_factory.reproduce import rewrite_expect
+from engine_factory.engines.reproduce import rewrite_expect
 from engine_factory.paths import recipe_names, recipes_dir
 from helpers import engines_in, run_module
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine_factory.stages.validate import check_bounds
+from engine_factory.bounds import check_bounds
 from helpers import LIMITS, assert_store_clean, build_in_process, engine_path, engines_in
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,6 +17,7 @@ from runtime.errors import UserError
 from runtime.format import REPORT_MD, VALIDATION_JSON
 from runtime.quant import MODES
 
+from ..bounds import check_bounds
 from ..hashing import digest
 from ..store import write_json_atomic, write_text_atomic
 
@@ -107,28 +108,6 @@ def parity(engine: Engine, ref, vc) -> dict:
                            "greedy_identical": same})
     return {"max_abs_logits": max_abs, "ref_max_abs_logits": scale, "max_rel_logits": max_abs / max(scale, 1e-12),
             "token_agreement": agree / total, "greedy_identical": exact, "new_tokens": n, "prompts": per_prompt}
-
-
-def lookup(data: dict, dotted: str):
-    """validation.json's value at a dotted path ("parity.max_rel_logits", "task.engine.rouge1"), or None."""
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def check_bounds(validation: dict, bounds: dict) -> list[str]:
-    """A recipe's expect.validation, {dotted path: {min | max | eq: value}}, against validation.json."""
-    failures = []
-    for path, bound in bounds.items():
-        value = lookup(validation, path)
-        for op, want in bound.items():
-            ok = value is not None and {"min": lambda: value >= want, "max": lambda: value <= want,
-                                        "eq": lambda: value == want}[op]()
-            if not ok:
-                failures.append(f"{path} = {value} (expect {op} {want})")
-    return failures
 
 
 def _task(engine: Engine, ref, tc) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from runtime.errors import UserError
 from runtime.format import ENGINE_JSON, VALIDATION_JSON, sha256_file
 
-from .engines import Check, Outcome, _error_of, build, validation_checks, why_not
+from . import Check, Outcome, _error_of, build, validation_checks, why_not
 
 RECORD_HINT = "if the change is intended, run `python -m engine_factory.engines --record --recipes {name}` " \
               "and commit the recipe"
@@ -123,7 +123,7 @@ def rebuild_and_check(cfgs: dict, record: bool) -> list[Outcome]:
 
 
 def _record(name: str, engine: Path) -> str:
-    from .paths import recipes_dir
+    from ..paths import recipes_dir
 
     digest = json.loads((engine / ENGINE_JSON).read_text())["hash"]
     ranks = {p.name: sha256_file(p) for p in sorted(engine.glob("rank*.safetensors"))}

@@ -1,4 +1,4 @@
-"""python -m engine_factory.engines: the published recipes as a whole.
+"""The published recipes as a whole: `python -m engine_factory.engines` (engines/__main__.py).
 
   (default)      build every recipe this machine can build into the store (`make engines`); a built
                  recipe is a cache hit. Skipped recipes are listed with the reason.
@@ -21,7 +21,6 @@ as the CLI, and a fresh Hydra state per recipe.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,11 +33,11 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from runtime.cli import user_errors_exit
 from runtime.errors import UserError
 from runtime.format import VALIDATION_JSON
 
-BOUNDS = {"min": lambda v, b: v >= b, "max": lambda v, b: v <= b, "eq": lambda v, b: v == b}
+from ..bounds import BOUNDS, evaluate, lookup
+
 
 
 @dataclass
@@ -114,11 +113,11 @@ def _too_big(cfg, store: Path) -> str | None:
         return None
     from omegaconf import OmegaConf
 
-    from . import families
+    from .. import families
     from runtime.dtypes import DTYPES
     from runtime.quant import MODES
-    from .resources import available_ram, gib, parameter_count
-    from .sources.dummy import hf_parameter_shapes
+    from ..resources import available_ram, gib, parameter_count
+    from ..sources.dummy import hf_parameter_shapes
 
     hf = OmegaConf.to_container(cfg.model.config, resolve=True)
     try:
@@ -179,8 +178,6 @@ def validation_checks(cfg, report_path: Path) -> list[Check]:
     summarize task), and meets every bound of expect.validation."""
     from omegaconf import OmegaConf
 
-    from .stages.validate import lookup
-
     bounds = dict(cfg.expect.get("validation") or {})
     if not cfg.validate.enabled and not bounds:
         return []
@@ -200,12 +197,9 @@ def validation_checks(cfg, report_path: Path) -> list[Check]:
             checks.append(Check("ROUGE recorded", rouge1 is not None, f"engine ROUGE-1 {_num(rouge1)}, reference "
                                 f"{_num(lookup(report, 'task.hf.rouge1'))}" if rouge1 is not None else
                                 "validation.json has no task.engine.rouge1"))
-    for path, bound in bounds.items():
-        value = lookup(report, path)
-        for op, limit in bound.items():
-            ok = value is not None and BOUNDS[op](value, limit)
-            checks.append(Check(path, ok, f"{_num(value)} ({op} {_num(limit)})" if ok else
-                                f"{_num(value)} MISSES the recorded bound {op} {_num(limit)}"))
+    for path, op, value, limit, ok in evaluate(report, bounds):
+        checks.append(Check(path, ok, f"{_num(value)} ({op} {_num(limit)})" if ok else
+                            f"{_num(value)} MISSES the recorded bound {op} {_num(limit)}"))
     return checks
 
 
@@ -222,7 +216,7 @@ def _check_bounds_shape(name: str, cfg) -> None:
 
 # ---- the three modes --------------------------------------------------------------------------------
 def _configs(names: list[str]) -> dict:
-    from . import config
+    from .. import config
 
     cfgs = {}
     for name in names:
@@ -232,7 +226,7 @@ def _configs(names: list[str]) -> dict:
 
 
 def _complete_engines(store: Path) -> set[Path]:
-    from .store import is_complete_engine
+    from ..store import is_complete_engine
 
     return {p for p in store.iterdir() if is_complete_engine(p)} if store.is_dir() else set()
 
@@ -261,75 +255,3 @@ def build_all(cfgs: dict, store: Path, dry_run: bool) -> list[Outcome]:
             tqdm.write(f"{o.result:9}  {name}  {o.detail}")
             done.append(o)
     return done + outcomes
-
-
-def _table(outcomes: list[Outcome]) -> str:
-    rows = [("recipe", "result", "seconds", "detail")] + [
-        (o.name, o.result, f"{o.seconds:.1f}" if o.seconds else "", o.detail) for o in outcomes]
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}".rstrip() for r in rows)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine_factory.engines", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--reproduce", action="store_true", help="rebuild the recorded recipes and check them")
-    mode.add_argument("--record", action="store_true", help="rebuild and write expect.hash / rank_sha256")
-    p.add_argument("--recipes", default=None, help="comma-separated recipe names (default: all that apply)")
-    p.add_argument("--store", default=None, help="store of the default mode (default: EF_STORE or the user cache); "
-                   "--reproduce and --record always build into a fresh temporary store")
-    p.add_argument("--recipes_dir", default=None, help="another folder of recipes (sets EF_RECIPES_DIR)")
-    p.add_argument("--dry_run", action="store_true", help="default mode: only say what would be built")
-    return p.parse_args(argv)
-
-
-@user_errors_exit
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.recipes_dir:  # before any config is composed; the builds inherit it
-        os.environ["EF_RECIPES_DIR"] = str(Path(args.recipes_dir).expanduser().resolve())
-    from .paths import recipe_names
-    from .store import default_store
-
-    known = recipe_names()
-    names = [n for n in (args.recipes or "").split(",") if n] or known
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UserError(f"--recipes: no such recipe {', '.join(unknown)}; published: {', '.join(known)}")
-    cfgs = _configs(names)
-    if args.reproduce or args.record:
-        # reproduce: the recipes that record a hash; record: those with an expect: block (or named)
-        chosen = {n: c for n, c in cfgs.items() if (c.expect.get("hash") if args.reproduce else
-                                                    c.expect or args.recipes)}
-        missing = sorted(set(names) - set(chosen)) if args.recipes else []
-        if missing:
-            raise UserError(f"--reproduce: {', '.join(missing)} record no expect.hash; run "
-                            f"`python -m engine_factory.engines --record --recipes {','.join(missing)}` first")
-        if not chosen:
-            raise UserError("no recipe records an expect: block")
-        print(f"{'reproduce' if args.reproduce else 'record'}: {len(chosen)} recipes, each rebuilt in a fresh store",
-              flush=True)
-        from .reproduce import rebuild_and_check
-
-        outcomes = rebuild_and_check(chosen, record=args.record)
-    else:
-        store = Path(args.store or default_store()).expanduser().resolve()
-        outcomes = build_all(cfgs, store, args.dry_run)
-        print(f"store: {store}")
-    print(_table(outcomes))
-    failed = [o for o in outcomes if o.result == "failed"]
-    counts = {r: sum(o.result == r for o in outcomes) for r in dict.fromkeys(o.result for o in outcomes)}
-    print(", ".join(f"{n} {r}" for r, n in counts.items()))
-    if failed:
-        if args.reproduce or args.record:
-            from .reproduce import advice
-
-            print("\n".join(advice(o) for o in failed), file=sys.stderr)
-        print(f"error: {len(failed)} of {len(outcomes)} recipes failed: {', '.join(o.name for o in failed)}",
-              file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
