@@ -1,10 +1,11 @@
 """int4 g128 weight-only GEMV / small GEMM (batch M <= 8) in Triton's Gluon dialect, Marlin's way. EXPERIMENTAL:
 not used by the engine. Written and compiled offline for sm90 under the GPU machine's Triton 3.6 (2026-12-07);
-on an H100 (eighth session) its CUDA tests passed, but `tests/perf/gemv_probe.py --sections gluon` timed it slower
-than tinygemm: the best of nine launch shapes a linear summed 103.6 us a LLaMA-7B layer at batch 1 against 67.8
-(attn.o 16.7 against 7.4; mlp.down unsplit 90-117 us), so it is bound by latency, not by its instructions: each
-thread keeps one or two 16-byte words in flight. More words fetched ahead (registers allowing) and deeper K
-splits are what to try next.
+on an H100 (eighth session) its CUDA tests passed, and `tests/perf/gemv_probe.py --sections gluon,tinygemm` timed
+it: at batch 1 slower than tinygemm (the best of nine launch shapes a linear summed 103.6 us a LLaMA-7B layer
+against 67.8; attn.o 16.7 against 7.4; mlp.down unsplit 90-117 us), at 8 rows faster (110.4 against 145.7: the
+MMA's 8 columns take the rows at no cost, where tinygemm's time grows with them). It is bound by latency, not by
+its instructions: each thread keeps one or two 16-byte words in flight. More words fetched ahead (registers
+allowing) and deeper K splits are what to try next. $EF_WO_GLUON=1 runs it in the engine for 5-8 rows.
 
 Why: every plain-Triton int4 kernel of ours (triton_wo.py) builds one fp32 level a weight and multiplies it by an
 FMA, 0.23 warp-instructions a weight byte at best in the K loop's sm90 SASS, so it stops near 1.5 TB/s on an H100
