@@ -3,7 +3,8 @@ not used by the engine. Written and compiled offline for sm90 under the GPU mach
 on an H100 (eighth session) its CUDA tests passed, and `tests/perf/gemv_probe.py --sections gluon,tinygemm` timed
 it: at batch 1 slower than tinygemm (the best of nine launch shapes a linear summed 103.6 us a LLaMA-7B layer
 against 67.8; attn.o 16.7 against 7.4; mlp.down unsplit 90-117 us), at 8 rows faster (110.4 against 145.7: the
-MMA's 8 columns take the rows at no cost, where tinygemm's time grows with them). It is bound by latency, not by
+MMA's 8 columns take the rows at no cost, where tinygemm's time grows with them); a second probe with deeper K
+splits (default_launch) brought it to 89.4 / 96.4 at 1 / 8 rows (tinygemm 66.8 / 143.5). It is bound by latency, not by
 its instructions: each thread keeps one or two 16-byte words in flight. More words fetched ahead (registers
 allowing) and deeper K splits are what to try next. $EF_WO_GLUON=1 runs it in the engine for 5-8 rows.
 
@@ -252,16 +253,17 @@ def wo_int4_mma_kernel(X, WP, SZ, XS, OUT, M, N, K, stride_xm,
 
 def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int, int]:
     """(BN, SPLIT_K, warps, PREFETCH) from static sizes: 64-row tiles, 4 warps, one group's words fetched ahead,
-    K split 4 ways (fp32 atomics into a zeroed output: a memset more a call) while each split keeps 4 groups or
-    more. H100, 2026-12-07 (eighth session, gemv_probe --sections gluon, nine shapes, a LLaMA-7B layer's four
-    linears, us at 1 / 8 rows): this shape 104.7 / 110.8, within 1% of the per-linear bests (103.6 / 110.4), where
-    the first rule here (128-row tiles where they alone gave each SM a program, splits while the programs stayed
-    within two an SM) took 136.5 / 150.8: attn.qkv unsplit 38.4 against 22.6 split 4. The kernel waits on memory
-    latency (a thread keeps one or two 16-byte words in flight), so more programs win; 8-way splits and two
-    groups ahead at split 4 are in the probe's grid, untimed. (Two ahead spill 8 bytes of stack at BN 64 under
-    Triton 3.6.) sms: kept for rules to come."""
+    K split (fp32 atomics into a zeroed output: a memset more a call) until there are 16 programs an SM, at most 16
+    ways and 2 groups a split. The kernel waits on memory latency (a thread keeps one or two 16-byte words in
+    flight), so more programs win. H100, 2026-12-07, eighth session, gemv_probe --sections gluon, a LLaMA-7B
+    layer's four linears, us at 1 / 8 rows: this rule (attn.qkv split 16, attn.o 16, mlp.up 8, mlp.down 16)
+    89.4 / 96.4, the per-linear bests of 11 shapes 89.0 / 94.8, tinygemm 66.8 / 143.5; split 4 everywhere
+    104.7 / 110.8 and the first rule (128-row tiles where they alone gave each SM a program, splits while the
+    programs stayed within two an SM) 136.5 / 150.8. Two groups ahead won at splits 4-8 on the narrow linears
+    (attn.o split 8: 13.38 against 13.81) and are not timed at 16; they spill 8 bytes of stack at BN 64 under
+    Triton 3.6."""
     split = 1
-    while split < 4 and K // 128 // (split * 2) >= 4:
+    while (N // 64) * split < 16 * sms and split < 16 and K // 128 // (split * 2) >= 2:
         split *= 2
     return 64, split, 4, 1
 
