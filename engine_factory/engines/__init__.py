@@ -39,7 +39,6 @@ from runtime.format import VALIDATION_JSON
 from ..bounds import BOUNDS, evaluate, lookup
 
 
-
 @dataclass
 class Check:
     what: str

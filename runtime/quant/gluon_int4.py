@@ -1,16 +1,16 @@
 """int4 g128 weight-only GEMV / small GEMM (batch M <= 8) in Triton's Gluon dialect, Marlin's way. EXPERIMENTAL:
-not used by the engine. Written and compiled offline for sm90 under the GPU machine's Triton 3.6 (2026-12-07);
-on an H100 (eighth session) its CUDA tests passed, and `tests/perf/gemv_probe.py --sections gluon,tinygemm` timed
-it: at batch 1 slower than tinygemm (the best of nine launch shapes a linear summed 103.6 us a LLaMA-7B layer
-against 67.8; attn.o 16.7 against 7.4; mlp.down unsplit 90-117 us), at 8 rows faster (110.4 against 145.7: the
-MMA's 8 columns take the rows at no cost, where tinygemm's time grows with them); a second probe with deeper K
-splits (default_launch) brought it to 89.4 / 96.4 at 1 / 8 rows (tinygemm 66.8 / 143.5). It is bound by latency, not by
-its instructions: each thread keeps one or two 16-byte words in flight. More words fetched ahead (registers
-allowing) and deeper K splits are what to try next. $EF_WO_GLUON=1 runs it in the engine for 5-8 rows.
+the engine runs it only with $EF_WO_GLUON=1 (5-8 rows). Written and compiled offline for sm90 under the GPU
+machine's Triton 3.6 (2026-12-07); on an H100 (eighth session) its CUDA tests passed, and
+`tests/perf/gemv_probe.py --sections gluon,tinygemm` timed it: at batch 1 slower than tinygemm, at 8 rows faster
+(the MMA's 8 columns take the rows at no cost, where tinygemm's time grows with them). A LLaMA-7B layer's four
+linears, us at 1 / 8 rows: first probe, the best of nine launch shapes a linear, 103.6 / 110.4 against tinygemm's
+67.8 / 145.7 (mlp.down unsplit 90-117); second probe, deeper K splits (default_launch), 89.4 / 96.4 against
+66.8 / 143.5. It is bound by latency, not by its instructions: each thread keeps one or two 16-byte words in
+flight, so more programs won; more words fetched ahead (registers allowing) is what to try next.
 
 Why: every plain-Triton int4 kernel of ours (triton_wo.py) builds one fp32 level a weight and multiplies it by an
-FMA, 0.23 warp-instructions a weight byte at best in the K loop's sm90 SASS, so it stops near 1.5 TB/s on an H100
-(tinygemm, which the engine runs at batch 1: ~1.7). Here the weights are stored on the host in the order of the
+FMA, 0.23 warp-instructions a weight byte at best in the K loop's sm90 SASS, so it stops near 1.5-2 TB/s on an
+H100 (tinygemm: ~1.7). Here the weights are stored on the host in the order of the
 tensor cores' operand fragments (mma.sync m16n8k16, "swap": out^T = W x^T, weight rows on the MMA's 16-row side,
 x^T on its 8-wide side), so that a thread's one 16-byte load holds the 32 nibbles of its A registers for four MMAs;
 a lop3 makes two bf16 levels 128 + q at a time ((w >> 4j) & 0x000F000F | 0x43004300: bf16 128.0 has a ulp of 1)
