@@ -471,6 +471,13 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
 WAVES = 4
 
 
+def _prmt_runs(x: torch.Tensor) -> bool:
+    """Whether the GEMV's PRMT levels can serve x: inline PTX runs on NVIDIA GPUs only (not ROCm, not Triton's
+    interpreter, which the CPU tests run), and for 16-bit x only (int8's 32896 offset leaves ~1e-4 relative
+    error, below fp16's rounding of the outputs but not fp32's 1e-6)."""
+    return x.is_cuda and torch.version.hip is None and x.dtype != torch.float32
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
            prmt: bool = True, **cfg) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
@@ -481,9 +488,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     G = scale.numel() // N
     group = K // G
     assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
-    # (inline PTX: NVIDIA only, and not in Triton's interpreter, which the CPU tests run; 16-bit x only: int8's
-    # 32896 offset leaves ~1e-4 relative error, below fp16's rounding of the outputs but not fp32's 1e-6)
-    prmt = prmt and x.is_cuda and torch.version.hip is None and x.dtype != torch.float32
+    prmt = prmt and _prmt_runs(x)
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits, prmt))
     cfg.setdefault("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False)
@@ -603,8 +608,8 @@ def tinygemm_operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 TINYGEMM_UP_TO = 16
 DEQUANT_ABOVE = 64
 # $EF_WO_PRMT=0: never the GEMV's levels by byte permutes (_prmt_int8 / _prmt_int4; default_config takes them for
-# int8 at batch 1), for A/B runs; read once, at import, and passed to the op as an argument, so that a compiled
-# graph and its cache key hold it
+# int8 and int4 at batch 1; int4 in bf16 then takes tinygemm at batch 1 too), for A/B runs; read once, at import,
+# and passed to the op as an argument, so that a compiled graph and its cache key hold it
 PRMT = os.environ.get("EF_WO_PRMT", "1") != "0"
 
 
@@ -612,7 +617,9 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
                 tiny: tuple | None = None) -> torch.Tensor:
     """x (..., K) -> (..., N) by the fastest path for its batch (module docstring); tiny: tinygemm_operands."""
     M = x.numel() // x.shape[-1]
-    if tiny is not None and (1 < M or not PRMT) and M <= TINYGEMM_UP_TO and x.dtype == torch.bfloat16:
+    # at batch 1 the Triton GEMV with PRMT beats tinygemm (default_config), where PRMT runs
+    if tiny is not None and (1 < M or not (PRMT and _prmt_runs(x))) and M <= TINYGEMM_UP_TO \
+            and x.dtype == torch.bfloat16:
         packed, scale_offset, group = tiny
         lead = x.shape[:-1]
         y = torch.ops.aten._weight_int4pack_mm(x.reshape(M, x.shape[-1]).contiguous(), packed, group, scale_offset)
