@@ -328,6 +328,9 @@ def test_triton_weight_only_kernel_matches_the_torch_reference():
             "                               SPLIT_K=split, REDUCE=red, MAGIC=magic, SWAP=True)\n"
             # int4 at batch 1 with its default launch shape at a layer's K (512-feature tiles, K split 4, REDUCE)
             "t._kernel_vs_reference(k, 'int4_wo_g128', 1, torch.float16, 'cpu', N=32, K=4096)\n"
+            # per channel the same 512-feature tiles at any K (a row is one group): 4.5 tiles, split 2
+            "assert k.default_config(1, 32, 2304, 2304, 132, 4)['BLOCK_K'] == 512\n"
+            "t._kernel_vs_reference(k, 'int4_wo', 1, torch.float16, 'cpu', N=32, K=2304)\n"
             # int8 per channel at 33-64 rows with its default (SWAP 64 x 64 x 128, K split 2 added in the kernel)
             "assert k.default_config(40, 96, 640, 640, 132)['SWAP']\n"
             "t._kernel_vs_reference(k, 'int8_wo', 40, torch.float16, 'cpu', N=96, K=640)\n"
@@ -466,10 +469,11 @@ def test_triton_weight_only_kernel_on_cuda(wo_kernel, mode, dtype, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ["int4_wo_g128", "int4_wo_g32", "int4_wo", "int8_wo"])
-def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel, mode, dtype):
+def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel, mode, dtype, monkeypatch):
     """What an engine runs on CUDA (EF_WO_KERNEL=auto: tinygemm / Triton / dequantize + cuBLAS by batch size)
-    against the plain-torch reference, on each side of each switch; int4 in bf16 takes tinygemm."""
-    from runtime.quant import make_linear
+    against the plain-torch reference, on each side of each switch; int4 in bf16 takes our GEMV at batch 1 and
+    tinygemm at 2-16, and tinygemm at batch 1 too where PRMT does not run ($EF_WO_PRMT=0)."""
+    from runtime.quant import make_linear, triton_wo
 
     w = torch.randn(1024, 2048, generator=torch.Generator().manual_seed(3))
     stored = {f"l.{k}": v.cuda() for k, v in MODES[mode].quantize(w, dtype).items()}
@@ -477,13 +481,14 @@ def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel,
     assert lin.kernel == "cuda"
     assert (getattr(lin, "tiny", None) is not None) == (mode != "int8_wo" and dtype == torch.bfloat16)
     ref = make_linear(mode, {k: v.cpu() for k, v in stored.items()}, "l")
-    for M in (1, 2, 16, 17, 64, 65, 300):
+    for M, prmt in ((1, True), (1, False), (2, True), (16, True), (17, True), (64, True), (65, True), (300, True)):
+        monkeypatch.setattr(triton_wo, "PRMT", prmt)
         x = torch.randn(M, 2048, generator=torch.Generator().manual_seed(M)).to(dtype)
         want = ref(x.float()).double()
         got = lin(x.cuda())
         assert got.dtype == dtype and got.shape == (M, 1024)
         err = (got.cpu().double() - want).abs().max() / want.abs().max()
-        assert err <= {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], (M, err)
+        assert err <= {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], (M, prmt, err)
 
 
 @pytest.mark.cuda
@@ -494,11 +499,13 @@ def test_triton_weight_only_kernel_compiles_and_graph_captures(wo_kernel):
     q = {f"l.{k}": v.cuda() for k, v in MODES["int4_wo_g128"].quantize(torch.randn(512, 1024), torch.float16).items()}
     lin = make_linear("int4_wo_g128", q, "l")
     assert lin.kernel == "cuda"
-    for dtype, M in ((torch.float16, 8), (torch.bfloat16, 4), (torch.bfloat16, 80)):  # Triton, tinygemm, dequant
+    # Triton, tinygemm, dequant + cuBLAS, and the batch-1 GEMV with PRMT and its K split added in the kernel
+    for dtype, M, K in ((torch.float16, 8, 1024), (torch.bfloat16, 4, 1024), (torch.bfloat16, 80, 1024),
+                        (torch.bfloat16, 1, 4096)):
         if dtype == torch.bfloat16:
-            q16 = MODES["int4_wo_g128"].quantize(torch.randn(512, 1024), dtype).items()
+            q16 = MODES["int4_wo_g128"].quantize(torch.randn(512, K), dtype).items()
             lin = make_linear("int4_wo_g128", {f"l.{k}": v.cuda() for k, v in q16}, "l")
-        x = torch.randn(M, 1024, device="cuda", dtype=dtype)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
         f = torch.compile(lambda x: lin(x), fullgraph=True, mode="reduce-overhead")
         for _ in range(3):
             y = f(x)

@@ -47,13 +47,14 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
 
 
 class Int4WeightOnlyLinear:
-    """On CUDA, triton_wo.cuda_linear: the Triton GEMV at batch 1, torch's int4 tinygemm for batches 2-16 (bf16;
-    its tiles of the weight are made here, at load, so GPU memory holds the int4 weight twice: 1 byte a weight,
-    half of bf16's), the Triton kernel to batch 64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton:
-    the Triton kernel at every batch; $EF_WO_GLUON=1 (experimental): runtime/quant/gluon_int4.py for 5-8 rows in
-    bf16 (groups of 128; its repacked weight made at load, a third copy in GPU memory), where it beat tinygemm
-    on an H100 (a LLaMA-7B layer's linears at 8 rows: 96.4 us against 143.5; at 1 row it lost, 89.4 against
-    66.8, and tinygemm's 4 rows took 89.8; 2026-12-07, tests/perf/gemv_probe.py --sections gluon,tinygemm). Elsewhere, or with
+    """On CUDA, triton_wo.cuda_linear: the Triton GEMV at batch 1 (with PRMT; where PRMT does not run, bf16 takes
+    tinygemm there too), torch's int4 tinygemm for batches 2-16 (bf16; its tiles of the weight are made here, at
+    load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the Triton kernel to batch
+    64, then a one-pass dequantize + cuBLAS; $EF_WO_KERNEL=triton: the Triton kernel at every batch;
+    $EF_WO_GLUON=1 (experimental): runtime/quant/gluon_int4.py for 5-8 rows in bf16 (groups of 128; its repacked
+    weight made at load, a third copy in GPU memory), where it beat tinygemm on an H100 (a LLaMA-7B layer's
+    linears at 8 rows: 96.4 us against 143.5; at 1 row it lost, 89.4 against 66.8, and tinygemm's 4 rows took
+    89.8; 2026-12-07, tests/perf/gemv_probe.py --sections gluon,tinygemm). Elsewhere, or with
     $EF_WO_KERNEL=torch, the plain-torch reference (the oracle of the kernels): unpack, dequantize to the
     activation dtype, matmul.
 

@@ -14,8 +14,8 @@ hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and o
 `cuda_linear` is what a weight-only linear runs on CUDA ($EF_WO_KERNEL=auto): per batch the fastest of three
 paths, from the H200 probe of a LLaMA-7B layer (tests/perf/gemv_probe.py, 2026-12-03, µs for its four
 linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
-- int4 with bf16 activations, batch 2-16 (and 1 with $EF_WO_PRMT=0): torch's own int4 tinygemm
-  (`aten._weight_int4pack_mm`, the kernel of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1
+- int4 with bf16 activations, batch 2-16 (and 1 where PRMT does not run: $EF_WO_PRMT=0, ROCm): torch's own
+  int4 tinygemm (`aten._weight_int4pack_mm`, the kernel of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1
   against 176 for the Triton GEMV here (H200, 2026-12-03); at batch 1 the Triton GEMV with PRMT now wins
   (H100, 2026-12-07: 64.0 against tinygemm's 69.6 in the same call; default_config);
 - batch above DEQUANT_ABOVE (64): one Triton pass writes the float weight and cuBLAS multiplies (prefill; int4
@@ -403,8 +403,10 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
     joined in feature order) the same tiles, K split only until there are four programs an SM (H100, 2026-12-07,
     eighth session, bench_linear --sweep, 44 shapes, us: attn.qkv 16.02 split 2, attn.o 8.67 split 4, mlp.up
     22.73 unsplit, mlp.down 16.61 split 4: 64.0 a layer against 82.4 for the split-4 shape with MAGIC and 69.6
-    for tinygemm in the same call; the engine now leaves tinygemm to batches 2-16). int8 per channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's
-    64-row side), 3 stages, K split 2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two
+    for tinygemm in the same call; the engine now leaves tinygemm to batches 2-16). Swept in bf16 with groups of
+    128; fp16 (the int4 presets' float part) and per-channel weights take the same shape, untimed (a per-channel
+    row is one group, so a 512-wide tile lies in it whatever K is: LLaMA-7B's mlp.down, K 11,008, too). int8 per
+    channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's 64-row side), 3 stages, K split 2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two
     an SM, none where more (H100, 2026-12-07, bench_linear --sweep at 64 rows, 111 shapes, us: attn.qkv 35.69 split
     2 against 39.0 unsplit, attn.o 19.39 and mlp.down 41.82 split 2, mlp.up 54.1 unsplit against 68.26 split 2;
     the shape before it, 64 x 64 x 128 split 2-16 by linear and summed after, 208.5 a layer), and more splits
@@ -432,7 +434,7 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
             split *= 2
         return {"GEMV": True, "BLOCK_N": rows, "BLOCK_K": wide, "SPLIT_K": split, "num_warps": 8, "MAGIC": True,
                 "PREFETCH": ahead, "PRMT": prmt}
-    if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0):  # tiles of whole groups (NG) or in one
+    if M == 1 and bits == 4 and (group % 512 == 0 or 512 % group == 0 or group == K):  # whole groups (NG) or in one
         split = 1 if prmt else 4
         while prmt and split < 4 and triton.cdiv(N, 32) * split < 4 * sms and K // (512 * split * 2) >= 2:
             split *= 2  # with PRMT (the docstring): until there are four programs an SM

@@ -249,15 +249,19 @@ class _WeightOnly:
         return triton_wo.launch(x, t["weight"], t["scale"], t.get("zero"), self.bits, **cfg)
 
     def engine(self, t, x):
-        """The engine's own path at this size where it is not the default launch (int4 in bf16 up to
-        TINYGEMM_UP_TO rows: torch's tinygemm, triton_wo.cuda_linear) as a callable; else None."""
+        """torch's tinygemm at this size (int4 in bf16 up to TINYGEMM_UP_TO rows), as the engine feeds it
+        (triton_wo.tinygemm_operands), as a callable; else None. The engine runs it at batches 2-16 (and 1 where
+        PRMT does not run); at batch 1 it is the baseline our GEMV's launch shapes are timed against."""
         from runtime.quant import triton_wo
 
         M = x.shape[0]
         if self.bits != 4 or x.dtype != torch.bfloat16 or M > triton_wo.TINYGEMM_UP_TO:
             return None
         tiny = triton_wo.tinygemm_operands(t["weight"], t["scale"], t["zero"])
-        return tiny and (lambda: triton_wo.cuda_linear(x, t["weight"], t["scale"], t["zero"], 4, tiny))
+        if tiny is None:
+            return None
+        packed, scale_offset, group = tiny
+        return lambda: torch.ops.aten._weight_int4pack_mm(x, packed, group, scale_offset)
 
 
 class _W8A8:
@@ -326,7 +330,7 @@ def sweep(args, out) -> None:
                     out({"kind": "sweep_error", "mode": mode, "M": M, "cfg": c, "why": f"{type(e).__name__}: {e}"[:200]})
                     break
                 res[lin].append((us, "default" if cfg is None else c))
-        engine = {}  # the engine's own path where it is not our kernel (int4 batch 1: tinygemm), timed alike
+        engine = {}  # torch's tinygemm where it applies (int4 in bf16 up to 16 rows), timed alike
         for lin in SHAPES:
             runs = [getattr(k, "engine", lambda t, x: None)(t, x) for t, x in ops[lin]]
             if all(runs):
