@@ -269,16 +269,19 @@ def default_launch(N: int, K: int, sms: int) -> tuple[int, int, int, int]:
 
 
 def operands(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple | None:
-    """Our int4 linear's tensors (weight (N, K/2) uint8, scale and zero (N, groups)) repacked for linear(), made
-    once at load (one more copy of the int4 bytes in GPU memory), or None where this kernel does not apply (not
-    CUDA, groups other than 128, N not a multiple of 64, scales not bf16, sm < 80)."""
+    """Our int4 linear's tensors (weight (N, K/2) uint8, scale and zero (N, groups)) repacked for linear(), with
+    its launch shape (default_launch), made once at load (one more copy of the int4 bytes in GPU memory), or None
+    where this kernel does not apply (not CUDA, groups other than 128, N not a multiple of 64, scales not bf16,
+    sm < 80)."""
     N, K = weight.shape[0], weight.shape[1] * 2
     if weight.device.type != "cuda" or K % 128 or N % 64 or scale.numel() != N * (K // 128) \
             or scale.dtype != torch.bfloat16 or torch.cuda.get_device_capability(weight.device) < (8, 0):
         return None  # (bf16 mma.sync: sm >= 80; the engines that run it are bf16)
     z = None if zero is None else zero.reshape(N, -1)
     # repacked on the host: the int64 intermediates of a 4096 x 11008 weight take ~1 GB
-    return repack_int4(weight.cpu()).to(weight.device), repack_meta(scale.reshape(N, -1), z), N, K
+    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    return repack_int4(weight.cpu()).to(weight.device), repack_meta(scale.reshape(N, -1), z), N, K, \
+        default_launch(N, K, sms)
 
 
 @torch.library.custom_op("engine_factory::gluon_int4_mm", mutates_args=())
@@ -306,11 +309,9 @@ def _group_sums(x: torch.Tensor, K: int) -> torch.Tensor:
 
 def linear(x: torch.Tensor, ops: tuple) -> torch.Tensor:
     """x (..., K) bf16, at most 8 rows -> (..., N) in x's dtype; ops = operands(...)."""
-    from .triton_wo import _sm_count
-
-    wp, sz, N, K = ops
+    wp, sz, N, K, shape = ops
     x2 = x.reshape(-1, K).contiguous()
-    y = _mm(x2, _group_sums(x2, K), wp, sz, N, K, *default_launch(N, K, _sm_count(x.device)))
+    y = _mm(x2, _group_sums(x2, K), wp, sz, N, K, *shape)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 

@@ -15,9 +15,9 @@ hold input features 2j (low nibble) and 2j+1 (high): x is read as its even and o
 paths, from the H200 probe of a LLaMA-7B layer (tests/perf/gemv_probe.py, 2026-12-03, µs for its four
 linears; cuBLAS bf16: 119.8 at batch 1, 122.6 at 64, 280.1 at 512):
 - int4 with bf16 activations, batch 2-16 (and 1 where PRMT does not run: $EF_WO_PRMT=0, ROCm): torch's own
-  int4 tinygemm (`aten._weight_int4pack_mm`, the kernel of torchao and gpt-fast), fed at load from our bytes: 69.4 at batch 1
-  against 176 for the Triton GEMV here (H200, 2026-12-03); at batch 1 the Triton GEMV with PRMT now wins
-  (H100, 2026-12-07: 64.0 against tinygemm's 69.6 in the same call; default_config);
+  int4 tinygemm (`aten._weight_int4pack_mm`, the kernel of torchao and gpt-fast), fed at load from our bytes:
+  69.4 at batch 1 against 176 for the Triton GEMV here (H200, 2026-12-03); at batch 1 the Triton GEMV with
+  PRMT now wins (H100, 2026-12-07: 64.0 against tinygemm's 69.6 in the same call; default_config);
 - batch above DEQUANT_ABOVE (64): one Triton pass writes the float weight and cuBLAS multiplies (prefill; int4
   at 512: the Triton GEMM took 8,271, tinygemm slower still). The first version of that pass ran at 0.4 TB/s
   (int4 batch 64 at 47 ms a step, H200); this one reads each byte once, and its speed is not measured yet;
@@ -406,10 +406,11 @@ def default_config(M: int, N: int, K: int, group: int, sms: int, bits: int = 8, 
     for tinygemm in the same call; the engine now leaves tinygemm to batches 2-16). Swept in bf16 with groups of
     128; fp16 (the int4 presets' float part) and per-channel weights take the same shape, untimed (a per-channel
     row is one group, so a 512-wide tile lies in it whatever K is: LLaMA-7B's mlp.down, K 11,008, too). int8 per
-    channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's 64-row side), 3 stages, K split 2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two
-    an SM, none where more (H100, 2026-12-07, bench_linear --sweep at 64 rows, 111 shapes, us: attn.qkv 35.69 split
-    2 against 39.0 unsplit, attn.o 19.39 and mlp.down 41.82 split 2, mlp.up 54.1 unsplit against 68.26 split 2;
-    the shape before it, 64 x 64 x 128 split 2-16 by linear and summed after, 208.5 a layer), and more splits
+    channel at 33-64 rows: SWAP 64 x 64 x 128 tiles (the weight rows on the MMA's 64-row side), 3 stages, K split
+    2 ways added in the kernel (REDUCE) where the 64-row tiles are fewer than two an SM, none where more (H100,
+    2026-12-07, bench_linear --sweep at 64 rows, 111 shapes, us: attn.qkv 35.69 split 2 against 39.0 unsplit,
+    attn.o 19.39 and mlp.down 41.82 split 2, mlp.up 54.1 unsplit against 68.26 split 2; the shape before it,
+    64 x 64 x 128 split 2-16 by linear and summed after, 208.5 a layer), and more splits
     while the programs would fill under half the SMs (a tp shard's narrow linear; untimed): 151.0 a layer by those
     rows, not yet timed in the engine. Split 2 everywhere (165.2 a layer) took the int8 engine at batch 64 from
     6,068 to 6,515 total tok/s (the same H100, next call), while that call's torch (2.11) still took this kernel's
