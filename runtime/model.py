@@ -67,6 +67,21 @@ class _Norm:
         return y.to(x.dtype)
 
 
+def _normed(linear, norm: _Norm, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)): the RMSNorm inside the linear's kernel where it has one for x (decode at batch 1,
+    $EF_WO_FUSE=1: runtime/quant/__init__.py's GemvFusions), else the two."""
+    fused = getattr(linear, "fused", None)
+    y = fused(x, norm=norm.weight, eps=norm.eps) if fused and norm.kind == "rms" and norm.bias is None else None
+    return y if y is not None else linear(norm(x))
+
+
+def _plus(h: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
+    """h + linear(x), the add in the linear's kernel where it has one for x (as _normed)."""
+    fused = getattr(linear, "fused", None)
+    y = fused(x, residual=h) if fused else None
+    return y if y is not None else h + linear(x)
+
+
 class _RowParallel:
     """A linear whose input features are split across the tp ranks: partial products summed by the
     all-reduce, then the (whole) bias added once."""
@@ -232,7 +247,7 @@ class Decoder:
         """q, k, v (T, n, hd) of x; rotary applied to k, and to q unless rotate_q is False (decode attention
         that rotates q itself)."""
         T = x.shape[0]
-        qkv = layer.qkv(layer.attn_norm(x))  # (T, (nh + 2 nkv) hd)
+        qkv = _normed(layer.qkv, layer.attn_norm, x)  # (T, (nh + 2 nkv) hd)
         qk, v = qkv.split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
         qk = qk.view(T, self.n_heads + self.n_kv, self.hd)
         if rope is not None and rotate_q:  # q's and k's heads rotated in one go (the same per-head arithmetic)
@@ -250,14 +265,20 @@ class Decoder:
         kv[:, slots, :, pos] = torch.stack([self.kv.quantize(k, layer.k_scale, kv.dtype),
                                             self.kv.quantize(v, layer.v_scale, kv.dtype)], dim=1)
 
-    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        x = layer.mlp_norm(x)
-        if self.spec.mlp == "gated":
-            gate, up = layer.up.row_blocks(x, 2) if self.split_gate_up else layer.up(x).chunk(2, dim=-1)
-            h = self.act(gate) * up
-        else:
-            h = self.act(layer.up(x))
-        return layer.down(h)
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        """h + the MLP of h (the norm, activation and add inside the linears' kernels where they can: _normed)."""
+        if self.spec.mlp != "gated":
+            return _plus(h, layer.down, self.act(_normed(layer.up, layer.mlp_norm, h)))
+        if self.split_gate_up:
+            gate, up = layer.up.row_blocks(layer.mlp_norm(h), 2)
+            return h + layer.down(self.act(gate) * up)
+        gate_up = _normed(layer.up, layer.mlp_norm, h)
+        fused = getattr(layer.down, "fused", None)
+        y = fused(gate_up, act=self.spec.activation, residual=h) if fused else None
+        if y is not None:
+            return y
+        gate, up = gate_up.chunk(2, dim=-1)
+        return _plus(h, layer.down, self.act(gate) * up)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)
@@ -329,8 +350,8 @@ class Decoder:
             if self.kv_cache:
                 self._write_kv(li, layer, packed.slot, packed.pos, k, v)
             o = self.prefill_attention.attend(q, k, v, packed, self.slopes)  # (T, nh, hd)
-            h = h + layer.o(o.reshape(T, -1))
-            h = h + self._mlp(layer, h)
+            h = _plus(h, layer.o, o.reshape(T, -1))
+            h = self._mlp(layer, h)
         return h
 
     def compile_prefill(self, **options) -> None:
@@ -376,6 +397,6 @@ class Decoder:
             kc, vc = self.kv_cache[li]  # views made here (see k_cache)
             o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
                             kv_scale=layer.kv_scale, **q_rope)  # (B, nh, hd)
-            h = h + layer.o(o.reshape(B, -1))
-            h = h + self._mlp(layer, h)
+            h = _plus(h, layer.o, o.reshape(B, -1))
+            h = self._mlp(layer, h)
         return h

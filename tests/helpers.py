@@ -58,6 +58,14 @@ def random_decoder(kind: str, dtype, device, cache: tuple[int, int] = (4, 40)):
     """A 2-layer runtime Decoder of DECODERS[kind] with random weights in the runtime layout, head_dim 16,
     vocab 97, its cache allocated (max batch, max seq len); its attention entries chosen as usual."""
     from runtime.model import Decoder
+
+    d = Decoder(*random_decoder_tensors(kind, dtype, device))
+    d.allocate_cache(*cache)
+    return d
+
+
+def random_decoder_tensors(kind: str, dtype, device):
+    """random_decoder's (spec, tensors by runtime name)."""
     from runtime.spec import ModelSpec
 
     position, nh, nkv, rotary_dim = DECODERS[kind]
@@ -75,9 +83,7 @@ def random_decoder(kind: str, dtype, device, cache: tuple[int, int] = (4, 40)):
                   f"layers.{i}.attn.qkv.weight": r((nh + 2 * nkv) * hd, H), f"layers.{i}.attn.o.weight": r(H, nh * hd),
                   f"layers.{i}.mlp.up.weight": r(2 * I if position == "rope" else I, H),
                   f"layers.{i}.mlp.down.weight": r(H, I)})
-    d = Decoder(spec, t)
-    d.allocate_cache(*cache)
-    return d
+    return spec, t
 
 
 # ---- builds ----------------------------------------------------------------------------------------

@@ -269,6 +269,22 @@ def test_int4_magic_levels_are_exact_in_bf16_and_fp16():
     _interpreted("import triton_probes\ntriton_probes.check_nibble_levels()\n")
 
 
+def test_gemv_fusions_match_the_plain_ops():
+    """The batch-1 GEMV with the norm, gated activation and residual inside ($EF_WO_FUSE=1) against the same kernel
+    and torch's ops, through Triton's interpreter (triton_probes.check_gemv_fusions); and a decoder's batch-1 decode
+    with them against the unfused kernels, every fusion taken, none in prefill (check_fused_decode)."""
+    _interpreted("import triton_probes\ntriton_probes.check_gemv_fusions()\ntriton_probes.check_fused_decode()\n")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+def test_gemv_fusions_on_cuda():
+    """As above on the GPU (PRMT levels, the default launches at a LLaMA-7B layer's K; fp16 and bf16)."""
+    import triton_probes
+
+    triton_probes.check_gemv_fusions("cuda", (torch.float16, torch.bfloat16))
+
+
 def test_triton_weight_only_kernel_matches_the_torch_reference():
     """Through Triton's interpreter on CPU, in a fresh process (TRITON_INTERPRET is read when triton is
     imported, and earlier tests of a session import it): fp32 and fp16, int4 g64 / g128 / per channel, int8."""

@@ -2,6 +2,8 @@
 look at it directly (imported by the interpreted processes of tests/test_quant.py: triton at import)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -68,3 +70,110 @@ def check_nibble_levels() -> None:
         assert torch.equal(out.float(), off + q.float()), (dtype, out)
         if dtype == torch.float16:
             assert torch.equal(levels.float(), (q - z).float()), (dtype, levels)
+
+
+def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """runtime/model.py's _Norm (RMS) on h."""
+    from runtime.model import _Norm
+
+    norm = _Norm.__new__(_Norm)
+    norm.kind, norm.eps, norm.weight, norm.bias = "rms", eps, weight, None
+    return norm(h)
+
+
+def check_gemv_fusions(device: str = "cpu", dtypes=(torch.float32, torch.float16)) -> None:
+    """The batch-1 GEMV with its fusions (launch's norm, gate, residual) against the plain ops it replaces (the
+    same kernel unfused, then torch's norm / silu-gate / add), int8 and int4 (groups, per channel), split K or not,
+    the split added in the kernel (REDUCE) or by launch; fp32 and fp16 (bf16 arithmetic: on CUDA only; there also
+    the default launches at a LLaMA-7B layer's K, with PRMT)."""
+    from runtime.quant import MODES
+
+    g = torch.Generator().manual_seed(11)
+    wide = (("int8_wo", 4096, {}), ("int4_wo_g128", 4096, {}), ("int8_wo", 11008, {}), ("int4_wo", 11008, {})) \
+        if device == "cuda" else ()
+    for dt in dtypes:
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]
+        for mode, K, cfg in (*wide, ("int8_wo", 320, {}), ("int4_wo_g64", 256, {}), ("int4_wo", 288, {}),
+                             ("int8_wo", 320, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3, "MAGIC": True,
+                                               "REDUCE": True}),
+                             ("int4_wo_g64", 256, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2,
+                                                   "MAGIC": True}),
+                             ("int4_wo_g64", 256, {"GEMV": True, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2,
+                                                   "MAGIC": True, "REDUCE": True})):
+            N = 1024 if K >= 4096 else 40
+            t = {k: v.to(device) for k, v in MODES[mode].quantize(torch.randn(N, K, generator=g), dt).items()}
+            bits = 8 if mode == "int8_wo" else 4
+            ops = (t["weight"], t["scale"], t.get("zero"), bits)
+
+            def plain(x):
+                return wo.launch(x, *ops, **cfg)
+
+            h = (torch.randn(1, K, generator=g) * 3).to(device, dt)
+            nw = (1 + 0.3 * torch.randn(K, generator=g)).to(device, dt)
+            gu = torch.randn(1, 2 * K, generator=g).to(device, dt)
+            res = torch.randn(1, N, generator=g).to(device, dt)
+            gate, up = gu.float().chunk(2, dim=-1)
+            cases = (("norm", wo.launch(h, *ops, norm=nw, eps=1e-5, **cfg), plain(_rms(h, nw, 1e-5))),
+                     ("gate", wo.launch(gu, *ops, gate=True, **cfg), plain((torch.nn.functional.silu(gate) * up).to(dt))),
+                     ("residual", wo.launch(h, *ops, residual=res, **cfg), res + plain(h)),
+                     ("gate+residual", wo.launch(gu, *ops, gate=True, residual=res, **cfg),
+                      res + plain((torch.nn.functional.silu(gate) * up).to(dt))))
+            for name, got, want in cases:
+                assert got.dtype == dt and got.shape == (1, N), (name, got.shape)
+                err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+                assert err <= tol, (mode, dt, cfg, name, err)
+
+
+def check_fused_decode(modes=("int8_wo", "int4_wo"), dtype=torch.float32) -> None:
+    """A random 2-layer LLaMA-like decoder (tests/helpers.py) with each weight-only mode, its linears on the Triton
+    kernels (interpreted on CPU; per channel: its intermediate size, 80, takes no int4 group): greedy decode at batch 1 with the fusions ($EF_WO_FUSE=1) gives the logits of the
+    same kernels unfused, and every fusion is taken (4 a layer: the norms before qkv and up, the gate before down,
+    the residuals after o and down); prefill (several rows) takes none."""
+    from helpers import random_decoder_tensors
+    from runtime.model import Decoder
+    from runtime.quant import MODES
+
+    spec, dense = random_decoder_tensors("rope_gqa", dtype, "cpu")
+    calls = []
+    launch = wo.launch
+
+    def counted(*a, **kw):
+        b = inspect.signature(launch).bind(*a, **kw)
+        b.apply_defaults()
+        c = b.arguments
+        calls.append((c["x"].shape[0], c["norm"] is not None, c["gate"], c["residual"] is not None))
+        return launch(*a, **kw)
+
+    wo.launch = counted
+    try:
+        for mode in modes:
+            t = {}
+            for name, w in dense.items():
+                if name.endswith(("qkv.weight", "attn.o.weight", "up.weight", "down.weight")):
+                    t.update({name[:-len("weight")] + k: v for k, v in MODES[mode].quantize(w, dtype).items()})
+                else:
+                    t[name] = w
+            runs = []
+            for fuse in (False, True):
+                wo.FUSE = fuse
+                d = Decoder(spec, t, quant=mode)
+                for layer in d.layers:
+                    for lin in (layer.qkv, layer.o, layer.up, layer.down):
+                        lin.kernel = "cuda"  # the Triton path (cuda_linear, fused_linear) on CPU tensors
+                d.allocate_cache(1, 40)
+                calls.clear()
+                logits, pos, out = d.prefill(torch.tensor([3, 9, 27, 81]), [4]), torch.tensor([4]), []
+                assert not any(c[1:] != (False, False, False) for c in calls), calls
+                for _ in range(6):
+                    tok = logits.argmax(-1)
+                    calls.clear()
+                    logits = d.decode(tok, pos)
+                    out.append(logits)
+                    pos = pos + 1
+                    fused = sum(1 for c in calls if any(c[1:]))
+                    assert fused == (4 * spec.num_layers if fuse else 0), (mode, fuse, calls)
+                runs.append(torch.stack(out))
+            err = ((runs[1] - runs[0]).abs().max() / runs[0].abs().max()).item()
+            assert err <= 1e-4, (mode, err)  # fp32 sums in another order (the rstd; MAGIC offsets cost int4 ~4 bits)
+    finally:
+        wo.launch, wo.FUSE = launch, False

@@ -120,6 +120,27 @@ def select_kernel(device: torch.device) -> str:
     return name
 
 
+class GemvFusions:
+    """fused() of the weight-only linears (int8_wo.py, int4_wo.py): the norm before them, the gated activation
+    before them or the residual after them in their CUDA kernel (triton_wo.fused_linear), where it serves x."""
+
+    def kernel_operands(self) -> tuple:
+        """(weight, scale, zero, bits, tinygemm operands) as triton_wo.cuda_linear takes them."""
+        raise NotImplementedError
+
+    def fused(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, act: str | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One of: self(norm's RMSNorm of x), x = [gate | up] -> self(act(gate) * up), residual + self(x); in one
+        kernel, or None where there is none for x (runtime/model.py then runs the plain ops)."""
+        if getattr(self, "kernel", None) != "cuda" or getattr(self, "bias", None) is not None \
+                or act not in (None, "silu"):
+            return None
+        from . import triton_wo
+
+        return triton_wo.fused_linear(x, *self.kernel_operands(), norm=norm, eps=eps, gate=act is not None,
+                                      residual=residual)
+
+
 def make_linear(mode: str, tensors: dict[str, torch.Tensor], prefix: str):
     """The runtime linear stored under `prefix` in a rank's tensors."""
     return get(mode).linear({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})

@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import QuantMode, Stored, register, select_kernel
+from . import GemvFusions, QuantMode, Stored, register, select_kernel
 from .int8_wo import smallest_scale
 
 
@@ -46,7 +46,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dt
     return w.reshape(out, inp)
 
 
-class Int4WeightOnlyLinear:
+class Int4WeightOnlyLinear(GemvFusions):
     """On CUDA, triton_wo.cuda_linear: the Triton GEMV at batch 1 (with PRMT; where PRMT does not run, bf16 takes
     tinygemm there too), torch's int4 tinygemm for batches 2-16 (bf16; its tiles of the weight are made here, at
     load, so GPU memory holds the int4 weight twice: 1 byte a weight, half of bf16's), the Triton kernel to batch
@@ -84,6 +84,9 @@ class Int4WeightOnlyLinear:
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def kernel_operands(self) -> tuple:
+        return self.weight, self.scale, self.zero, 4, self.tiny
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.gluon is not None and x.dtype == torch.bfloat16 and 4 * x.shape[-1] < x.numel() <= 8 * x.shape[-1]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import QuantMode, Stored, register, select_kernel
+from . import GemvFusions, QuantMode, Stored, register, select_kernel
 
 
 def smallest_scale(dtype: torch.dtype) -> float:
@@ -16,7 +16,7 @@ def smallest_scale(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny * torch.finfo(dtype).eps
 
 
-class Int8WeightOnlyLinear:
+class Int8WeightOnlyLinear(GemvFusions):
     """y = (x Wq^T) s + b. The int8 matrix is what is read per step (half of fp16); under torch.compile
     the int8-to-float cast runs inside the matrix product (Inductor's mixed-dtype matmul), so the weight
     is never materialized in fp16. On CUDA the Triton kernel (runtime/quant/triton_wo.py) reads the int8
@@ -35,6 +35,9 @@ class Int8WeightOnlyLinear:
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    def kernel_operands(self) -> tuple:
+        return self.weight, self.raw_scale, None, 8, None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel in ("triton", "cuda"):

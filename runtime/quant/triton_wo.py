@@ -128,14 +128,25 @@ def _gemv_tile(w_rows, nmask, k0, j, K, INT4: tl.constexpr, HALF: tl.constexpr, 
 
 
 @triton.jit
+def _out_value(acc, OUT, RES, rel, mask, RESID: tl.constexpr):
+    """What OUT holds at rel for the fp32 sums acc: acc in OUT's dtype, and with RESID the residual RES (same
+    offsets and dtype) added to that, rounded once more: h + linear(x) as two torch ops in OUT's dtype round it."""
+    y = acc.to(OUT.dtype.element_ty)
+    if RESID:
+        y = (tl.load(RES + rel, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(OUT.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
-                 SPLIT_K: tl.constexpr, REDUCE: tl.constexpr):
+                 SPLIT_K: tl.constexpr, REDUCE: tl.constexpr, RES, RESID: tl.constexpr):
     """Store a program's sum at offsets rel of an (M, N) output. SPLIT_K == 1: OUT itself. Else fp32 partials
     at slice pid_k of PART (SPLIT_K slices of slice_elems); REDUCE: the tile's last program to arrive (a counter
     a tile in LOCKS, zeros at launch) adds the SPLIT_K slices in their order, 0 first, and writes OUT: one
-    kernel, and the bits do not depend on which program came last. Without REDUCE the caller sums PART."""
+    kernel, and the bits do not depend on which program came last. Without REDUCE the caller sums PART.
+    RESID: OUT gets the residual RES added (_out_value; split without REDUCE: by the caller)."""
     if SPLIT_K == 1:
-        tl.store(OUT + rel, acc.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + rel, _out_value(acc, OUT, RES, rel, mask, RESID), mask=mask)
     else:
         tl.store(PART + pid_k.to(tl.int64) * slice_elems + rel, acc, mask=mask)
         if REDUCE:
@@ -147,7 +158,7 @@ def _store_split(acc, OUT, PART, LOCKS, rel, mask, pid_k, tile, slice_elems,
                 for k in range(SPLIT_K):  # (.cg: from L2, where the other programs' partials are)
                     total += tl.load(PART + tl.cast(k, tl.int64) * slice_elems + rel, mask=mask, other=0.0,
                                      cache_modifier=".cg")
-                tl.store(OUT + rel, total.to(OUT.dtype.element_ty), mask=mask)
+                tl.store(OUT + rel, _out_value(total, OUT, RES, rel, mask, RESID), mask=mask)
 
 
 @triton.jit
@@ -262,15 +273,49 @@ def _wo_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, M, N, K, G, stride_xm, strid
     else:
         rel, omask = m.to(tl.int64)[:, None] * stride_om + n[None, :], mmask[:, None] & nmask[None, :]
     _store_split(acc, OUT, PART, LOCKS, rel, omask, pid_k, pid_m * tl.num_programs(1) + pid_n,
-                 M * stride_om, SPLIT_K, REDUCE)
+                 M * stride_om, SPLIT_K, REDUCE, OUT, False)
 
 
 @triton.jit
-def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
+def _gemv_rstd(X, K, eps, PRO: tl.constexpr, KP: tl.constexpr):
+    """PRO 1: 1 / sqrt(mean(h^2) + eps) of the whole row h = X[:K] (KP: K's next power of two; every program reads
+    the row, from L2: it was just written), in fp32 as runtime/model.py's _Norm; else 1."""
+    if PRO == 1:
+        kp = tl.arange(0, KP)
+        h = tl.load(X + kp, mask=kp < K, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / K + eps)
+    else:
+        r = 1.0
+    return r
+
+
+@triton.jit
+def _gemv_x(X, NORM, kk, kmask, K, rstd, PRO: tl.constexpr):
+    """The GEMV's input at features kk (fp32), made from X by its prologue PRO, with the roundings of the torch ops it
+    replaces (runtime/model.py): 0, X as it is; 1, RMSNorm: NORM * (X * rstd rounded to X's dtype), rounded (_Norm);
+    2, a gated MLP's silu(gate) * up from X = [gate | up] (2K features), in fp32 and rounded once (as Inductor fuses
+    it)."""
+    if PRO == 1:
+        h = tl.load(X + kk, mask=kmask, other=0.0)
+        y = (h.to(tl.float32) * rstd).to(h.dtype)
+        w = tl.load(NORM + kk, mask=kmask, other=0.0)
+        x = (w.to(tl.float32) * y.to(tl.float32)).to(h.dtype)
+    elif PRO == 2:
+        g = tl.load(X + kk, mask=kmask, other=0.0)
+        gf = g.to(tl.float32)
+        u = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
+        x = (gf / (1.0 + tl.exp(-gf)) * u).to(g.dtype)
+    else:
+        x = tl.load(X + kk, mask=kmask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, NORM, RES, N, K, G, stride_wn, eps,
                     GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
                     NG: tl.constexpr, REDUCE: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
-                    PRMT: tl.constexpr):
+                    PRMT: tl.constexpr, PRO: tl.constexpr, KP: tl.constexpr, RESID: tl.constexpr):
     """One input row (decode at batch 1): no tensor cores, each weight row read along K (contiguous bytes),
     multiplied by x in fp32 and summed; a tile's sum is scaled once: s * (sum(q x) - z sum(x)).
 
@@ -289,7 +334,12 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     the memory system idle between steps (a GEMV is bound by the bytes each SM keeps in flight: one 16 KiB
     tile a program and one or two programs an SM at a 4096-wide linear).
 
-    PRMT (CUDA only): the levels made by byte permutes instead of MAGIC's shifts and masks (_prmt_int8, _prmt_int4)."""
+    PRMT (CUDA only): the levels made by byte permutes instead of MAGIC's shifts and masks (_prmt_int8, _prmt_int4).
+
+    The pointwise work around a decode linear, in the kernel ($EF_WO_FUSE=1, fused_linear): PRO, a prologue that
+    makes x from X (_gemv_x: the RMSNorm before attn.qkv and mlp.up, norm weight NORM, each program finding the
+    row's rstd itself; the gated activation before mlp.down); RESID, the residual RES added to the output (after
+    attn.o and mlp.down)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -300,6 +350,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
     acc = tl.zeros([BLOCK_N], tl.float32)
     k_first = pid_k * BLOCK_K
     STEP: tl.constexpr = BLOCK_K * SPLIT_K
+    rstd = _gemv_rstd(X, K, eps, PRO, KP)
     if PREFETCH >= 1:
         ahead1 = _gemv_tile(w_rows, nmask, k_first, j, K, INT4, HALF, EVEN_K)
     if PREFETCH >= 2:
@@ -323,7 +374,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             raw = _gemv_tile(w_rows, nmask, k0, j, K, INT4, HALF, EVEN_K)
         if INT4:
             kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = _gemv_x(X, NORM, kk, kk < K, K, rstd, PRO)
             b = raw.to(tl.int32)
             if PRMT:
                 lo, hi = _prmt_int4(raw)  # 128 + (b & 15), 128 + (b >> 4)
@@ -344,7 +395,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
                 q = (((raw.to(tl.int32) << 15) & 0x7F8000) ^ 0x43C00000).to(tl.float32, bitcast=True)
             else:
                 q = raw.to(tl.int32).to(tl.float32)
-            x = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            x = _gemv_x(X, NORM, kk, kmask, K, rstd, PRO)
         if NG > 1:  # per group: (BLOCK_N, NG) sums, (NG,) sums of x
             dot = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, BLOCK_K // NG)), axis=2)
             xsum = tl.sum(tl.reshape(x, (NG, BLOCK_K // NG)), axis=1)
@@ -365,7 +416,7 @@ def _wo_gemv_kernel(X, W, SCALE, ZERO, OUT, PART, LOCKS, N, K, G, stride_wn,
             acc += tl.sum((dot - z * xsum[None, :]) * s, axis=1)
         else:
             acc += (dot - z * xsum) * s
-    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, REDUCE)
+    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, REDUCE, RES, RESID)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -482,15 +533,20 @@ def _prmt_runs(x: torch.Tensor) -> bool:
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-           prmt: bool = True, **cfg) -> torch.Tensor:
+           prmt: bool = True, norm: torch.Tensor | None = None, eps: float = 0.0, gate: bool = False,
+           residual: torch.Tensor | None = None, **cfg) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; weight (N, K) int8 (bits 8) or (N, K/2) uint8 (bits 4); scale and
-    zero (N, groups) or (N,); zero None: symmetric. prmt False: never the GEMV's PRMT (which only CUDA has)."""
+    zero (N, groups) or (N,); zero None: symmetric. prmt False: never the GEMV's PRMT (which only CUDA has).
+    The batch-1 GEMV's fusions (_wo_gemv_kernel, M 1): norm (K,), an RMSNorm of x (eps) first; gate, x is (1, 2K),
+    [gate | up], and the input silu(gate) * up; residual (1, N), added to the output."""
     M = x.shape[0]
     N = weight.shape[0]
     K = weight.shape[1] * (2 if bits == 4 else 1)
     G = scale.numel() // N
     group = K // G
-    assert x.shape[1] == K and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
+    pro = 1 if norm is not None else 2 if gate else 0
+    assert x.shape[1] == K * (2 if gate else 1) and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
+    assert not (norm is not None and gate) and (M == 1 or not (pro or residual is not None)), "fusions: GEMV only"
     prmt = prmt and _prmt_runs(x)
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits, prmt))
     cfg.setdefault("SPLIT_K", 1)
@@ -531,13 +587,22 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     locks = torch.zeros(grid[0] * (1 if gemv else grid[1]), dtype=torch.int32, device=x.device) if reduce else scale
     dest = out if out is not None else scale  # (split, no REDUCE: the kernel writes PART only)
     if gemv:
-        wrap_triton(_wo_gemv_kernel)[grid](x, weight, scale, z, dest, part, locks, N, K, G, weight.stride(0),
-                                           GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, NG=ng, **cfg)
+        # (the fusions' unread stand-ins: scale, as for ZERO above; RESID with a split summed below: added there)
+        resid = residual is not None and (split == 1 or reduce)
+        wrap_triton(_wo_gemv_kernel)[grid](
+            x, weight, scale, z, dest, part, locks, norm if norm is not None else scale,
+            residual if resid else scale, N, K, G, weight.stride(0), float(eps), GROUP=group, INT4=bits == 4,
+            HAS_ZERO=zero is not None, NG=ng, PRO=pro, KP=triton.next_power_of_2(K) if pro == 1 else 1, RESID=resid,
+            **cfg)
     else:
+        assert not pro and residual is None, "fusions: GEMV only"
         wrap_triton(_wo_kernel)[grid](
             x, weight, scale, z, dest, part, locks, M, N, K, G, x.stride(0), weight.stride(0), N,
             GROUP=group, INT4=bits == 4, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, **cfg)
-    return out if out is not None else part.sum(0).to(x.dtype)
+    if out is not None:
+        return out
+    y = part.sum(0).to(x.dtype)
+    return y if residual is None else residual + y
 
 
 @triton.jit
@@ -632,11 +697,33 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
     return weight_only_linear(x, weight, scale, zero, bits, PRMT)
 
 
+# $EF_WO_FUSE=1: decode at batch 1 runs the RMSNorm before attn.qkv and mlp.up, the gated activation before
+# mlp.down and the residual adds after attn.o and mlp.down inside the GEMV (fused_linear): a layer of a LLaMA
+# engine is 7 kernels instead of 10. Off by default until timed in an engine. Read once, at import: it decides
+# which ops runtime/model.py traces
+FUSE = os.environ.get("EF_WO_FUSE", "0") == "1"
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 tiny: tuple | None = None, norm: torch.Tensor | None = None, eps: float = 0.0, gate: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """cuda_linear with the pointwise work around it in the kernel (launch's norm, gate, residual), where the batch-1
+    GEMV is what cuda_linear runs for x ($EF_WO_FUSE=1, one row); else None, and the caller runs the plain ops."""
+    K = x.shape[-1] // (2 if gate else 1)
+    gemv = x.numel() == x.shape[-1] and not (tiny is not None and x.dtype == torch.bfloat16
+                                               and not (PRMT and _prmt_runs(x)))
+    if not (FUSE and gemv) or (norm is not None and norm.shape != (K,)):
+        return None
+    return weight_only_linear(x, weight, scale, zero, bits, PRMT, norm, eps, gate, residual)
+
+
 @triton_op("engine_factory::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bits: int, prmt: bool = True) -> torch.Tensor:
+                       bits: int, prmt: bool = True, norm: torch.Tensor | None = None, eps: float = 0.0,
+                       gate: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) -> (..., N): the weight-only GEMM as a triton_op, so torch.compile(fullgraph=True) traces
-    into the kernel and CUDA graphs capture it."""
+    into the kernel and CUDA graphs capture it (norm, gate, residual: launch's fusions, one row)."""
     lead = x.shape[:-1]
-    y = launch(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale, zero, bits, prmt)
+    res = residual.reshape(1, -1).contiguous() if residual is not None else None
+    y = launch(x.reshape(-1, x.shape[-1]).contiguous(), weight, scale, zero, bits, prmt, norm, eps, gate, res)
     return y.reshape(*lead, y.shape[-1])

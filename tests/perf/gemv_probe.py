@@ -103,7 +103,7 @@ def _kmajor4(X, WT, ST, ZT, OUT, PART, LOCKS, N, G, BLOCK_N: tl.constexpr, GROUP
             dot += q.to(tl.float32, bitcast=True) * xi[:, None]
             xs += xi
         acc += s * (tl.sum(dot, axis=0) - (z + 128.0) * tl.sum(xs, axis=0))
-    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, SPLIT_K > 1)
+    _store_split(acc, OUT, PART, LOCKS, n.to(tl.int64), nmask, pid_k, pid_n, N, SPLIT_K, SPLIT_K > 1, OUT, False)
 
 
 def kmajor_operands(weight, scale, zero):

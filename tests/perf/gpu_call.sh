@@ -13,6 +13,7 @@
 #   CASES=...              bench_table.py gpu --cases (empty: no table), BUDGET_S its budget
 #   PREBUILD=1             the cases' engines built in the background from the start (beside the tests and sweeps:
 #                          7B quant builds take minutes of CPU), so that the table finds them in the store
+#   TABLE=0                with PREBUILD=1: no table, only the cases' engines (waited for), for AB
 #   AB="variant;variant"   after the table: runtime.bench on its tight engine, batch 1 and 64, 128 + 256, as is and
 #                          with each variant: environment settings, then flags (e.g. "--inductor combo_kernels=true;
 #                          EF_ROPE_IN_ATTENTION=0", "EF_WO_PRMT=0" with AB_CASES=int8_tight), rows in ab.jsonl (each with its
@@ -64,7 +65,9 @@ if [ -n "$PROBE" ]; then  # tests/perf/gemv_probe.py's sections (e.g. gemlite,ti
     r.get('us'), r.get('GB_s'), r.get('rel_err'), r.get('cfg', '')) if r['kind'] == 'probe' else print(r)
     for r in map(json.loads, open(sys.argv[1]))]" $OUT/gemv_probe.jsonl
 fi
-if [ -n "$CASES" ]; then
+if [ -n "$CASES" ] && [ "${TABLE:-1}" == 0 ]; then  # the engines only (PREBUILD's), for AB
+  wait; mkdir -p $OUT/table; cp $W/prebuild/gpu.jsonl $OUT/table/gpu.jsonl; echo "prebuild done at $(el)"
+elif [ -n "$CASES" ]; then
   python3 tests/perf/bench_table.py gpu --out $OUT/table --logs $W/table --cases $CASES --budget_s ${BUDGET_S:-300} \
     > /dev/null 2> $W/table.log
   echo "table rc=$? at $(el)"; rm -rf $W/table/build-*.log
