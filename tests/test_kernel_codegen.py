@@ -36,6 +36,12 @@ CASES = {
     # the levels by byte permutes (PRMT: inline PTX, packs of four bytes): its weight loads as wide
     "gemv_prmt_int8_channel_masked_K": ("gemv_prmt", 8, 4096, False, 8, 32, 512),
     "gemv_prmt_int4_g128": ("gemv_prmt", 4, 128, True, 4, 32, 512),
+    # the batch-1 fusions ($EF_WO_FUSE=1) on the int8 and int4 defaults: the norm's row (KP 4096) and the gate's two
+    # halves loaded beside the weights, which stay as wide
+    "gemv_prmt_norm_int8_channel_masked_K": ("gemv_prmt_norm", 8, 4096, False, 8, 16, 1024),
+    "gemv_prmt_gate_resid_int8_channel_masked_K": ("gemv_prmt_gate", 8, 4096, False, 8, 16, 1024),
+    "gemv_prmt_norm_int4_g128": ("gemv_prmt_norm", 4, 128, True, 4, 32, 512),
+    "gemv_prmt_gate_resid_int4_g128": ("gemv_prmt_gate", 4, 128, True, 4, 32, 512),
     **{f"gemm_{name}_{kind}": ("gemm", bits, group, even, 4, 64, 128)
        for name, bits, group in (("int4_g128", 4, 128), ("int8_channel", 8, 4096))
        for kind, even in (("whole_tiles", True), ("masked_K", False))},
@@ -55,7 +61,10 @@ for name, (kind, bits, group, even, warps, bn, bk) in json.loads(sys.argv[1]).it
     if kind.startswith("gemv"):
         fn, args, c = a.wo._wo_gemv_kernel, a.GEMV_ARGS, dict(c, NG=max(1, bk // group),
                                                                PREFETCH={"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0),
-                                                               PRMT=kind.endswith("prmt"))
+                                                               PRMT="prmt" in kind, PRO=1 if kind.endswith("norm")
+                                                               else 2 if kind.endswith("gate") else 0,
+                                                               KP=4096 if kind.endswith("norm") else 1,
+                                                               RESID=kind.endswith("gate"))
     else:
         swap = kind.startswith("gemm_swap")
         fn, args, c = a.wo._wo_kernel, a.GEMM_ARGS, dict(c, IEEE=False, BLOCK_M=64, NATURAL=swap, XSPLIT=False,
@@ -98,8 +107,11 @@ def test_gemv_loads_weights_in_vectors(compiled, name):
     # fetched ahead: the loads of the tiles before the loop besides the loop's own; and x's (a tile's features as
     # stored, one vector load or none, where the compiler keeps it in scalar loads)
     tiles = 1 + {"gemv_ahead1": 1, "gemv_ahead2": 2}.get(kind, 0)
+    # the fusions' own: the norm's whole row (4,096 bf16, in 8-byte loads or wider) and a tile's norm weights; the
+    # gate's up half
+    fused = {"gemv_prmt_norm": 4096 * 2 // (32 * warps) // 8 + 1, "gemv_prmt_gate": 1}.get(kind, 0)
     assert not any(SCALAR_BYTE_LOAD.fullmatch(op) for op in d["loads"]), d
-    assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8) + 1, d
+    assert tiles <= wide <= tiles * (bn * bk * bits // 8 // (32 * warps) // 8) + 1 + fused, d
     assert d["stack"] == 0, d  # no spills
 
 

@@ -28,10 +28,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import runtime.quant.triton_wo as wo  # noqa: E402
 
-GEMV_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "N", "K", "G", "stride_wn"]
+GEMV_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "NORM", "RES", "N", "K", "G", "stride_wn", "eps"]
 GEMM_ARGS = ["X", "W", "SCALE", "ZERO", "OUT", "PART", "LOCKS", "M", "N", "K", "G", "stride_xm", "stride_wn",
              "stride_om"]
-TYPES = {"X": "*bf16", "SCALE": "*fp32", "ZERO": "*i8", "OUT": "*bf16", "PART": "*fp32", "LOCKS": "*i32"}
+TYPES = {"X": "*bf16", "SCALE": "*fp32", "ZERO": "*i8", "OUT": "*bf16", "PART": "*fp32", "LOCKS": "*i32",
+         "NORM": "*bf16", "RES": "*bf16", "eps": "fp32"}
+GEMV_PLAIN = {"PRO": 0, "KP": 1, "RESID": False}  # the GEMV's fusions off (launch's norm, gate, residual)
 
 
 @triton.jit
@@ -50,10 +52,12 @@ def cannot_compile(target) -> str | None:
 
 
 def compile_kernel(fn, args, consts, warps, stages, target):
+    if fn is wo._wo_gemv_kernel:
+        consts = {**GEMV_PLAIN, **consts}
     sig = {a: TYPES.get(a, "*u8" if consts.get("INT4") else "*i8") if a in TYPES or a == "W" else "i32" for a in args}
     sig.update({k: "constexpr" for k in consts})
     names = list(sig)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in args if a != "G"}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in args if a not in ("G", "eps")}
     backend = triton.compiler.make_backend(target)
     opts = backend.parse_options({"num_warps": warps, "num_stages": stages})
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
@@ -114,12 +118,14 @@ def main() -> None:
                 (8, 4096, 32, 256, 4, 1, 0), (8, 4096, 16, 1024, 8, 1, 0), (8, 4096, 16, 1024, 8, 1, 2),
                 (4, 128, 128, 128, 4, 1, 0), (4, 128, 32, 1024, 8, 8, 0), (4, 128, 32, 512, 4, 4, 0),
                 (4, 128, 32, 512, 4, 4, 2), (4, 128, 64, 512, 8, 4, 0)]:
-            for prmt in (False, True):  # the levels by MAGIC's shifts and masks, or by byte permutes
+            for prmt, pro, resid in ((False, 0, False), (True, 0, False), (True, 1, False), (True, 2, True)):
+                # the levels by MAGIC's shifts and masks, or by byte permutes; the fusions (PRO 1: the norm, 2: the
+                # gate; RESID: the residual add) on PRMT
                 consts = dict(base, GROUP=group, INT4=bits == 4, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, MAGIC=True, NG=ng,
-                              PREFETCH=ahead, PRMT=prmt)
+                              PREFETCH=ahead, PRMT=prmt, PRO=pro, KP=4096 if pro == 1 else 1, RESID=resid)
                 k = compile_kernel(wo._wo_gemv_kernel, GEMV_ARGS, consts, warps, 3, target)
-                print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead} prmt={prmt}",
-                      describe(k, warps, bn * bk * bits // 8))
+                print(f"gemv int{bits} g{group} {bn}x{bk} w{warps} NG{ng} prefetch {ahead} prmt={prmt} pro={pro} "
+                      f"resid={resid}", describe(k, warps, bn * bk * bits // 8))
     if a.grid in ("gemm", "all"):
         for bits, group, bm, bn, bk, warps, stages, magic, natural, swap in [
                 (8, 4096, 64, 64, 128, 4, 3, False, False, False), (8, 4096, 64, 64, 128, 4, 3, True, False, False),
