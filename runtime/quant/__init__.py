@@ -130,8 +130,9 @@ class GemvFusions:
 
     def fused(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, act: str | None = None,
               residual: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One of: self(norm's RMSNorm of x), x = [gate | up] -> self(act(gate) * up), residual + self(x); in one
-        kernel, or None where there is none for x (runtime/model.py then runs the plain ops)."""
+        """self(RMSNorm of x with weight norm); or self(act(gate) * up) of x = [gate | up], residual added or not; or
+        residual + self(x): in one kernel, or None where there is none for x (runtime/model.py then runs the plain
+        ops)."""
         if getattr(self, "kernel", None) != "cuda" or getattr(self, "bias", None) is not None \
                 or act not in (None, "silu"):
             return None
