@@ -67,19 +67,22 @@ class _Norm:
         return y.to(x.dtype)
 
 
+def _fuses(linear) -> bool:
+    """Whether linear may fold the pointwise work around it into its kernel (decode at batch 1, $EF_WO_FUSE=1:
+    runtime/quant/__init__.py's GemvFusions); its fused() then says for which x (None: run the plain ops)."""
+    return getattr(linear, "fuses", False)
+
+
 def _normed(linear, norm: _Norm, x: torch.Tensor) -> torch.Tensor:
-    """linear(norm(x)): the RMSNorm inside the linear's kernel where it has one for x (decode at batch 1,
-    $EF_WO_FUSE=1: runtime/quant/__init__.py's GemvFusions), else the two."""
-    fused = getattr(linear, "fused", None)
-    y = fused(x, norm=norm.weight, eps=norm.eps) if fused is not None and norm.kind == "rms" and norm.bias is None \
-        else None
+    """linear(norm(x)): the RMSNorm inside the linear's kernel where it has one for x (_fuses), else the two."""
+    y = linear.fused(x, norm=norm.weight, eps=norm.eps) if _fuses(linear) and norm.kind == "rms" \
+        and norm.bias is None else None
     return y if y is not None else linear(norm(x))
 
 
 def _plus(h: torch.Tensor, linear, x: torch.Tensor) -> torch.Tensor:
-    """h + linear(x), the add in the linear's kernel where it has one for x (as _normed)."""
-    fused = getattr(linear, "fused", None)
-    y = fused(x, residual=h) if fused is not None else None
+    """h + linear(x), the add in the linear's kernel where it has one for x (_fuses)."""
+    y = linear.fused(x, residual=h) if _fuses(linear) else None
     return y if y is not None else h + linear(x)
 
 
@@ -274,8 +277,7 @@ class Decoder:
             gate, up = layer.up.row_blocks(layer.mlp_norm(h), 2)
             return h + layer.down(self.act(gate) * up)
         gate_up = _normed(layer.up, layer.mlp_norm, h)
-        fused = getattr(layer.down, "fused", None)
-        y = fused(gate_up, act=self.spec.activation, residual=h) if fused is not None else None
+        y = layer.down.fused(gate_up, act=self.spec.activation, residual=h) if _fuses(layer.down) else None
         if y is not None:
             return y
         gate, up = gate_up.chunk(2, dim=-1)

@@ -160,6 +160,7 @@ def check_fused_decode(modes=("int8_wo", "int4_wo"), dtype=torch.float32) -> Non
                 for layer in d.layers:
                     for lin in (layer.qkv, layer.o, layer.up, layer.down):
                         lin.kernel = "cuda"  # the Triton path (cuda_linear, fused_linear) on CPU tensors
+                        lin.init_fusions()
                 d.allocate_cache(1, 40)
                 calls.clear()
                 logits, pos, out = d.prefill(torch.tensor([3, 9, 27, 81]), [4]), torch.tensor([4]), []

@@ -197,7 +197,7 @@ def _observe(decoder, stats: dict) -> None:
         d[stat] = value.float() if stat not in d else torch.maximum(d[stat], value.float())
 
     class _Recorded:
-        fused = None  # (runtime/model.py would call a quantized linear's fused form, past __call__ below)
+        fuses = False  # (runtime/model.py would call a quantized linear's fused form, past __call__ below)
 
         def __init__(self, inner, name):
             self.inner, self.name = inner, name

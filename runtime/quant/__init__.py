@@ -122,7 +122,18 @@ def select_kernel(device: torch.device) -> str:
 
 class GemvFusions:
     """fused() of the weight-only linears (int8_wo.py, int4_wo.py): the norm before them, the gated activation
-    before them or the residual after them in their CUDA kernel (triton_wo.fused_linear), where it serves x."""
+    before them or the residual after them in their CUDA kernel (triton_wo.fused_linear), where it serves x.
+    fuses: whether to ask (a CUDA kernel and $EF_WO_FUSE=1 when the linear was made); runtime/model.py asks only
+    then, so that the default decode step traces the plain ops alone."""
+
+    fuses = False
+
+    def init_fusions(self) -> None:
+        """Set fuses (after self.kernel)."""
+        if getattr(self, "kernel", None) == "cuda":
+            from . import triton_wo
+
+            self.fuses = triton_wo.FUSE
 
     def kernel_operands(self) -> tuple:
         """(weight, scale, zero, bits, tinygemm operands) as triton_wo.cuda_linear takes them."""
@@ -133,8 +144,7 @@ class GemvFusions:
         """self(RMSNorm of x with weight norm); or self(act(gate) * up) of x = [gate | up], residual added or not; or
         residual + self(x): in one kernel, or None where there is none for x (runtime/model.py then runs the plain
         ops)."""
-        if getattr(self, "kernel", None) != "cuda" or getattr(self, "bias", None) is not None \
-                or act not in (None, "silu"):
+        if not self.fuses or getattr(self, "bias", None) is not None or act not in (None, "silu"):
             return None
         from . import triton_wo
 

@@ -68,6 +68,7 @@ class Int4WeightOnlyLinear(GemvFusions):
         self.scale, self.zero = tensors["scale"].contiguous(), tensors["zero"].contiguous()  # (out, groups) | (out,)
         self.bias = tensors.get("bias")
         self.kernel = select_kernel(self.weight.device)
+        self.init_fusions()
         self.dequantized = (dequantize(self.weight, self.scale, self.zero, self.scale.dtype)  # (out, in)
                             if self.weight.device.type == "cpu" else None)
         self.tiny = None  # torch's int4 tinygemm operands for small batches (runtime/quant/triton_wo.py)

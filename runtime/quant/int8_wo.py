@@ -31,6 +31,7 @@ class Int8WeightOnlyLinear(GemvFusions):
         self.scale = self.raw_scale * self.PRESCALE
         self.bias = tensors.get("bias")
         self.kernel = select_kernel(self.weight.device)
+        self.init_fusions()
 
     @property
     def out_features(self) -> int:

@@ -700,7 +700,7 @@ def cuda_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero
 # $EF_WO_FUSE=1: decode at batch 1 runs the RMSNorm before attn.qkv and mlp.up, the gated activation before
 # mlp.down and the residual adds after attn.o and mlp.down inside the GEMV (fused_linear): a layer of a LLaMA
 # engine is 7 kernels instead of 10. Off by default until timed in an engine. Read once, at import: it decides
-# which ops runtime/model.py traces
+# which ops runtime/model.py traces (a linear reads it when made: GemvFusions.init_fusions)
 FUSE = os.environ.get("EF_WO_FUSE", "0") == "1"
 
 
@@ -708,11 +708,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zer
                  tiny: tuple | None = None, norm: torch.Tensor | None = None, eps: float = 0.0, gate: bool = False,
                  residual: torch.Tensor | None = None) -> torch.Tensor | None:
     """cuda_linear with the pointwise work around it in the kernel (launch's norm, gate, residual), where the batch-1
-    GEMV is what cuda_linear runs for x ($EF_WO_FUSE=1, one row); else None, and the caller runs the plain ops."""
+    GEMV is what cuda_linear runs for x (one row); else None, and the caller runs the plain ops. (Asked only where
+    $EF_WO_FUSE=1 when the linear was made: runtime/quant/__init__.py's GemvFusions.)"""
     K = x.shape[-1] // (2 if gate else 1)
     gemv = x.numel() == x.shape[-1] and not (tiny is not None and x.dtype == torch.bfloat16
                                                and not (PRMT and _prmt_runs(x)))
-    if not (FUSE and gemv) or (norm is not None and norm.shape != (K,)):
+    if not gemv or (norm is not None and norm.shape != (K,)):
         return None
     return weight_only_linear(x, weight, scale, zero, bits, PRMT, norm, eps, gate, residual)
 
