@@ -133,7 +133,8 @@ def test_swapped_gemm_takes_the_weights_from_registers(compiled, name):
 
 
 # what any of our kernels may write under torch.compile: its outputs and split-K scratch, never an operand
-OPERANDS = {"X", "W", "SCALE", "ZERO", "XS", "WS", "Q", "K", "V", "POS", "SLOPES", "KV_SCALE", "COS", "SIN"}
+OPERANDS = {"X", "W", "SCALE", "ZERO", "XS", "WS", "Q", "K", "V", "POS", "SLOPES", "KV_SCALE", "COS", "SIN", "NORM",
+            "RES"}
 
 
 def test_kernels_survive_torch_compiles_mutation_analysis():
@@ -144,7 +145,8 @@ def test_kernels_survive_torch_compiles_mutation_analysis():
     rows = [json.loads(line) for line in _probe(["trace_probe.py"]) if line.startswith("{")]
     names = " / ".join(r["launch"] for r in rows)
     for shape in ("int8 torch.bfloat16 M=64 K=4096", "int4 torch.float16 M=1", "alibi=True", "cache=torch.int8",
-                  "w8a8 torch.int8 M=64"):  # the in-kernel split-K sums, ALiBi, an int8 K/V cache, W8A8
+                  "w8a8 torch.int8 M=64", "fused norm+eps", "fused gate+residual"):  # the in-kernel split-K sums,
+        # ALiBi, an int8 K/V cache, W8A8, the batch-1 fusions
         assert shape in names, names
     for r in rows:
         assert r["error"] is None, r

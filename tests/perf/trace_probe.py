@@ -73,6 +73,15 @@ def launches() -> list[tuple[str, object, dict]]:
             s, z = torch.ones((N, G), dtype=dt).squeeze(1), torch.zeros((N, G), dtype=dt).squeeze(1)
             take(f"weight-only int{bits} {dt} M={M} K={K}",
                  lambda: wo.launch(torch.randn(M, K, generator=g).to(dt), w, s, z if bits == 4 else None, bits))
+    # the batch-1 fusions ($EF_WO_FUSE=1): the norm before qkv (int8, unsplit), the gate and residual around
+    # mlp.down (int4, K split in the kernel)
+    for bits, K, G, kw in ((8, 4096, 1, {"norm": torch.ones(4096, dtype=bf), "eps": 1e-5}),
+                           (4, 11008, 86, {"gate": True, "residual": torch.zeros(1, 4096, dtype=bf)})):
+        w = torch.zeros((4096, K // (2 if bits == 4 else 1)), dtype=torch.int8 if bits == 8 else torch.uint8)
+        s, z = torch.ones((4096, G), dtype=bf).squeeze(1), torch.zeros((4096, G), dtype=bf).squeeze(1)
+        x = torch.randn(1, K * (2 if kw.get("gate") else 1), generator=g).to(bf)
+        take(f"weight-only int{bits} {bf} M=1 K={K} fused {'+'.join(kw)}",
+             lambda: wo.launch(x, w, s, z if bits == 4 else None, bits, **kw))
     # the GEMV's levels by byte permutes (inline PTX; launch turns it on for CUDA tensors only): flipped here
     out.extend((f"{name} PRMT", k, dict(a, PRMT=True)) for name, k, a in list(out) if " M=1 " in name)
     take("dequantize int4 g128", lambda: wo.dequantize(torch.zeros((4096, 2048), dtype=torch.uint8),
