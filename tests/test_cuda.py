@@ -152,6 +152,7 @@ def test_fused_weight_only_decode_equals_eager(tiny_models, tmp_path, precision,
     prompts = [[5, 6, 7], list(range(10, 40)), [100]]
     monkeypatch.setattr(triton_wo, "FUSE", True)
     fast = Engine.load(engine_dir, device="cuda").compile()
+    assert all(lin.fuses for layer in fast.model.layers for lin in (layer.qkv, layer.o, layer.up, layer.down))
     got = [fast.generate([p], max_new_tokens=32, ignore_eos=True)[0].output_ids for p in prompts]
     assert fast._graphs, "the CUDA-graph path was not taken"
     monkeypatch.setattr(triton_wo, "FUSE", False)

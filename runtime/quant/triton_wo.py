@@ -283,7 +283,7 @@ def _gemv_rstd(X, K, eps, PRO: tl.constexpr, KP: tl.constexpr):
     if PRO == 1:
         kp = tl.arange(0, KP)
         h = tl.load(X + kp, mask=kp < K, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / K + eps)
+        r = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)  # (as Inductor compiles _Norm's torch.rsqrt)
     else:
         r = 1.0
     return r
@@ -291,10 +291,11 @@ def _gemv_rstd(X, K, eps, PRO: tl.constexpr, KP: tl.constexpr):
 
 @triton.jit
 def _gemv_x(X, NORM, kk, kmask, K, rstd, PRO: tl.constexpr):
-    """The GEMV's input at features kk (fp32), made from X by its prologue PRO, with the roundings of the torch ops it
-    replaces (runtime/model.py): 0, X as it is; 1, RMSNorm: NORM * (X * rstd rounded to X's dtype), rounded (_Norm);
-    2, a gated MLP's silu(gate) * up from X = [gate | up] (2K features), in fp32 and rounded once (as Inductor fuses
-    it)."""
+    """The GEMV's input at features kk (fp32), made from X by its prologue PRO (runtime/model.py's ops): 0, X as it
+    is; 1, RMSNorm: NORM * (X * rstd rounded to X's dtype), rounded, as eager _Norm rounds; 2, a gated MLP's
+    silu(gate) * up from X = [gate | up] (2K features), in fp32 and rounded once, as Inductor fuses it. (A compiled
+    unfused step keeps the norm's intermediate in fp32 and rounds the gate once; eager rounds the gate twice: in 16-bit
+    dtypes the fused step is within a rounding of either, not bit-equal.)"""
     if PRO == 1:
         h = tl.load(X + kk, mask=kmask, other=0.0)
         y = (h.to(tl.float32) * rstd).to(h.dtype)
@@ -547,6 +548,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
     pro = 1 if norm is not None else 2 if gate else 0
     assert x.shape[1] == K * (2 if gate else 1) and K % G == 0 and weight.stride(1) == 1 and x.stride(1) == 1
     assert not (norm is not None and gate) and (M == 1 or not (pro or residual is not None)), "fusions: GEMV only"
+    assert norm is None or (norm.shape == (K,) and norm.is_contiguous()), "norm: (K,) weights"
+    assert residual is None or (residual.shape == (1, N) and residual.dtype == x.dtype and residual.is_contiguous())
     prmt = prmt and _prmt_runs(x)
     cfg = dict(cfg or default_config(M, N, K, group, _sm_count(x.device) if x.is_cuda else 132, bits, prmt))
     cfg.setdefault("SPLIT_K", 1)
