@@ -121,10 +121,11 @@ def select_kernel(device: torch.device) -> str:
 
 
 class GemvFusions:
-    """fused() of the weight-only linears (int8_wo.py, int4_wo.py): the norm before them, the gated activation
-    before them or the residual after them in their CUDA kernel (triton_wo.fused_linear), where it serves x.
-    fuses: whether to ask (a CUDA kernel and $EF_WO_FUSE=1 when the linear was made); runtime/model.py asks only
-    then, so that the default decode step traces the plain ops alone."""
+    """The CUDA side of the weight-only linears (int8_wo.py, int4_wo.py): kernel_linear(), their product by the
+    Triton / tinygemm kernels; and fused(), the norm before them, the gated activation before them or the residual
+    after them in their CUDA kernel (triton_wo.fused_linear), where it serves x. fuses: whether to ask (a CUDA
+    kernel and $EF_WO_FUSE=1 when the linear was made); runtime/model.py asks only then, so that the default decode
+    step traces the plain ops alone."""
 
     fuses = False
 
@@ -138,6 +139,16 @@ class GemvFusions:
     def kernel_operands(self) -> tuple:
         """(weight, scale, zero, bits, tinygemm operands) as triton_wo.cuda_linear takes them."""
         raise NotImplementedError
+
+    def kernel_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) without the bias, by self.kernel: "cuda" (triton_wo.cuda_linear: the fastest path
+        for the batch) or "triton" (the Triton kernel at every batch)."""
+        from . import triton_wo
+
+        weight, scale, zero, bits, tiny = self.kernel_operands()
+        if self.kernel == "cuda":
+            return triton_wo.cuda_linear(x, weight, scale, zero, bits, tiny)
+        return triton_wo.weight_only_linear(x, weight, scale, zero, bits, triton_wo.PRMT)
 
     def fused(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, act: str | None = None,
               residual: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -96,10 +96,7 @@ class Int4WeightOnlyLinear(GemvFusions):
             y = gluon_int4.linear(x, self.gluon)
             return y if self.bias is None else y + self.bias
         if self.kernel in ("triton", "cuda"):
-            from . import triton_wo
-
-            y = (triton_wo.cuda_linear(x, self.weight, self.scale, self.zero, 4, self.tiny) if self.kernel == "cuda"
-                 else triton_wo.weight_only_linear(x, self.weight, self.scale, self.zero, 4, triton_wo.PRMT))
+            y = self.kernel_linear(x)
             return y if self.bias is None else y + self.bias
         w = self.dequantized
         if w is None or w.dtype != x.dtype:

@@ -42,10 +42,7 @@ class Int8WeightOnlyLinear(GemvFusions):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel in ("triton", "cuda"):
-            from . import triton_wo
-
-            y = (triton_wo.cuda_linear(x, self.weight, self.raw_scale, None, 8) if self.kernel == "cuda"
-                 else triton_wo.weight_only_linear(x, self.weight, self.raw_scale, None, 8, triton_wo.PRMT))
+            y = self.kernel_linear(x)
         else:
             y = F.linear(x * (1.0 / self.PRESCALE), self.weight.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
