@@ -46,6 +46,7 @@ def check_config(cfg) -> None:
         if lim[key] < 1:
             raise UserError(f"limits.{key}={lim[key]} must be at least 1")
     _check_quant_settings(cfg)
+    _check_quant_lm_head(cfg)
     _check_target_sm(cfg)
     check_calibration(cfg)  # a precision that calibrates has a usable calibration set
 
@@ -66,6 +67,25 @@ def _check_quant_settings(cfg, spec: ModelSpec | None = None) -> None:
     problem = mode.check({k: p[k] for k in mode.settings_keys}, spec)
     if problem:
         raise UserError(problem)
+
+
+def _check_quant_lm_head(cfg) -> None:
+    """precision.quant_lm_head=true: a mode that can take the lm_head (weight-only), without the float embedding
+    table as the lm_head (share_embedding). (Its groups fit: its input features are attn.qkv's, checked with the
+    model's shape by _check_quant_partition.)"""
+    if not cfg.precision.quant_lm_head:
+        return
+    quant, mode = cfg.precision.quant, MODES[cfg.precision.quant]
+    weight_only = ", ".join(sorted(m for m, x in MODES.items() if x.lm_head))
+    if not mode.lm_head:
+        why = ("stores every weight in precision.dtype" if not mode.quantizes else
+               "quantizes activations with statistics calibrated at the four linears of each layer, none at the "
+               "lm_head's input")
+        raise UserError(f"precision.quant_lm_head=true: precision.quant={quant} {why}; drop precision.quant_lm_head, "
+                        f"or use a weight-only precision ({weight_only})")
+    if cfg.parallel.share_embedding:
+        raise UserError("precision.quant_lm_head=true stores the lm_head as its own quantized tensor, and "
+                        "parallel.share_embedding=true makes the float embedding table the lm_head: drop one of them")
 
 
 def _check_target_sm(cfg) -> None:

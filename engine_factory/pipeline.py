@@ -17,7 +17,7 @@ from runtime.quant import get as quant_mode
 from . import __version__, families
 from .checks import check_config, check_model
 from .hashing import digest
-from .plan import check_fits, describe, engine_limits, mapping_of, plan
+from .plan import check_fits, describe, engine_limits, engine_spec, mapping_of, plan
 from .sources import peek_config
 from .stages.build import build, quant_settings
 from .stages.calibrate import calibration
@@ -37,6 +37,7 @@ def engine_identity(cfg, source, spec, calib=None) -> dict:
         "format_version": FORMAT_VERSION, "convert_version": CONVERT_VERSION, "backend": cfg.backend,
         "target": cfg.target, "source": source.digest, "spec": spec.to_dict(),
         "dtype": cfg.precision.dtype, "quant": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
+        **({"quant_lm_head": True} if cfg.precision.quant_lm_head else {}),  # (no key when off: older engines' hashes)
         "calibration": None if calib is None else calib.identity,  # statistics' digest + settings, no path
         **({"quant_settings": qs} if (qs := quant_settings(cfg)) else {}),  # the mode's own (SmoothQuant's alpha, ...)
         # the version of the mode's quantize(): a change of its bytes is a new engine (float engines: no key)
@@ -113,7 +114,7 @@ def run(cfg, recipe: str | None = None) -> Path:
     check_model(cfg, spec)
     check_fits(cfg, spec)
     calib = calibration(cfg, source, family, spec, store)  # cached; None for precisions that need none
-    identity = engine_identity(cfg, source, spec, calib)
+    identity = engine_identity(cfg, source, engine_spec(cfg, spec), calib)
     h = digest(identity)
     name = cfg.model.name or (check_name("recipe", recipe) if recipe else safe_name(source.name))
     engine_dir = store.engine_dir(name, h)
@@ -136,9 +137,10 @@ def run(cfg, recipe: str | None = None) -> Path:
         tensors = convert(source, family, spec, store)
         engine_json = {
             "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
-            "config": OmegaConf.to_container(cfg, resolve=True), "spec": spec.to_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True), "spec": engine_spec(cfg, spec).to_dict(),
             "dtype": torch_name(cfg.precision.dtype),
             "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
+                      **({"lm_head": True} if cfg.precision.quant_lm_head else {}),
                       **({"settings": qs} if (qs := quant_settings(cfg)) else {})},
             "mapping": mapping_of(cfg),
             "limits": identity["limits"], "source": source.provenance, "family": family.model_type,
@@ -146,7 +148,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
         }
         with store.staging(engine_dir, needed) as tmp:
-            build(tmp, tensors, spec, cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
+            build(tmp, tensors, engine_spec(cfg, spec), cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
             if cfg.validate.enabled:
                 try:
                     validate(tmp, source, cfg, engine_dir.name)

@@ -6,6 +6,7 @@ full batch of max_input_len prompts; the workspace a constant per GPU (CUDA cont
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -51,6 +52,15 @@ def mapping_of(cfg) -> dict:
             "share_embedding": p.share_embedding}
 
 
+def engine_spec(cfg, spec):
+    """The engine's spec from the model's: a tied model whose lm_head is quantized (precision.quant_lm_head) stores
+    that lm_head as a tensor of its own (the quantized embedding; the embedding itself stays float for the
+    lookup), so its engine is untied."""
+    if cfg.precision.quant_lm_head and spec.tie_word_embeddings:
+        return dataclasses.replace(spec, tie_word_embeddings=False)
+    return spec
+
+
 class _Shapes:
     """A tensor source that has shapes and nothing else: the rank plan runs without reading a weight."""
 
@@ -87,15 +97,18 @@ def plan(cfg, spec) -> dict:
     gpu = gpu_memory(cfg)
     B, T_in, S = lim["max_batch_size"], lim["max_input_len"], lim["max_seq_len"]
     ranks, fit_batch = [], None
+    espec = engine_spec(cfg, spec)
     for r in range(mapping["world_size"]):
-        layout = RankLayout.of(spec, mapping, r)
-        entries = rank_plan(shapes, spec, dtype, layout, cfg.precision.quant, kv_cache=cfg.precision.kv_cache)
+        layout = RankLayout.of(espec, mapping, r)
+        entries = rank_plan(shapes, espec, dtype, layout, cfg.precision.quant, kv_cache=cfg.precision.kv_cache,
+                            lm_head=cfg.precision.quant_lm_head)
         weight = sum(math.prod(shape) * dt.itemsize for shape, dt, _ in entries.values())
         # what the mode's CUDA linears hold beside the rank file (int4 in bf16: torch's tinygemm tiles)
         tiles = sum(mode.kernel_copy_bytes(name.rsplit(".", 1)[-1], shape, dt, dtype)
                     for name, (shape, dt, _) in entries.items())
         # parameters: the float layout's elements (a quant mode packs them and adds scales)
-        params = sum(math.prod(shape) for shape, _, _ in rank_plan(shapes, spec, dtype, layout).values())
+        params = sum(math.prod(shape) for shape, _, _ in
+                     rank_plan(shapes, spec, dtype, RankLayout.of(spec, mapping, r)).values())
         hd, nh, nkv = spec.head_dim, len(layout.heads), len(layout.kv_heads)
         kv_seq = 2 * len(layout.layers) * nkv * hd * S * kv_bytes  # K and V of one sequence
         up = (2 if spec.mlp == "gated" else 1) * spec.intermediate_size // layout.tp

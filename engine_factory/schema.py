@@ -28,6 +28,9 @@ class PrecisionConfig:
     dtype: str = "fp16"  # fp32 | fp16 | bf16: weights and activations
     quant: str = "none"  # none | int8_wo | int4_wo | int4_wo_g128 | int4_wo_g64 | sq* (a mode of runtime/quant)
     kv_cache: str = "auto"  # auto (the activation dtype) | int8 | fp8 (E4M3): runtime/kv_cache.py, calibrated scales
+    # the lm_head quantized too (weight-only modes): fewer bytes a decode step; a tied model's engine then stores
+    # the quantized copy of its embedding as its own lm_head (plan.engine_spec)
+    quant_lm_head: bool = False
     # SmoothQuant (precision=sq, runtime/quant/sq.py): quant resolves to sq[_per_token][_per_channel]
     sq_alpha: float = 0.5  # migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1 - alpha)
     per_token: bool = False  # activations: one dynamic scale per token (else one static, calibrated, per tensor)

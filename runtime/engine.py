@@ -225,8 +225,9 @@ class Engine:
             raise EngineError(f"{engine_dir / rank_file(rank)}: not a readable rank file ({e}); "
                               "rebuild the engine") from None
         spec = ModelSpec.from_dict(config["spec"])
-        model = Decoder(spec, tensors, quant=config["quant"]["mode"], layout=layout, comm=comm,
-                        kv_cache=config["quant"].get("kv_cache", "auto"))
+        q = config["quant"]
+        model = Decoder(spec, tensors, quant=q["mode"], layout=layout, comm=comm, kv_cache=q.get("kv_cache", "auto"),
+                        quant_lm_head=q.get("lm_head", False))
         tok = None
         tdir = Path(tokenizer_dir) if tokenizer_dir else engine_dir / TOKENIZER_DIR
         if tokenizer_dir or tdir.is_dir():

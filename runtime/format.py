@@ -267,6 +267,8 @@ def _engine_config_problem(cfg) -> str | None:
 
     if q["mode"] not in MODES:
         return f"quant mode {q['mode']!r} has no runtime linear here (known: {', '.join(sorted(MODES))})"
+    if not isinstance(q.get("lm_head", False), bool):
+        return f"quant.lm_head={json.dumps(q['lm_head'])[:40]} is not true or false"
     if not isinstance(cfg["dtype"], str):
         return f"dtype={json.dumps(cfg['dtype'])[:40]} is not a string"
     for key in ("target", "runtime"):

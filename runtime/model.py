@@ -132,10 +132,12 @@ class _Micro:
 class Decoder:
     """Weights of one rank + a static KV cache; prefill() for packed prompts, decode() per token.
 
-    layout/comm None: world 1 (the whole model in this process)."""
+    layout/comm None: world 1 (the whole model in this process). quant_lm_head: the lm_head is stored as the
+    quant mode's tensors too (precision.quant_lm_head), else in the float dtype."""
 
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], quant: str = "none",
-                 layout: RankLayout | None = None, comm: Comm | None = None, kv_cache: str = "auto"):
+                 layout: RankLayout | None = None, comm: Comm | None = None, kv_cache: str = "auto",
+                 quant_lm_head: bool = False):
         self.spec = spec
         self.kv = kv_format(kv_cache)  # runtime/kv_cache.py: what the cache stores
         L = self.layout = layout or RankLayout.of(spec, {"tp": 1, "pp": 1}, 0)
@@ -153,12 +155,14 @@ class Decoder:
         self.layers = [_Layer(spec, tensors, i, quant, self.comm) for i in L.layers]
         if self.kv.scaled and any(layer.kv_scale is None for layer in self.layers):
             raise ValueError(f"KV cache {kv_cache} needs {SCALE_NAME} for every layer; the tensors lack some")
-        self.final_norm = self.lm_head = self.lm_head_bias = None
+        self.final_norm = self.lm_head = self.lm_head_bias = self.quant_head = None
         if L.last_stage:
             self.final_norm = _Norm(spec, tensors, "final_norm")
-            # (V / tp, H); fp32 on CPU with its columns contiguous, as the dense linears (quant/dense.py)
-            self.lm_head = cpu_gemv_layout(tensors["embed.weight" if L.head_uses_embed else "lm_head.weight"])
-            self.lm_head_bias = tensors.get("lm_head.bias")
+            if quant_lm_head:  # the quant mode's linear (engine.json quant.lm_head; it adds lm_head.bias itself)
+                self.quant_head = make_linear(quant, tensors, "lm_head")
+            else:  # (V / tp, H); fp32 on CPU with its columns contiguous, as the dense linears (quant/dense.py)
+                self.lm_head = cpu_gemv_layout(tensors["embed.weight" if L.head_uses_embed else "lm_head.weight"])
+                self.lm_head_bias = tensors.get("lm_head.bias")
         first = tensors["embed.weight"] if L.first_stage else tensors[f"layers.{L.layers.start}.attn_norm.weight"]
         self.device, self.dtype = first.device, first.dtype
         self._rope = self._rope_tables() if spec.position == "rope" else None
@@ -284,8 +288,10 @@ class Decoder:
         return _plus(h, layer.down, self.act(gate) * up)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.final_norm(h)
-        logits = F.linear(h, self.lm_head, self.lm_head_bias)  # (N, V / tp), vocab padded to tp
+        if self.quant_head is not None:  # the final norm inside its kernel where it can (_normed)
+            logits = _normed(self.quant_head, self.final_norm, h)
+        else:
+            logits = F.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)  # (N, V / tp), vocab padded to tp
         if self.layout.tp > 1:
             logits = self.comm.all_gather(logits, dim=-1)[:, :self.spec.vocab_size]
         return logits.float()

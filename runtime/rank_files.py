@@ -22,9 +22,16 @@ from .parallel import RankLayout
 from .shard import rank_tensor_names, shard_shape, style_of
 from .spec import ModelSpec
 
-_QUANTIZED_STYLES = ("column_qkv", "column_up", "row")  # the four linears of a layer: a quant mode's
+_QUANTIZED_STYLES = ("column_qkv", "column_up", "row")  # the four linears of a layer: stored as a quant mode's
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 _REBUILD = "rebuild the engine"
+
+
+def quantized_weight(name: str, lm_head: bool = False) -> bool:
+    """Whether a quant mode stores this world-1 runtime tensor as its own tensors (runtime/quant Stored): the
+    weights of a layer's four linears, and the lm_head's where the engine quantizes it too (engine.json
+    quant.lm_head, the build's precision.quant_lm_head)."""
+    return name.endswith(".weight") and (style_of(name) in _QUANTIZED_STYLES or (lm_head and name == "lm_head.weight"))
 
 
 def world_shapes(spec: ModelSpec, fused: bool = True) -> dict[str, tuple[int, ...]]:
@@ -69,16 +76,17 @@ def world_shapes(spec: ModelSpec, fused: bool = True) -> dict[str, tuple[int, ..
     return out
 
 
-def expected_tensors(spec: ModelSpec, mapping: dict, quant: str, dtype: torch.dtype,
-                     rank: int, kv_cache: str = "auto") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (shape, dtype) of what rank `rank` of the engine stores (the build's rank plan, over shapes)."""
+def expected_tensors(spec: ModelSpec, mapping: dict, quant: str, dtype: torch.dtype, rank: int, kv_cache: str = "auto",
+                     lm_head: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of what rank `rank` of the engine stores (the build's rank plan, over shapes);
+    lm_head: the engine's lm_head is quantized too (engine.json quant.lm_head)."""
     from .quant import get as quant_mode  # the quant modes: what a linear's weight is stored as
 
     mode = quant_mode(quant)
     layout = RankLayout.of(spec, mapping, rank)
     stored: dict[str, tuple[tuple[int, ...], torch.dtype, tuple[str, ...] | None]] = {}
     for name, shape in world_shapes(spec).items():
-        if mode.quantizes and name.endswith(".weight") and style_of(name) in _QUANTIZED_STYLES:
+        if mode.quantizes and quantized_weight(name, lm_head):
             for suffix, st in mode.stored(shape, dtype).items():
                 stored[name[:-len("weight")] + suffix] = (tuple(st.shape), st.dtype, tuple(st.follows))
         else:
@@ -137,7 +145,8 @@ def check_rank_file(path: Path, config: dict, rank: int) -> None:
         raise EngineError(f"{path.parent / 'engine.json'}: dtype={config['dtype']!r} is not one of "
                           f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES.values())}; {_REBUILD}")
     mapping = config["mapping"]
-    want = expected_tensors(spec, mapping, config["quant"]["mode"], dtype, rank, config["quant"].get("kv_cache", "auto"))
+    q = config["quant"]
+    want = expected_tensors(spec, mapping, q["mode"], dtype, rank, q.get("kv_cache", "auto"), q.get("lm_head", False))
     have = read_header(path)
     who = f"rank {rank} of tp={mapping['tp']} pp={mapping['pp']}"
     for name, (shape, dt) in want.items():

@@ -140,19 +140,23 @@ def test_compiled_decode_with_programmatic_dependent_launch_equals_eager(tiny_mo
     assert fast._graphs, "the CUDA-graph path was not taken"
 
 
+@pytest.mark.parametrize("head", [False, True], ids=["float_head", "quant_head"])
 @pytest.mark.parametrize("precision", ["int8_wo", "int4_wo_g128"])
-def test_fused_weight_only_decode_equals_eager(tiny_models, tmp_path, precision, monkeypatch):
+def test_fused_weight_only_decode_equals_eager(tiny_models, tmp_path, precision, head, monkeypatch):
     """$EF_WO_FUSE=1: the batch-1 decode step compiled with the norms, gated activation and residual adds inside the
     weight-only GEMV (runtime/quant/triton_wo.py fused_linear) gives the tokens of the plain eager engine, unfused,
-    each prompt alone (fp32: the kernels' bf16 / fp16 forms, PRMT's among them, are test_gemv_fusions_on_cuda's)."""
+    each prompt alone (fp32: the kernels' bf16 / fp16 forms, PRMT's among them, are test_gemv_fusions_on_cuda's);
+    quant_head: the lm_head quantized too (precision.quant_lm_head), the final norm inside its GEMV."""
     from runtime.quant import triton_wo
 
     engine_dir = _build(tmp_path, f"model.source={tiny_models / 'llama'}", f"precision={precision}",
-                        "precision.dtype=fp32")
+                        "precision.dtype=fp32", f"precision.quant_lm_head={str(head).lower()}")
     prompts = [[5, 6, 7], list(range(10, 40)), [100]]
     monkeypatch.setattr(triton_wo, "FUSE", True)
     fast = Engine.load(engine_dir, device="cuda").compile()
-    assert all(lin.fuses for layer in fast.model.layers for lin in (layer.qkv, layer.o, layer.up, layer.down))
+    linears = [lin for layer in fast.model.layers for lin in (layer.qkv, layer.o, layer.up, layer.down)]
+    assert all(lin.fuses for lin in linears + ([fast.model.quant_head] if head else []))
+    assert (fast.model.quant_head is not None) == head
     got = [fast.generate([p], max_new_tokens=32, ignore_eos=True)[0].output_ids for p in prompts]
     assert fast._graphs, "the CUDA-graph path was not taken"
     monkeypatch.setattr(triton_wo, "FUSE", False)

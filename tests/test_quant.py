@@ -272,7 +272,8 @@ def test_int4_magic_levels_are_exact_in_bf16_and_fp16():
 def test_gemv_fusions_match_the_plain_ops():
     """The batch-1 GEMV with the norm, gated activation and residual inside ($EF_WO_FUSE=1) against the same kernel
     and torch's ops, through Triton's interpreter (triton_probes.check_gemv_fusions); and a decoder's batch-1 decode
-    with them against the unfused kernels, every fusion taken, none in prefill (check_fused_decode)."""
+    with them against the unfused kernels, every fusion taken (the quantized lm_head's final norm too), none in
+    prefill but the head's (check_fused_decode)."""
     _interpreted("import triton_probes\ntriton_probes.check_gemv_fusions()\ntriton_probes.check_fused_decode()\n")
 
 

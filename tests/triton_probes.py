@@ -129,7 +129,8 @@ def check_fused_decode(modes=("int8_wo", "int4_wo"), dtype=torch.float32) -> Non
     """A random 2-layer LLaMA-like decoder (tests/helpers.py) with each weight-only mode, its linears on the Triton
     kernels (interpreted on CPU; per channel: its intermediate size, 80, takes no int4 group): greedy decode at batch 1 with the fusions ($EF_WO_FUSE=1) gives the logits of the
     same kernels unfused, and every fusion is taken (4 a layer: the norms before qkv and up, the gate before down,
-    the residuals after o and down); prefill (several rows) takes none."""
+    the residuals after o and down; and the final norm before the lm_head, quantized too: precision.quant_lm_head);
+    prefill (several rows) takes none but the lm_head's (its last row only)."""
     from helpers import random_decoder_tensors
     from runtime.model import Decoder
     from runtime.quant import MODES
@@ -150,22 +151,21 @@ def check_fused_decode(modes=("int8_wo", "int4_wo"), dtype=torch.float32) -> Non
         for mode in modes:
             t = {}
             for name, w in dense.items():
-                if name.endswith(("qkv.weight", "attn.o.weight", "up.weight", "down.weight")):
+                if name.endswith(("qkv.weight", "attn.o.weight", "up.weight", "down.weight", "lm_head.weight")):
                     t.update({name[:-len("weight")] + k: v for k, v in MODES[mode].quantize(w, dtype).items()})
                 else:
                     t[name] = w
             runs = []
             for fuse in (False, True):
                 wo.FUSE = fuse
-                d = Decoder(spec, t, quant=mode)
-                for layer in d.layers:
-                    for lin in (layer.qkv, layer.o, layer.up, layer.down):
-                        lin.kernel = "cuda"  # the Triton path (cuda_linear, fused_linear) on CPU tensors
-                        lin.init_fusions()
+                d = Decoder(spec, t, quant=mode, quant_lm_head=True)
+                for lin in [d.quant_head] + [x for layer in d.layers for x in (layer.qkv, layer.o, layer.up, layer.down)]:
+                    lin.kernel = "cuda"  # the Triton path (cuda_linear, fused_linear) on CPU tensors
+                    lin.init_fusions()
                 d.allocate_cache(1, 40)
                 calls.clear()
                 logits, pos, out = d.prefill(torch.tensor([3, 9, 27, 81]), [4]), torch.tensor([4]), []
-                assert not any(c[1:] != (False, False, False) for c in calls), calls
+                assert [c for c in calls if any(c[1:])] == ([(1, True, False, False)] if fuse else []), calls
                 for _ in range(6):
                     tok = logits.argmax(-1)
                     calls.clear()
@@ -173,7 +173,7 @@ def check_fused_decode(modes=("int8_wo", "int4_wo"), dtype=torch.float32) -> Non
                     out.append(logits)
                     pos = pos + 1
                     fused = sum(1 for c in calls if any(c[1:]))
-                    assert fused == (4 * spec.num_layers if fuse else 0), (mode, fuse, calls)
+                    assert fused == (4 * spec.num_layers + 1 if fuse else 0), (mode, fuse, calls)
                 runs.append(torch.stack(out))
             err = ((runs[1] - runs[0]).abs().max() / runs[0].abs().max()).item()
             assert err <= 1e-4, (mode, err)  # fp32 sums in another order (the rstd; MAGIC offsets cost int4 ~4 bits)

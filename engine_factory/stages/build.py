@@ -15,7 +15,8 @@ from runtime.kv_cache import KV_FORMATS, SCALE_NAME
 from runtime.format import (ENGINE_JSON, FORMAT_VERSION, MANIFEST_JSON, TOKENIZER_DIR, manifest_entries, rank_file,
                             verify_engine)
 from runtime.parallel import RankLayout
-from runtime.shard import rank_tensor_names, shard_shape, shard_tensor, style_of
+from runtime.rank_files import quantized_weight
+from runtime.shard import rank_tensor_names, shard_shape, shard_tensor
 from runtime.spec import ModelSpec
 
 from runtime import quant as quant_modes
@@ -62,7 +63,8 @@ class _Fused:
 def runtime_parts(spec: ModelSpec, canonical_names) -> dict[str, list[str]]:
     """World-1 runtime name -> the canonical tensors fused into it along dim 0: q/k/v into attn.qkv,
     gate/up into mlp.up, the rest as they are; a tied model's lm_head.weight (stored by ranks whose lm_head
-    is not their embedding table, runtime/shard.py rank_tensor_names) is the embedding."""
+    is not their embedding table, runtime/shard.py rank_tensor_names, and by every last stage of an engine
+    that quantizes it: plan.engine_spec) is the embedding."""
     out: dict[str, list[str]] = {}
     for name in canonical_names:
         if ".attn.q." in name:
@@ -73,17 +75,14 @@ def runtime_parts(spec: ModelSpec, canonical_names) -> dict[str, list[str]]:
             out[name] = ([name.replace(".up.", ".gate.")] if spec.mlp == "gated" else []) + [name]
         else:
             out[name] = [name]
-    if spec.tie_word_embeddings and "lm_head.weight" not in out:
+    if "lm_head.weight" not in out:  # a tied model (convert gives an untied one its lm_head or fails)
         out["lm_head.weight"] = ["embed.weight"]
     return out
 
 
-def _quantized(name: str) -> bool:
-    return name.endswith(".weight") and style_of(name) in ("column_qkv", "column_up", "row")
-
-
 def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, quant: str = "none",
-              stats: dict | None = None, kv_cache: str = "auto", quant_settings: dict | None = None) -> dict:
+              stats: dict | None = None, kv_cache: str = "auto", quant_settings: dict | None = None,
+              lm_head: bool = False) -> dict:
     """name -> (shape, dtype, produce) of one rank: the tensors runtime/shard.py gives it, each cut from
     the world-1 runtime tensor (fused from canonical parts) by the shard plan. With a quant mode, the four
     linears of a layer are stored as the mode's tensors (e.g. int8 weight + per-channel scale): the whole
@@ -93,13 +92,14 @@ def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, 
     stats: calibration statistics by linear prefix (layers.{i}.attn.qkv), for modes that need them, and
     by layers.{i}.attn (K/V abs-max) for a scaled KV cache, whose [s_k, s_v] every rank stores per layer.
     quant_settings: the mode's precision.* settings (its settings_keys); the mode's prepare() may rewrite
-    the world-1 tensors and statistics first (SmoothQuant's smoothing), before anything is cut."""
+    the world-1 tensors and statistics first (SmoothQuant's smoothing), before anything is cut.
+    lm_head: the mode stores the lm_head too (precision.quant_lm_head; spec is the engine's: plan.engine_spec)."""
     mode = quant_modes.get(quant)
     sources = {name: _Fused(tensors, p) for name, p in runtime_parts(spec, tensors.keys()).items()}
     sources, stats = mode.prepare(sources, spec, stats, quant_settings)
     stored: dict[str, tuple] = {}  # stored name -> (world-1 shape, dtype, runtime source name, quant suffix, follows)
     for name, source in sources.items():
-        if mode.quantizes and _quantized(name):
+        if mode.quantizes and quantized_weight(name, lm_head):
             base = name[:-len("weight")]
             for suffix, st in mode.stored(source.shape, dtype).items():
                 stored[base + suffix] = (st.shape, st.dtype, name, suffix, st.follows)
@@ -131,7 +131,7 @@ def rank_plan(tensors, spec: ModelSpec, dtype: torch.dtype, layout: RankLayout, 
 
 def _write_rank(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quant: str, calib: tuple, rank: int,
                 progress: bool = True) -> None:
-    """calib: (statistics or None, precision.kv_cache, the quant mode's settings)."""
+    """calib: (statistics or None, precision.kv_cache, the quant mode's settings, precision.quant_lm_head)."""
     plan = rank_plan(tensors, spec, dtype, RankLayout.of(spec, mapping, rank), quant, *calib)
     with tqdm(total=len(plan), desc=f"build rank{rank}", unit="tensor", leave=False, disable=not progress) as bar:
         write_streaming(tmp / rank_file(rank), plan, metadata={"format": "engine-factory"}, progress=bar)
@@ -175,11 +175,13 @@ def _write_ranks(tmp: Path, tensors, spec: ModelSpec, dtype, mapping: dict, quan
 
 
 def build(tmp: Path, tensors, spec: ModelSpec, cfg, engine_json: dict, tokenizer_save, calib=None) -> None:
-    """calib: the calibration statistics (stages/calibrate.py) of precisions that need them."""
+    """spec: the engine's (plan.engine_spec); calib: the calibration statistics (stages/calibrate.py) of
+    precisions that need them."""
     mapping = engine_json["mapping"]
     stats = None if calib is None else calib.stats
-    _write_ranks(tmp, tensors, spec, DTYPES[cfg.precision.dtype], mapping, cfg.precision.quant,
-                 (stats, cfg.precision.kv_cache, quant_settings(cfg)), int(cfg.parallel.get("build_workers", 1)))
+    p = cfg.precision
+    _write_ranks(tmp, tensors, spec, DTYPES[p.dtype], mapping, p.quant,
+                 (stats, p.kv_cache, quant_settings(cfg), p.quant_lm_head), int(cfg.parallel.get("build_workers", 1)))
     if tokenizer_save is not None:
         tokenizer_save(tmp / TOKENIZER_DIR)
     write_json_atomic(tmp / ENGINE_JSON, engine_json)

@@ -7,8 +7,9 @@ engine_factory imports this package; runtime/ never imports the build), the runt
 the stored tensors, whether it needs calibration statistics and its default validation bounds. Like
 mlc-llm's GroupQuantize + GroupQuantizeLinear and gpt-fast's QuantHandler.
 
-Embeddings, norms, biases and the lm_head stay in the float dtype: only the four linears of a layer
-(attn.qkv, attn.o, mlp.up, mlp.down) are a mode's.
+Embeddings, norms and biases stay in the float dtype: the four linears of a layer (attn.qkv, attn.o, mlp.up,
+mlp.down) are a mode's, and the lm_head where a mode can take it (`lm_head`: the weight-only modes) and the
+build asks (precision.quant_lm_head: gpt-fast's int8 and int4, vLLM's lm_head_quantized); the float one otherwise.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class QuantMode:
     bounds: tuple[float, float] | None = None  # validate's (max_rel_logits, min_token_agreement); None: the dtype's
     settings_keys: tuple[str, ...] = ()  # the precision.* settings the build passes to prepare() (hashed)
     version = 1  # in the engine's hash: bump it when quantize() / prepare() would write other bytes
+    lm_head = False  # it can quantize the lm_head too (precision.quant_lm_head): needs no statistics of its input
 
     def stored(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, Stored]:
         """suffix -> what is stored for a world-1 weight of shape (out, in) and float dtype."""

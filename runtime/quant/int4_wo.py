@@ -105,6 +105,8 @@ class Int4WeightOnlyLinear(GemvFusions):
 
 
 class Int4WeightOnly(QuantMode):
+    lm_head = True
+
     def __init__(self, group_size: int | None):
         self.group_size = group_size  # None: per output channel
         self.name = "int4_wo" + (f"_g{group_size}" if group_size else "")

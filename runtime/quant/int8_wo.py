@@ -50,6 +50,7 @@ class Int8WeightOnlyLinear(GemvFusions):
 
 class Int8WeightOnly(QuantMode):
     name = "int8_wo"
+    lm_head = True
     # measured: stories260K 2.7e-2 / 1.0, SmolLM2-135M 4.0e-2 / 0.99
     bounds = (1e-1, 0.85)
 
