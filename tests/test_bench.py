@@ -50,6 +50,9 @@ def test_targets_say_met_missed_and_not_measured():
     assert got["long prompt"][1] == "met"  # 297 vs 308 decode tok/s
     assert got["time to first token ≤ 10 ms at batch 1"] == ("9.5 ms", "met")
     assert got["int8_wo batch 1"][1] == "not measured"  # no int8 batch-64 row
+    assert "int8_wo with precision.quant_lm_head=true, batch 1" not in got  # its row only where it ran
+    head = {n.split(" ≥")[0]: (m, v) for n, m, v in bench_table.targets(GPU_ROWS + [_row("i8h", "int8_head_tight", 1, 500.0, 9.0)])}
+    assert head["int8_wo with precision.quant_lm_head=true, batch 1"] == ("1.72×", "met")  # 500 / 290
     assert got["start-up: a second process with --compile reaches its first token in ≤ 20 s"] == \
         ("— s / 12.0 s / 18.5 s", "met")
 
@@ -109,11 +112,13 @@ def test_sliced_entry_reads_only_live_positions(one_thread):
 
 
 def test_quant_targets_compare_with_bf16_of_the_same_run():
-    rows = GPU_ROWS + [_row("int4", "int4_g128_tight", 1, 725.0, 9.0), _row("sq", "sq_tight", 64, 10800.0, 150.0),
+    rows = GPU_ROWS + [_row("int4", "int4_g128_tight", 1, 725.0, 9.0), _row("int4h", "int4_g128_head_tight", 1, 760.0, 9.0),
+                       _row("sq", "sq_tight", 64, 10800.0, 150.0),
                        _row("sqkv", "sq_kv8_tight", 64, 11800.0, 140.0),
                        _row("kv", "kv_int8_2x", 64, 8000.0, 170.0, max_seq_len=6144, peak_mem_GB=120.0)]
     got = {name.split(" ≥")[0]: (measured, verdict) for name, measured, verdict in bench_table.quant_targets(rows)}
     assert got["int4_wo_g128 batch 1"] == ("725.0 tok/s = 2.50×", "met")  # 725 / 290
+    assert got["int4_wo_g128 + quant_lm_head batch 1"] == ("760.0 tok/s = 2.62×", "met")  # a row of its own
     assert got["SmoothQuant batch 64"] == ("10,800.0 tok/s = 1.20×", "missed")  # 10,800 / 9,000
     assert got["fp8 batch 64"][1] == "not measured"
     assert got["SmoothQuant + int8 KV batch 64"] == ("11,800.0 tok/s = 1.31×", "met")  # a row of its own

@@ -499,6 +499,11 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str]]:
     ra, rb = _ratio(tok(i1), tok(t1)), _ratio(tok(i64), tok(t64))
     row("int8_wo batch 1 ≥ 1.7× bf16 batch 1; batch 64 ≥ bf16 batch 64", f"{_fmt(ra, 2)}× / {_fmt(rb, 2)}×",
         None if ra is None or rb is None else ra >= 1.7 and rb >= 1.0)
+    h1 = _ours(rows, "int8_head_tight", 1)
+    if h1 is not None:  # the same with the lm_head quantized too (precision.quant_lm_head, as gpt-fast's int8)
+        r = _ratio(tok(h1), tok(t1))
+        row("int8_wo with precision.quant_lm_head=true, batch 1 ≥ 1.7× bf16 batch 1", f"{_fmt(r, 2)}×",
+            None if r is None else r >= 1.7)
     row("start-up: a second process with --compile reaches its first token in ≤ 20 s (engine loaded / first token / "
         "compiled decode running)",
         f"{_fmt(_v(warm, 'load_s'))} s / {_fmt(_v(warm, 'first_token_s'))} s / {_fmt(_v(warm, 'ready_s'))} s",
@@ -516,6 +521,7 @@ def quant_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
     t1, t64 = pick("tight", False), pick("tight", True)
     out = []
     for case, label, big, want in (("int4_g128_tight", "int4_wo_g128 batch 1", False, 2.5),
+                                   ("int4_g128_head_tight", "int4_wo_g128 + quant_lm_head batch 1", False, 2.5),
                                    ("sq_tight", "SmoothQuant batch 64", True, 1.3),
                                    ("fp8_tight", "fp8 batch 64", True, 1.3),
                                    ("sq_kv8_tight", "SmoothQuant + int8 KV batch 64", True, 1.3),
