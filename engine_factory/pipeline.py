@@ -122,7 +122,7 @@ def run(cfg, recipe: str | None = None) -> Path:
         damage = _damage(engine_dir, cfg.verify)
         if damage is None:
             log.info("cache hit: %s", engine_dir)
-            _revalidate_if_needed(engine_dir, source, cfg, store, h)
+            _revalidate_if_needed(engine_dir, source, cfg, store, h, spec)
             return engine_dir
         log.warning("the engine in the store is damaged, rebuilding it: %s", damage)
     needed = sum(r["weight_bytes"] for r in plan(cfg, spec)["ranks"])  # the rank files, from shapes alone
@@ -151,7 +151,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             build(tmp, tensors, engine_spec(cfg, spec), cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
             if cfg.validate.enabled:
                 try:
-                    validate(tmp, source, cfg, engine_dir.name)
+                    validate(tmp, source, cfg, engine_dir.name, spec)
                 except ValidationFailed as e:  # the staging folder goes: name the engine and the kept report
                     report = _keep_failed_report(store, tmp, engine_dir.name)
                     raise ValidationFailed(f"validation of {engine_dir.name} failed: {'; '.join(e.failures)} "
@@ -170,7 +170,7 @@ def _damage(engine_dir: Path, mode: str) -> str | None:
     return None
 
 
-def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store, key: str) -> None:
+def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store, key: str, spec) -> None:
     import json
 
     if not cfg.validate.enabled:
@@ -187,7 +187,7 @@ def _revalidate_if_needed(engine_dir: Path, source, cfg, store: Store, key: str)
         return
     store.prepare(f"validating {engine_dir.name}")
     with store.lock(key):  # the build's lock: not while a rebuild of this engine replaces its folder
-        validate(engine_dir, source, cfg)
+        validate(engine_dir, source, cfg, spec=spec)
 
 
 def _keep_failed_report(store: Store, tmp: Path, name: str) -> Path | None:

@@ -2,7 +2,8 @@
 
 Weights come from the build's own rank plan run over shapes (so they are the rank files' sizes, headers
 aside); the KV cache from the limits; activations are an estimate of the prefill's largest live tensors for a
-full batch of max_input_len prompts; the workspace a constant per GPU (CUDA context, cuBLAS, graph pools).
+full batch of max_input_len prompts, and the largest weight a quantized linear dequantizes whole for a call of
+many rows; the workspace a constant per GPU (CUDA context, cuBLAS, graph pools).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from runtime.dtypes import DTYPES
 from runtime.errors import UserError
 from runtime.kv_cache import KV_FORMATS
 from runtime.parallel import RankLayout
+from runtime.rank_files import quantized_weight
 
 from .layout import canonical_shapes
 from .stages.build import rank_plan
@@ -109,6 +111,10 @@ def plan(cfg, spec) -> dict:
         # parameters: the float layout's elements (a quant mode packs them and adds scales)
         params = sum(math.prod(shape) for shape, _, _ in
                      rank_plan(shapes, spec, dtype, RankLayout.of(spec, mapping, r)).values())
+        # the largest weight a quantized linear of the rank may dequantize whole for one call (prefill)
+        floats = rank_plan(shapes, espec, dtype, layout) if mode.quantizes else {}
+        transient = max((mode.call_bytes(shape, dtype) for n, (shape, _, _) in floats.items()
+                         if quantized_weight(n, cfg.precision.quant_lm_head)), default=0)
         hd, nh, nkv = spec.head_dim, len(layout.heads), len(layout.kv_heads)
         kv_seq = 2 * len(layout.layers) * nkv * hd * S * kv_bytes  # K and V of one sequence
         up = (2 if spec.mlp == "gated" else 1) * spec.intermediate_size // layout.tp
@@ -119,12 +125,12 @@ def plan(cfg, spec) -> dict:
         act_seq = T_in * per_token + 2 * layout.padded_vocab * 4
         if spec.position == "alibi":  # the prefill's ALiBi bias of one prompt, (heads, T, T)
             act_seq += nh * T_in * T_in * act_bytes
-        total = weight + tiles + B * (kv_seq + act_seq) + WORKSPACE_BYTES
-        room = max(0, (gpu - weight - tiles - WORKSPACE_BYTES) // (kv_seq + act_seq))
+        total = weight + tiles + B * (kv_seq + act_seq) + transient + WORKSPACE_BYTES
+        room = max(0, (gpu - weight - tiles - transient - WORKSPACE_BYTES) // (kv_seq + act_seq))
         fit_batch = room if fit_batch is None else min(fit_batch, room)
         ranks.append({"rank": r, "params": params, "weight_bytes": weight, "kernel_copy_bytes": tiles,
                       "kv_cache_bytes": B * kv_seq,
-                      "activation_bytes": B * act_seq + WORKSPACE_BYTES, "total_bytes": total})
+                      "activation_bytes": B * act_seq + transient + WORKSPACE_BYTES, "total_bytes": total})
     return {"ranks": ranks, "gpu_memory_bytes": gpu, "fits": all(x["total_bytes"] <= gpu for x in ranks),
             "max_batch_size_that_fits": int(fit_batch)}
 

@@ -63,9 +63,11 @@ def _jobs(sweep: Path) -> list[dict]:
 
 
 def _model_key(info: dict) -> str:
-    """Same weights and architecture, whatever the precision (source paths do not count)."""
+    """Same weights and architecture, whatever the precision (source paths do not count; nor does the tie of the
+    lm_head, which an engine with its own quantized head unties: plan.engine_spec)."""
     source = {k: v for k, v in (info.get("source") or {}).items() if k not in ("path", "cache_path")}
-    return json.dumps({"source": source, "spec": info.get("spec")}, sort_keys=True)
+    spec = {k: v for k, v in (info.get("spec") or {}).items() if k != "tie_word_embeddings"}
+    return json.dumps({"source": source, "spec": spec}, sort_keys=True)
 
 
 def _point(job: dict) -> tuple[dict, str | None]:

@@ -269,6 +269,10 @@ def _engine_config_problem(cfg) -> str | None:
         return f"quant mode {q['mode']!r} has no runtime linear here (known: {', '.join(sorted(MODES))})"
     if not isinstance(q.get("lm_head", False), bool):
         return f"quant.lm_head={json.dumps(q['lm_head'])[:40]} is not true or false"
+    if q.get("lm_head") and not MODES[q["mode"]].lm_head:
+        return f"quant.lm_head=true, but quant mode {q['mode']} does not quantize an lm_head"
+    if q.get("lm_head") and isinstance(cfg["spec"], dict) and cfg["spec"].get("tie_word_embeddings"):
+        return "quant.lm_head=true with a tied spec (a quantized lm_head is a tensor of its own: the build unties it)"
     if not isinstance(cfg["dtype"], str):
         return f"dtype={json.dumps(cfg['dtype'])[:40]} is not a string"
     for key in ("target", "runtime"):

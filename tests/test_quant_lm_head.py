@@ -140,3 +140,42 @@ def test_a_head_that_cannot_be_quantized_is_one_line(cli, store, tiny_llama, ove
 def test_only_the_weight_only_modes_take_the_head():
     assert {m for m, x in MODES.items() if x.lm_head} == {"int8_wo", "int4_wo", "int4_wo_g128", "int4_wo_g64",
                                                           "int4_wo_g32"}
+
+
+def test_engine_json_with_a_head_its_layout_cannot_have_is_refused_in_one_line(engines, tmp_path):
+    """quant.lm_head=true beside a tied spec, or with a mode that takes no head: refused when engine.json is read
+    (a KeyError deep in a linear otherwise)."""
+    from runtime.format import read_engine_config
+
+    meta = json.loads((engines["tied", False] / "engine.json").read_text())
+    for change in ({"lm_head": True}, {"lm_head": True, "mode": "none"}):
+        bad = {**meta, "quant": {**meta["quant"], **change}}
+        (tmp_path / "engine.json").write_text(json.dumps(bad))
+        with pytest.raises(EngineError, match="quant.lm_head=true") as e:
+            read_engine_config(tmp_path / "engine.json")
+        assert "\n" not in str(e.value)
+
+
+def test_the_plan_counts_the_head_and_its_dequantized_copy(cli, store, tiny_llama):
+    """Weights: the head's int8 copy (tied) and its scale; activations: the largest weight a quantized linear
+    dequantizes whole for a call of many rows, the head's now (512 x 64 against mlp.up's 256 x 64), fp16."""
+    from helpers import LIMITS
+
+    plans = {}
+    for head in (False, True):
+        rc, out, err = cli(f"model.source={tiny_llama}", f"store={store}", "plan=true", "precision=int8_wo",
+                           f"precision.quant_lm_head={str(head).lower()}", *LIMITS)
+        assert rc == 0, err[-2000:]
+        plans[head] = json.loads(out.strip().splitlines()[-1])["ranks"][0]
+    assert plans[True]["weight_bytes"] - plans[False]["weight_bytes"] == 512 * 64 + 512 * 2
+    assert plans[True]["activation_bytes"] - plans[False]["activation_bytes"] == (512 * 64 - 256 * 64) * 2
+
+
+def test_a_sweep_report_compares_a_tied_models_quantized_head_with_its_fp32_engine():
+    from engine_factory.report import _model_key
+
+    spec = {"family": "llama", "vocab_size": 512, "tie_word_embeddings": True}
+    fp32 = {"source": {"digest": "abc", "path": "/a"}, "spec": spec}
+    head = {"source": {"digest": "abc", "path": "/b"}, "spec": {**spec, "tie_word_embeddings": False}}
+    assert _model_key(fp32) == _model_key(head)
+    assert _model_key(fp32) != _model_key({**head, "source": {"digest": "other"}})

@@ -129,6 +129,9 @@ def _too_big(cfg, store: Path) -> str | None:
     if cfg.precision.quant in MODES:  # the linear layers' weights in the mode's bytes (scales included)
         per_weight = MODES[cfg.precision.quant].bytes_per_weight(DTYPES[cfg.precision.dtype])
         engine -= int(linear * (dtype_bytes - per_weight))
+        if cfg.precision.get("quant_lm_head"):  # the head in those bytes too: a tied model's as a copy of its own
+            head = spec.vocab_size * spec.hidden_size
+            engine += int(head * per_weight) if spec.tie_word_embeddings else -int(head * (dtype_bytes - per_weight))
     kind = cfg.precision.dtype + (f" {cfg.precision.quant}" if cfg.precision.quant != "none" else "")
     what = f"~{gib(engine)} of {kind} weights ({params / 1e9:.2f}B parameters)"
     on_cpu = cfg.validate.device == "cpu" or not _has_cuda()

@@ -48,12 +48,13 @@ def _prompt_ids(engine: Engine, vc) -> list[list[int]]:
     return [torch.randint(0, engine.spec.vocab_size, (n,), generator=g).tolist() for n in vc.prompt_token_lengths]
 
 
-def load_reference(engine: Engine, loader) -> tuple[object | None, str]:
+def load_reference(engine: Engine, loader, spec=None) -> tuple[object | None, str]:
     """transformers' fp32 model, on the engine's GPU when it fits there (it is loaded in RAM first), or
-    (None, why) when it does not fit this machine: a warning and a recorded skip, not an OOM kill."""
+    (None, why) when it does not fit this machine: a warning and a recorded skip, not an OOM kill. spec: the
+    model's (default the engine's, which differs where a tied model's engine has its own quantized lm_head)."""
     from ..resources import available, gib, parameter_count
 
-    need = parameter_count(engine.spec) * 4
+    need = parameter_count(spec or engine.spec) * 4
     ram = available("cpu")
     if ram is not None and need > ram:
         return None, (f"transformers' fp32 reference needs ~{gib(need)} of RAM and this machine has {gib(ram)} "
@@ -124,9 +125,10 @@ def _task(engine: Engine, ref, tc) -> dict:
     return task
 
 
-def validate(engine_dir: Path, source, cfg, name: str | None = None) -> dict:
+def validate(engine_dir: Path, source, cfg, name: str | None = None, spec=None) -> dict:
     """Parity (when a reference exists), the summarize task and a speed snapshot (when asked), then the
-    bounds: the dtype's parity defaults (or validate.*) and the recipe's expect.validation."""
+    bounds: the dtype's parity defaults (or validate.*) and the recipe's expect.validation. spec: the model's
+    (the reference's size)."""
     vc, name = cfg.validate, name or engine_dir.name
     rel_bound, agree_bound = QUANT_BOUNDS.get(cfg.precision.quant) or DEFAULT_BOUNDS.get(cfg.precision.dtype, (5e-2, 0.8))
     rel_bound = vc.max_rel_logits if vc.max_rel_logits is not None else rel_bound
@@ -137,7 +139,7 @@ def validate(engine_dir: Path, source, cfg, name: str | None = None) -> dict:
     engine = Engine.load(engine_dir, device=vc.device)
     try:
         ref_loader, why_not = source.reference()
-        ref, why_not = load_reference(engine, ref_loader) if ref_loader is not None else (None, why_not)
+        ref, why_not = load_reference(engine, ref_loader, spec) if ref_loader is not None else (None, why_not)
         if ref is None:
             result["parity"] = {"skipped": why_not}
             log.warning("validate: parity skipped: %s", why_not)

@@ -77,6 +77,11 @@ class QuantMode:
         dtype), e.g. a library kernel's own layout of the weight made at load. Default: none."""
         return 0
 
+    def call_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """GPU bytes the CUDA linear of a rank's (out, in) weight may allocate for one call besides its output (a
+        copy of the weight dequantized whole, for calls of many rows), with activations in dtype. Default: none."""
+        return 0
+
     def bytes_per_weight(self, dtype: torch.dtype, shape: tuple[int, int] = (4096, 4096)) -> float:
         """Stored bytes per weight element (scales included), for size estimates."""
         return sum(math.prod(s.shape) * s.dtype.itemsize for s in self.stored(shape, dtype).values()) / math.prod(shape)

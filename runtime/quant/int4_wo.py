@@ -152,6 +152,10 @@ class Int4WeightOnly(QuantMode):
         packed = suffix == "weight" and stored_dtype == torch.uint8  # a quantized linear's bytes (not a norm's)
         return math.prod(shape) if packed and dtype == torch.bfloat16 else 0
 
+    def call_bytes(self, shape, dtype):
+        """Above triton_wo.DEQUANT_ABOVE rows (prefill, all-logits scoring) the weight is dequantized whole."""
+        return math.prod(shape) * dtype.itemsize
+
     def linear(self, tensors):
         return Int4WeightOnlyLinear(tensors)
 

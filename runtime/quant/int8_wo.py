@@ -5,6 +5,8 @@ scale (a row's scale is over all of its input features: quantized before shardin
 the world-1 engine's numbers)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,10 @@ class Int8WeightOnly(QuantMode):
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=smallest_scale(dtype)).to(dtype)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return {"weight": q, "scale": scale}
+
+    def call_bytes(self, shape, dtype):
+        """Above triton_wo.DEQUANT_ABOVE rows (prefill, all-logits scoring) the weight is dequantized whole."""
+        return math.prod(shape) * dtype.itemsize
 
     def linear(self, tensors):
         return Int8WeightOnlyLinear(tensors)
