@@ -510,6 +510,37 @@ def test_cuda_weight_only_linear_at_every_batch_matches_the_reference(wo_kernel,
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["int4_wo_g128", "int8_wo"])
+def test_cuda_weight_only_head_of_an_odd_vocabulary(wo_kernel, mode, dtype, monkeypatch):
+    """A quantized lm_head (precision.quant_lm_head) is the widest linear and the first with an odd number of rows
+    (GPT-2's 50,257: no tinygemm, ragged tiles): each batch path against the plain-torch reference, and at batch 1
+    with the final RMSNorm inside the GEMV ($EF_WO_FUSE=1) against the norm then the reference."""
+    from runtime.quant import make_linear, triton_wo
+
+    N, K = 50257, 512
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(5))
+    stored = {f"l.{k}": v.cuda() for k, v in MODES[mode].quantize(w, dtype).items()}
+    monkeypatch.setattr(triton_wo, "FUSE", True)
+    lin = make_linear(mode, stored, "l")
+    assert lin.kernel == "cuda" and lin.fuses and getattr(lin, "tiny", None) is None
+    ref = make_linear(mode, {k: v.cpu() for k, v in stored.items()}, "l")
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for M in (1, 2, 65):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        want = ref(x.float()).double()
+        got = lin(x.cuda())
+        assert got.shape == (M, N) and (got.cpu().double() - want).abs().max() / want.abs().max() <= tol, M
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(9)).to(dtype)
+    gain = (1 + 0.1 * torch.randn(K, generator=torch.Generator().manual_seed(10))).to(dtype)
+    normed = gain * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    want = ref(normed.float()).double()
+    got = lin.fused(x.cuda(), norm=gain.cuda(), eps=1e-5)
+    assert got is not None and (got.cpu().double() - want).abs().max() / want.abs().max() <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run via the device tool)")
 def test_triton_weight_only_kernel_compiles_and_graph_captures(wo_kernel):
     from runtime.quant import make_linear
 
