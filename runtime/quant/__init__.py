@@ -105,6 +105,16 @@ def get(name: str) -> QuantMode:
 KERNELS = ("auto", "torch", "triton", "cuda")
 
 
+class WeightOnlyMode(QuantMode):
+    """A weight-only mode (int8_wo.py, int4_wo.py): activations stay float, so it can take the lm_head too, and its
+    CUDA linear (triton_wo.cuda_linear) dequantizes the weight whole above triton_wo.DEQUANT_ABOVE rows (prefill,
+    all-logits scoring)."""
+    lm_head = True
+
+    def call_bytes(self, shape, dtype):
+        return math.prod(shape) * dtype.itemsize
+
+
 def select_kernel(device: torch.device) -> str:
     """The weight-only GEMM of a quantized linear: $EF_WO_KERNEL (auto | torch | triton | cuda); auto is
     cuda on a CUDA device when triton is installed (triton_wo.cuda_linear: per batch size the fastest of

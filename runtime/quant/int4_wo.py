@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import GemvFusions, QuantMode, Stored, register, select_kernel
+from . import GemvFusions, Stored, WeightOnlyMode, register, select_kernel
 from .int8_wo import smallest_scale
 
 
@@ -104,9 +104,7 @@ class Int4WeightOnlyLinear(GemvFusions):
         return F.linear(x, w, self.bias)
 
 
-class Int4WeightOnly(QuantMode):
-    lm_head = True
-
+class Int4WeightOnly(WeightOnlyMode):
     def __init__(self, group_size: int | None):
         self.group_size = group_size  # None: per output channel
         self.name = "int4_wo" + (f"_g{group_size}" if group_size else "")
@@ -151,10 +149,6 @@ class Int4WeightOnly(QuantMode):
         """In bf16 the CUDA linear also holds torch's tinygemm tiles of the packed weight: as many bytes again."""
         packed = suffix == "weight" and stored_dtype == torch.uint8  # a quantized linear's bytes (not a norm's)
         return math.prod(shape) if packed and dtype == torch.bfloat16 else 0
-
-    def call_bytes(self, shape, dtype):
-        """Above triton_wo.DEQUANT_ABOVE rows (prefill, all-logits scoring) the weight is dequantized whole."""
-        return math.prod(shape) * dtype.itemsize
 
     def linear(self, tensors):
         return Int4WeightOnlyLinear(tensors)

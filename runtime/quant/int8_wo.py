@@ -5,12 +5,10 @@ scale (a row's scale is over all of its input features: quantized before shardin
 the world-1 engine's numbers)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from . import GemvFusions, QuantMode, Stored, register, select_kernel
+from . import GemvFusions, Stored, WeightOnlyMode, register, select_kernel
 
 
 def smallest_scale(dtype: torch.dtype) -> float:
@@ -50,9 +48,8 @@ class Int8WeightOnlyLinear(GemvFusions):
         return y if self.bias is None else y + self.bias
 
 
-class Int8WeightOnly(QuantMode):
+class Int8WeightOnly(WeightOnlyMode):
     name = "int8_wo"
-    lm_head = True
     # measured: stories260K 2.7e-2 / 1.0, SmolLM2-135M 4.0e-2 / 0.99
     bounds = (1e-1, 0.85)
 
@@ -67,10 +64,6 @@ class Int8WeightOnly(QuantMode):
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=smallest_scale(dtype)).to(dtype)
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return {"weight": q, "scale": scale}
-
-    def call_bytes(self, shape, dtype):
-        """Above triton_wo.DEQUANT_ABOVE rows (prefill, all-logits scoring) the weight is dequantized whole."""
-        return math.prod(shape) * dtype.itemsize
 
     def linear(self, tensors):
         return Int8WeightOnlyLinear(tensors)
