@@ -47,6 +47,11 @@ class DecodeAttention:
     # attend also takes rope=(cos, sin) tables (positions, rotary_dim) fp32 and rotates the unrotated q at pos
     # itself (one kernel a layer fewer); the decoder rotates q for the others (and when $EF_ROPE_IN_ATTENTION=0)
     rotates_q: bool = False
+    # attend_writing(q, k, v (B, nkv, hd), kv (2, slots, nkv, S, hd), first, pos, state, scale | None, kv_scale,
+    #                kv_format (runtime/kv_cache.py KVFormat)[, rope]) -> (B, nh, hd): attend that first writes
+    # this step's k (unrotated where rope is given) and v into the layer's cache at slots first..first+B-1,
+    # positions pos, in its format; None: the decoder writes them ($EF_KV_IN_ATTENTION=1 asks for this one)
+    attend_writing: Callable[..., torch.Tensor] | None = None
 
 
 # ---- torch: the reference --------------------------------------------------------------------
@@ -91,9 +96,18 @@ def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None, 
                             kv_scale, *(rope or (None, None)), reduce=REDUCE)
 
 
+def _triton_attend_writing(q, k, v, kv, first, pos, slopes, scale=None, kv_scale=None, kv_format=None, rope=None):
+    from .attention_triton import REDUCE, decode_attention_writing
+
+    qmax, rounds = (kv_format.qmax, kv_format.round) if kv_scale is not None else (0.0, False)
+    return decode_attention_writing(q, k, v, kv, first, pos, q.shape[-1] ** -0.5 if scale is None else scale,
+                                    slopes, kv_scale, qmax, rounds, *(rope or (None, None)), reduce=REDUCE)
+
+
 DECODE_ATTENTION: dict[str, DecodeAttention] = {
     "torch": DecodeAttention("torch", _torch_prepare, _torch_attend, lambda device, head_dim: None),
-    "triton": DecodeAttention("triton", _triton_prepare, _triton_attend, _triton_unsupported, rotates_q=True),
+    "triton": DecodeAttention("triton", _triton_prepare, _triton_attend, _triton_unsupported, rotates_q=True,
+                              attend_writing=_triton_attend_writing),
 }
 _AUTO_ORDER = {"cuda": ["triton", "torch"]}  # device type -> preference; every other device: torch
 

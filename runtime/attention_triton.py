@@ -37,12 +37,43 @@ REDUCE = os.environ.get("EF_ATTN_REDUCE") == "1"  # decided once, at import; the
 
 
 @triton.jit
-def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT, LOCKS,
+def _rotated(base, mask, d, last, COS, SIN, ROT: tl.constexpr):
+    """The rows at base + d (a (rows, 1) or scalar pointer base) rotated at position `last`: HF half-split order
+    over the first ROT dims (the module doc's arithmetic), in the pointer's dtype; as loaded when ROT is 0."""
+    x = tl.load(base + d[None, :], mask=mask, other=0.0)
+    if ROT > 0:
+        HALF: tl.constexpr = ROT // 2
+        inrot = d < ROT
+        partner = tl.where(d < HALF, d + HALF, tl.where(inrot, d - HALF, d))
+        x2 = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(COS + last.to(tl.int64) * ROT + d, mask=inrot, other=1.0).to(base.dtype.element_ty)
+        s = tl.load(SIN + last.to(tl.int64) * ROT + d, mask=inrot, other=0.0).to(base.dtype.element_ty)
+        s = tl.where(d < HALF, -s.to(tl.float32), s.to(tl.float32))
+        x = (x.to(tl.float32) * c.to(tl.float32)[None, :] + x2 * s[None, :]).to(base.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _stored(x, scale, KV_QUANT: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr, DT):
+    """x as the cache of dtype DT stores it (runtime/kv_cache.py KVFormat.quantize): x / scale clamped to
+    +-QMAX (rounded half to even first for int8: clamping first is the same, and the 1.5 * 2**23 shift rounds
+    exactly below 2**22), converted."""
+    if KV_QUANT:
+        y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -QMAX), QMAX)
+        if ROUND:
+            y = (y + 12582912.0) - 12582912.0
+        return y.to(DT)
+    return x.to(DT)
+
+
+@triton.jit
+def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT, LOCKS, KN, VN,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  stride_ob, stride_oh, qk_scale, SPLITS,
+                  stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
-                  IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr, REDUCE: tl.constexpr):
+                  IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr, REDUCE: tl.constexpr,
+                  WRITE: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # b * stride_kb can pass 2**31
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,21 +88,14 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
     n = tl.arange(0, BLOCK_N)
     heads = kvh * G + g  # (BLOCK_G,) rows past G are padding for tl.dot's 16-row minimum
     gmask = g < G
-    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh
-    q = tl.load(q_ptrs + d[None, :], mask=gmask[:, None], other=0.0)
-    if ROT > 0:  # rotary of q at position `last`, HF half-split order over the first ROT dims (see module doc)
-        HALF: tl.constexpr = ROT // 2
-        inrot = d < ROT
-        partner = tl.where(d < HALF, d + HALF, tl.where(inrot, d - HALF, d))
-        q2 = tl.load(q_ptrs + partner[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-        c = tl.load(COS + last.to(tl.int64) * ROT + d, mask=inrot, other=1.0).to(Q.dtype.element_ty)
-        s = tl.load(SIN + last.to(tl.int64) * ROT + d, mask=inrot, other=0.0).to(Q.dtype.element_ty)
-        s = tl.where(d < HALF, -s.to(tl.float32), s.to(tl.float32))
-        q = (q.to(tl.float32) * c.to(tl.float32)[None, :] + q2 * s[None, :]).to(Q.dtype.element_ty)
+    q = _rotated(Q + b * stride_qb + heads[:, None] * stride_qh, gmask[:, None], d, last, COS, SIN, ROT)
     scale2 = tl.cast(qk_scale, tl.float32)  # Inductor may pass a Python float as fp64: keep the loop in fp32
+    k_scale = 1.0
+    v_scale = 1.0
     if KV_QUANT:  # compute in the queries' dtype; K = s_k k, V = s_v v
-        scale2 = scale2 * tl.load(KV_SCALE).to(tl.float32)
+        k_scale = tl.load(KV_SCALE).to(tl.float32)
         v_scale = tl.load(KV_SCALE + 1).to(tl.float32)
+        scale2 = scale2 * k_scale
     else:
         q = q.to(K.dtype.element_ty)
     if HAS_ALIBI:
@@ -82,10 +106,18 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
     acc = tl.zeros([BLOCK_G, HD], tl.float32)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    if WRITE:  # this step's k (rotated here, as q) and v, as stored: the block holding `last` takes them from
+        # registers, and the split holding it stores them after its loop (no store-then-load ordering in the kernel)
+        k_new = _stored(_rotated(KN + b * stride_knb + kvh * stride_knh, True, d, last, COS, SIN, ROT), k_scale,
+                        KV_QUANT, QMAX, ROUND, K.dtype.element_ty)  # (1, HD)
+        v_new = _stored(tl.load(VN + b * stride_vnb + kvh * stride_vnh + d[None, :]), v_scale, KV_QUANT, QMAX,
+                        ROUND, V.dtype.element_ty)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + n
         nmask = offs < end
         k = tl.load(k_base + offs[:, None] * stride_ks + d[None, :], mask=nmask[:, None], other=0.0)
+        if WRITE:
+            k = tl.where((offs == last)[:, None], k_new, k)
         if KV_QUANT:
             k = k.to(q.dtype)
         if IEEE:
@@ -101,6 +133,8 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
         p = tl.exp2(qk - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs[:, None] * stride_vs + d[None, :], mask=nmask[:, None], other=0.0)
+        if WRITE:
+            v = tl.where((offs == last)[:, None], v_new, v)
         if KV_QUANT:
             v = v.to(q.dtype)
         if IEEE:
@@ -110,6 +144,10 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
         acc = acc * alpha[:, None] + pv
         m = m_new
 
+    if WRITE:
+        if (start <= last) & (last < end):
+            tl.store(k_base + last * stride_ks + d[None, :], k_new)
+            tl.store(v_base + last * stride_vs + d[None, :], v_new)
     nonempty = l > 0  # a chunk past L has no positions: weight 0 in the combine, no 0/0
     o = acc / tl.where(nonempty, l, 1.0)[:, None]
     if KV_QUANT:
@@ -180,11 +218,14 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
 
 
 def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, rope=None, *, block_n: int,
-           splits: int, num_warps: int = 4, num_stages: int = 2, reduce: bool = False) -> torch.Tensor:
+           splits: int, num_warps: int = 4, num_stages: int = 2, reduce: bool = False, new_kv=None,
+           kv_format: tuple[float, bool] | None = None) -> torch.Tensor:
     """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it);
     reduce: the splits combined by each (b, KV head)'s last program, no stage-2 kernel (module docstring).
     kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype.
-    rope: (cos, sin) tables (positions, rotary_dim) fp32, contiguous: q comes unrotated and is rotated here."""
+    rope: (cos, sin) tables (positions, rotary_dim) fp32, contiguous: q comes unrotated and is rotated here.
+    new_kv: (k, v) (B, nkv, hd) of this step, k unrotated where rope is given: written into the caches at pos
+    (quantized as kv_format = (qmax, round) says, with kv_scale) by the kernel that reads them."""
     B, nh, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     G = nh // nkv
@@ -203,15 +244,21 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
     locks = torch.zeros(B * nkv, dtype=torch.int32, device=q.device) if reduce else pos
     assert rope is None or (cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
                             and cos.shape[1] % 2 == 0 and cos.shape[1] <= hd)
+    k_new, v_new = new_kv if new_kv is not None else (q, q)  # unread without new_kv
+    assert new_kv is None or (k_new.shape == v_new.shape == (B, nkv, hd) and k_new.stride(2) == 1
+                              and v_new.stride(2) == 1 and k_new.dtype == q.dtype and (kv_format is not None) == quant)
+    qmax, rounds = kv_format or (0.0, False)
     wrap_triton(_split_kernel)[(B, nkv, splits)](
         q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out, locks,
+        k_new, v_new,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        scale * _LOG2E, splits,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), scale * _LOG2E, splits,
         NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, KV_QUANT=quant,
         IEEE=(q.dtype if quant else k_cache.dtype) == torch.float32, DIRECT=direct,
-        ROT=cos.shape[1] if rope is not None else 0, REDUCE=reduce, num_warps=num_warps, num_stages=num_stages)
+        ROT=cos.shape[1] if rope is not None else 0, REDUCE=reduce, WRITE=new_kv is not None, QMAX=qmax,
+        ROUND=rounds, num_warps=num_warps, num_stages=num_stages)
     if not direct and not reduce:
         wrap_triton(_combine_kernel)[(B, nh)](
             part_o, part_lse, out, out.stride(0), out.stride(1), splits,
@@ -235,3 +282,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cfg = default_config(B, nh, k_cache.shape[1], k_cache.shape[2], hd, q.device)
     rope = None if rope_cos is None else (rope_cos, rope_sin)
     return launch(q, k_cache, v_cache, pos, scale, alibi_slopes, kv_scale, rope, reduce=reduce, **cfg)
+
+
+@triton_op("engine_factory::decode_attention_writing", mutates_args={"kv"})
+def decode_attention_writing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, first: int,
+                             pos: torch.Tensor, scale: float, alibi_slopes: torch.Tensor | None,
+                             kv_scale: torch.Tensor | None = None, kv_qmax: float = 0.0, kv_round: bool = False,
+                             rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+                             reduce: bool = False) -> torch.Tensor:
+    """decode_attention that also writes this step's k, v (B, nkv, hd) into the layer's cache kv (2, slots,
+    nkv, S, hd) at slots first..first+B-1, positions pos: k unrotated where the rotary tables are given (rotated
+    as q), both stored as the cache's format says (kv_qmax, kv_round: runtime/kv_cache.py's qmax and round;
+    kv_scale its scales). One kernel fewer a layer than writing them before the call. The cache is declared
+    mutated, so torch.compile writes it in place (tests/test_prefill.py checks the generated code on CUDA)."""
+    B, nh, hd = q.shape
+    kc, vc = kv[0, first:first + B], kv[1, first:first + B]
+    cfg = default_config(B, nh, kc.shape[1], kc.shape[2], hd, q.device)
+    rope = None if rope_cos is None else (rope_cos, rope_sin)
+    fmt = (kv_qmax, kv_round) if kv_scale is not None else None
+    return launch(q, kc, vc, pos, scale, alibi_slopes, kv_scale, rope, reduce=reduce, new_kv=(k, v), kv_format=fmt,
+                  **cfg)

@@ -170,6 +170,10 @@ class Decoder:
         self.decode_attention = select_decode_attention(self.device, self.hd)  # $EF_DECODE_ATTENTION, else auto
         # decode rotates q inside attention where the entry can ($EF_ROPE_IN_ATTENTION=0: in the decoder, as prefill)
         self.rope_in_attention = os.environ.get("EF_ROPE_IN_ATTENTION") != "0"
+        # decode writes k (and k's rotary, with q's) and v into the cache inside attention where the entry can
+        # ($EF_KV_IN_ATTENTION=1; off: one compiled write kernel a layer, as prefill)
+        self.kv_in_attention = (os.environ.get("EF_KV_IN_ATTENTION") == "1"
+                                and self.decode_attention.attend_writing is not None)
         # a gated MLP's gate and up as two products instead of one over the stored [gate; up] rows, where the
         # linear can ($EF_SPLIT_GATE_UP=1, for A/B runs: gpt-fast's two 11,008-row GEMVs against our one of 22,016
         # rows, which cuBLAS ran at 2.65 TB/s on an H100 on 2026-12-07)
@@ -251,18 +255,18 @@ class Decoder:
             h = self.embed_norm(h)
         return h
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, rope, rotate_q: bool = True):
-        """q, k, v (T, n, hd) of x; rotary applied to k, and to q unless rotate_q is False (decode attention
-        that rotates q itself)."""
+    def _qkv(self, layer: _Layer, x: torch.Tensor, rope, rotate_q: bool = True, rotate_k: bool = True):
+        """q, k, v (T, n, hd) of x; rotary applied to q and k unless rotate_q / rotate_k is False (decode
+        attention that rotates them itself)."""
         T = x.shape[0]
         qkv = _normed(layer.qkv, layer.attn_norm, x)  # (T, (nh + 2 nkv) hd)
         qk, v = qkv.split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
         qk = qk.view(T, self.n_heads + self.n_kv, self.hd)
-        if rope is not None and rotate_q:  # q's and k's heads rotated in one go (the same per-head arithmetic)
+        if rope is not None and rotate_q and rotate_k:  # q's and k's heads in one go (the same per-head arithmetic)
             qk = self._rotate(qk, rope)
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)
-        if rope is not None and not rotate_q:
-            k = self._rotate(k, rope)
+        if rope is not None and rotate_q != rotate_k:
+            q, k = (self._rotate(q, rope), k) if rotate_q else (q, self._rotate(k, rope))
         return q, k, v.view(T, self.n_kv, self.hd)
 
     def _write_kv(self, li: int, layer: _Layer, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
@@ -401,11 +405,16 @@ class Decoder:
         rope = self._rope_at(pos, h.dtype)
         q_rope = {"rope": self._rope} if attn.rotates_q and self.rope_in_attention and rope is not None else {}
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, rope, rotate_q=not q_rope)  # (B, n, hd)
-            self._write_kv(li, layer, bidx, pos, k, v)
-            kc, vc = self.kv_cache[li]  # views made here (see k_cache)
-            o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
-                            kv_scale=layer.kv_scale, **q_rope)  # (B, nh, hd)
+            # (B, n, hd); k rotated in attention with q when attention writes it
+            q, k, v = self._qkv(layer, h, rope, rotate_q=not q_rope, rotate_k=not (q_rope and self.kv_in_attention))
+            if self.kv_in_attention:  # k, v into the cache by the attention kernel (one kernel a layer fewer)
+                o = attn.attend_writing(q, k, v, self.kv_cache[li], first, pos, state, kv_scale=layer.kv_scale,
+                                        kv_format=self.kv, **q_rope)
+            else:
+                self._write_kv(li, layer, bidx, pos, k, v)
+                kc, vc = self.kv_cache[li]  # views made here (see k_cache)
+                o = attn.attend(q, kc[first:first + B], vc[first:first + B], pos, state,
+                                kv_scale=layer.kv_scale, **q_rope)  # (B, nh, hd)
             h = _plus(h, layer.o, o.reshape(B, -1))
             h = self._mlp(layer, h)
         return h

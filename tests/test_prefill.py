@@ -183,10 +183,12 @@ def test_bucketed_graphs_give_the_eager_tokens(kind):
     assert sorted(graphed._graphs) == [1, 2, 4, 8]
 
 
-def _assert_compiled_steps_write_in_place(kind: str, device: torch.device, dtype: torch.dtype) -> None:
+def _assert_compiled_steps_write_in_place(kind: str, device: torch.device, dtype: torch.dtype,
+                                          kv_in_attention: bool = False) -> None:
     from torch._inductor.utils import run_and_get_code
 
     dec = random_decoder(kind, dtype, device)
+    assert dec.kv_in_attention == kv_in_attention  # (the path meant is the path tested)
     ref = random_decoder(kind, torch.float32, device)  # the same weights in fp32: the reference
     eager = random_decoder(kind, dtype, device) if dtype != torch.float32 else None  # fp16's yardstick
 
@@ -231,8 +233,12 @@ def test_compiled_steps_write_the_cache_in_place(kind, dtype, one_thread):
     _assert_compiled_steps_write_in_place(kind, torch.device("cpu"), dtype)
 
 
+@pytest.mark.parametrize("kv_write", ["decoder", "attention"])  # $EF_KV_IN_ATTENTION unset / 1
 @pytest.mark.parametrize("kind", ["rope_gqa", "learned_mqa"])
 @cuda
-def test_compiled_steps_write_the_cache_in_place_on_cuda(kind):
-    """The same on the GPU, through the Triton decode attention (a custom op reading views of the cache)."""
-    _assert_compiled_steps_write_in_place(kind, DEV, torch.float16)
+def test_compiled_steps_write_the_cache_in_place_on_cuda(kind, kv_write, monkeypatch):
+    """The same on the GPU, through the Triton decode attention (a custom op reading views of the cache; with
+    $EF_KV_IN_ATTENTION=1 another that writes this step's K / V into the layer's cache it is given whole)."""
+    if kv_write == "attention":
+        monkeypatch.setenv("EF_KV_IN_ATTENTION", "1")
+    _assert_compiled_steps_write_in_place(kind, DEV, torch.float16, kv_in_attention=kv_write == "attention")
