@@ -69,7 +69,7 @@ def _stored(x, scale, KV_QUANT: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.cons
 @triton.jit
 def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OUT, LOCKS, KN, VN,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                  stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh, qk_scale, SPLITS,
+                  stride_ob, stride_oh, stride_knb, stride_knh, stride_vnb, stride_vnh, k_off, v_off, qk_scale, SPLITS,
                   NH: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HD: tl.constexpr,
                   BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, KV_QUANT: tl.constexpr,
                   IEEE: tl.constexpr, DIRECT: tl.constexpr, ROT: tl.constexpr, REDUCE: tl.constexpr,
@@ -104,8 +104,8 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HD], tl.float32)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_base = K + k_off + b * stride_kb + kvh * stride_kh  # (the offsets: a layer's whole cache as K and V)
+    v_base = V + v_off + b * stride_vb + kvh * stride_vh
     if WRITE:  # this step's k (rotated here, as q) and v, as stored: the block holding `last` takes them from
         # registers, and the split holding it stores them after its loop (no store-then-load ordering in the kernel)
         k_new = _stored(_rotated(KN + b * stride_knb + kvh * stride_knh, True, d, last, COS, SIN, ROT), k_scale,
@@ -219,13 +219,16 @@ def default_config(B: int, nh: int, nkv: int, S: int, hd: int, device: torch.dev
 
 def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=None, rope=None, *, block_n: int,
            splits: int, num_warps: int = 4, num_stages: int = 2, reduce: bool = False, new_kv=None,
-           kv_format: tuple[float, bool] | None = None) -> torch.Tensor:
+           kv_format: tuple[float, bool] | None = None, kv: torch.Tensor | None = None,
+           first: int = 0) -> torch.Tensor:
     """Both stages with an explicit launch shape (the custom op's default_config; the benchmark sweeps it);
     reduce: the splits combined by each (b, KV head)'s last program, no stage-2 kernel (module docstring).
     kv_scale: [s_k, s_v] (2,) fp32 of an int8 / fp8 cache, None for a cache in a float dtype.
     rope: (cos, sin) tables (positions, rotary_dim) fp32, contiguous: q comes unrotated and is rotated here.
     new_kv: (k, v) (B, nkv, hd) of this step, k unrotated where rope is given: written into the caches at pos
-    (quantized as kv_format = (qmax, round) says, with kv_scale) by the kernel that reads them."""
+    (quantized as kv_format = (qmax, round) says, with kv_scale) by the kernel that reads them.
+    kv: the layer's cache (2, slots, nkv, S, hd) given whole, k_cache / v_cache its views at slots first..: the
+    kernel gets kv itself and offsets (so that what it writes is that tensor, not views of it, for torch.compile)."""
     B, nh, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     G = nh // nkv
@@ -248,12 +251,15 @@ def launch(q, k_cache, v_cache, pos, scale: float, alibi_slopes=None, kv_scale=N
     assert new_kv is None or (k_new.shape == v_new.shape == (B, nkv, hd) and k_new.stride(2) == 1
                               and v_new.stride(2) == 1 and k_new.dtype == q.dtype and (kv_format is not None) == quant)
     qmax, rounds = kv_format or (0.0, False)
+    k_ptr, v_ptr, k_off, v_off = k_cache, v_cache, 0, 0
+    if kv is not None:
+        k_ptr, v_ptr, k_off, v_off = kv, kv, first * kv.stride(1), kv.stride(0) + first * kv.stride(1)
     wrap_triton(_split_kernel)[(B, nkv, splits)](
-        q, k_cache, v_cache, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out, locks,
+        q, k_ptr, v_ptr, pos, slopes, kv_scale if quant else pos, cos, sin, part_o, part_lse, out, locks,
         k_new, v_new,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), scale * _LOG2E, splits,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), k_off, v_off, scale * _LOG2E, splits,
         NH=nh, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HD=hd, BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None, KV_QUANT=quant,
         IEEE=(q.dtype if quant else k_cache.dtype) == torch.float32, DIRECT=direct,
@@ -301,4 +307,4 @@ def decode_attention_writing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     rope = None if rope_cos is None else (rope_cos, rope_sin)
     fmt = (kv_qmax, kv_round) if kv_scale is not None else None
     return launch(q, kc, vc, pos, scale, alibi_slopes, kv_scale, rope, reduce=reduce, new_kv=(k, v), kv_format=fmt,
-                  **cfg)
+                  kv=kv, first=first, **cfg)

@@ -102,6 +102,12 @@ def launches() -> list[tuple[str, object, dict]]:
         take(f"decode attention B={B} splits={splits} alibi={alibi} cache={cache}" + (" reduce" if reduce else ""),
              lambda: attn.launch(q, kv[0], kv[1], torch.zeros(B, dtype=torch.int64), 0.088, slopes, kv_scale, rope,
                                  block_n=64, splits=splits, reduce=reduce))
+        if not alibi and not reduce:  # $EF_KV_IN_ATTENTION=1: this step's k and v written by the kernel (K, V)
+            new = (torch.zeros(B, kv.shape[2], 128, dtype=bf), torch.zeros(B, kv.shape[2], 128, dtype=bf))
+            fmt = (127.0, True) if cache == torch.int8 else None
+            take(f"decode attention B={B} splits={splits} cache={cache} writing k, v",
+                 lambda: attn.launch(q, kv[0], kv[1], torch.zeros(B, dtype=torch.int64), 0.088, slopes, kv_scale, rope,
+                                     block_n=64, splits=splits, new_kv=new, kv_format=fmt, kv=kv))
     return out
 
 
