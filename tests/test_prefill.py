@@ -218,7 +218,8 @@ def _assert_compiled_steps_write_in_place(kind: str, device: torch.device, dtype
     code = "\n".join(codes + more)
     assert code.count("def call(") >= 2  # both graphs' code was captured
     half = "(" + ", ".join(str(n) for n in dec.kv_cache[0].shape[1:]) + ")"  # K or V alone
-    for shape in (full, half):
+    rows = "(" + ", ".join(str(n) for n in (len(lengths), *dec.kv_cache[0].shape[2:])) + ")"  # K or V of the batch
+    for shape in (full, half, rows):
         assert f"empty_strided_{device.type}({shape}" not in code, f"a {shape} buffer: the compiled code copies the cache"
 
 
