@@ -20,7 +20,8 @@
 #                          variant as "ab" and its case);
 #                          AB_CASES="tight,int8_tight": the engines of those cases instead, AB_BATCHES="1": those
 #                          only. With PDL on by default (runtime.engine.decode_defaults), the first row of each case
-#                          has it on: its A/B is the variant "--inductor triton.enable_pdl=false"
+#                          has it on: its A/B is the variant "--inductor triton.enable_pdl=false". AB=-: the cases'
+#                          engines as they are only
 #   CALL_S (default 585)   the whole call's seconds, from the script's start: an AB variant starts only with at least
 #                          AB_NEED_S (default 120) of them left and is stopped 15 s before their end, so that the
 #                          packing below runs before the device tool's limit (600 s) cuts the call (the tests, sweeps
@@ -93,6 +94,7 @@ if [ -n "$AB" ]; then
           if r['kind'] == 'build' and r['name'] == sys.argv[2]), ''))" $OUT/table/gpu.jsonl $case)
     [ -z "$eng" ] && { echo "ab: no engine of case $case in the table (AB_CASES must be in CASES)"; continue; }
     IFS=';' read -ra variants <<< ";$AB"
+    [ "$AB" == "-" ] && variants=("")  # AB=-: each case as is only
     for v in "${variants[@]}"; do
       t=$(( $(left) - 15 ))
       [ $t -lt $(( ${AB_NEED_S:-120} - 15 )) ] || [ $t -lt 1 ] && { echo "ab $case [$v] skipped: $(left) s of the call left"; continue; }
