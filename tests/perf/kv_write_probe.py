@@ -1,9 +1,10 @@
 """Does the compiled decode step write the K/V cache in place with $EF_KV_IN_ATTENTION=1? (GPU only.)
 
 2026-12-07, H100: the int8 7B engine ran 11.84 ms a batch-1 step with it against 3.24 without: ~8.6 ms, what a
-copy of its whole 12.9 GB cache (64 slots x 384 positions x 32 layers) costs, while
-tests/test_prefill.py::test_compiled_steps_write_the_cache_in_place_on_cuda (2 slots read of 4, 40 positions,
-one split) found no copy. This compiles a small decoder's decode step in the shapes of that engine's step (a
+copy of its whole 12.9 GB cache (64 slots x 384 positions x 32 layers) costs. The cause: the layer's cache went to
+the kernel twice (as K and as V), and Inductor's reinplacing clones the second of two written arguments that share a
+tensor, flat (a 1-D buffer, which tests/test_prefill.py's check of shaped buffers did not see; it now counts
+elements too). This compiles a small decoder's decode step in the shapes of that engine's step (a
 64-slot cache, batch 1, several splits) for each setting below and prints, a line each, the generated code's
 buffers of a layer's K/V size and the step's time in a CUDA graph; the code goes to --out.
 
@@ -49,6 +50,9 @@ def probe(kv_in_attention: bool, reduce: bool, pdl: bool, slots: int, seq: int, 
     sizes = [", ".join(map(str, s)) for s in (shape, shape[1:], (batch, *shape[2:]))]
     big = [ln.strip() for ln in code.splitlines() if "empty_strided" in ln and any(f"(({s})" in ln or f"({s})," in ln
                                                                                   for s in sizes)]
+    numels = {str(torch.Size(shape).numel()), str(torch.Size(shape[1:]).numel()),
+              str(batch * torch.Size(shape[2:]).numel())}
+    big += [ln.strip() for ln in code.splitlines() if any(f"empty_strided_cuda(({n}, )" in ln for n in numels)]
     copies = [ln.strip() for ln in code.splitlines() if re.search(r"\bcopy_\(|clone\(|triton_poi_fused_\w*copy", ln)]
     g = _DecodeGraph(dec, batch, step)
     g(tok, pos)
