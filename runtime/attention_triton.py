@@ -114,7 +114,7 @@ def _split_kernel(Q, K, V, POS, SLOPES, KV_SCALE, COS, SIN, O_PART, LSE_PART, OU
         k_new = _stored(_rotated(KN + b * stride_knb + kvh * stride_knh, True, d, last, COS, SIN, ROT), k_scale,
                         KV_QUANT, QMAX, ROUND, K.dtype.element_ty)  # (1, HD)
         v_new = _stored(tl.load(VN + b * stride_vnb + kvh * stride_vnh + d[None, :]), v_scale, KV_QUANT, QMAX,
-                        ROUND, V.dtype.element_ty)
+                        ROUND, K.dtype.element_ty)  # (the caches' dtype: with ONE_KV, V is not the cache)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + n
         nmask = offs < end
