@@ -99,9 +99,11 @@ def _triton_attend(q, k_cache, v_cache, pos, slopes, scale=None, kv_scale=None, 
 def _triton_attend_writing(q, k, v, kv, first, pos, slopes, scale=None, kv_scale=None, kv_format=None, rope=None):
     from .attention_triton import REDUCE, decode_attention_writing
 
-    qmax, rounds = (kv_format.qmax, kv_format.round) if kv_scale is not None else (0.0, False)
+    scaled = kv_format is not None and kv_format.scaled
+    qmax, rounds = (kv_format.qmax, kv_format.round) if scaled else (0.0, False)
     return decode_attention_writing(q, k, v, kv, first, pos, q.shape[-1] ** -0.5 if scale is None else scale,
-                                    slopes, kv_scale, qmax, rounds, *(rope or (None, None)), reduce=REDUCE)
+                                    slopes, kv_scale if scaled else None, qmax, rounds, *(rope or (None, None)),
+                                    reduce=REDUCE)
 
 
 DECODE_ATTENTION: dict[str, DecodeAttention] = {

@@ -255,6 +255,38 @@ def test_triton_writes_this_steps_kv_and_attends_to_it(kernels, dtype, rotary_di
     assert (out.float().cpu() - want.float()).abs().max().item() <= tol * (4 if f.scaled else 1)
 
 
+@pytest.mark.parametrize("fmt", ["auto", "int8"])
+@pytest.mark.parametrize("splits,reduce", [(3, False), (5, False), (3, True), (1, False)])
+def test_triton_writing_equals_writing_first_at_any_split_count(kernels, splits, reduce, fmt, one_thread):
+    """The launch shapes a GPU takes (several splits a sequence, blocks of 16, the in-kernel combine), which the
+    entry's default_config never picks at the interpreter's sizes: attending while writing this step's k / v gives
+    the output and the cache, bit for bit, of writing them first (as the kernel stores them) and attending after."""
+    B, nh, nkv, S, hd, first = 4, 8, 2, 80, 16, 2
+    f = KV_FORMATS[fmt]
+    g = torch.Generator().manual_seed(5)
+    q, k_new, v_new = (torch.randn(B, n, hd, generator=g) for n in (nh, nkv, nkv))
+    pos = torch.tensor([15, 16, S - 1, 0])  # block edges, the last position, the first
+    sc = f.scales(4.0, 4.0) if f.scaled else None
+    store = f.storage_dtype(torch.float32)
+    raw = torch.randn(2, B + 3, nkv, S, hd, generator=g)
+    kv = torch.stack([f.quantize(raw[0], sc[0], store), f.quantize(raw[1], sc[1], store)]) if f.scaled else raw
+    angles = torch.rand(S, hd // 2, generator=g, dtype=torch.float64) * 6.3
+    rope = (torch.cat([angles, angles], -1).cos().float(), torch.cat([angles, angles], -1).sin().float())
+    cfg = {"block_n": 16, "splits": splits, "reduce": reduce}
+    fmt_args = {"kv_format": (f.qmax, f.round)} if f.scaled else {}
+    written = kv.clone()
+    rows = first + torch.arange(B)
+    written[0, rows, :, pos] = f.quantize(_rotated_like_the_kernel(k_new, pos, *rope), None if sc is None else sc[0],
+                                          store)
+    written[1, rows, :, pos] = f.quantize(v_new, None if sc is None else sc[1], store)
+    want = kernels.launch(q, written[0, first:first + B], written[1, first:first + B], pos, 0.25, None, sc, rope, **cfg)
+    got_kv = kv.clone()
+    got = kernels.launch(q, got_kv[0, first:first + B], got_kv[1, first:first + B], pos, 0.25, None, sc, rope,
+                         new_kv=(k_new, v_new), kv=got_kv, first=first, **cfg, **fmt_args)
+    assert torch.equal(got_kv, written)
+    assert torch.equal(got, want)
+
+
 # ---- selection ----------------------------------------------------------------------------------
 def test_selection_is_a_setting_with_one_line_errors(monkeypatch):
     monkeypatch.delenv("EF_DECODE_ATTENTION", raising=False)
