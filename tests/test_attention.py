@@ -366,6 +366,39 @@ def test_decoder_decode_with_triton_equals_torch(kernels, kind, q_rotary, kv_wri
         assert (mine.float() - theirs.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("fp8", marks=pytest.mark.skipif(
+    not CUDA, reason="Triton's interpreter rounds fp32 -> float8e4nv wrongly"))])
+def test_decoder_writing_a_quantized_cache_in_attention_equals_the_decoders_write(kernels, fmt, one_thread):
+    """$EF_KV_IN_ATTENTION=1 over an 8-bit cache (the decoder passes its format and each layer's scales): decode
+    logits and the cache after them as with the decoder's own write, the same triton entry otherwise."""
+    from helpers import random_decoder_tensors
+    from runtime.kv_cache import SCALE_NAME
+
+    dtype = torch.float16 if CUDA else torch.float32
+    spec, tensors = random_decoder_tensors("rope_gqa", dtype, DEV)
+    for i in range(spec.num_layers):
+        tensors[SCALE_NAME.format(i=i)] = KV_FORMATS[fmt].scales(2.0, 1.0).to(DEV)
+    decs = []
+    for writes in (False, True):
+        d = Decoder(spec, dict(tensors), kv_cache=fmt)
+        d.allocate_cache(4, 40)
+        d.decode_attention, d.kv_in_attention = DECODE_ATTENTION["triton"], writes
+        decs.append(d)
+    lengths = [3, 9, 1]
+    prompts = torch.randint(0, 97, (sum(lengths),), generator=torch.Generator().manual_seed(8)).to(DEV)
+    tok = decs[0].prefill(prompts, lengths).argmax(-1)
+    decs[1].prefill(prompts, lengths)
+    pos = torch.tensor(lengths, device=DEV)
+    for _ in range(4):
+        want, got = (d.decode(tok, pos) for d in decs)
+        assert (got - want).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item())
+        tok, pos = want.argmax(-1), pos + 1
+    for mine, theirs in zip(decs[1].kv_cache, decs[0].kv_cache):
+        assert mine.dtype == theirs.dtype == KV_FORMATS[fmt].storage
+        err = (mine.float() - theirs.float()).abs()  # CPU: the same bits; GPU: a level (a rounding of the divide)
+        assert (err <= (0 if not CUDA else 1.0 + 2 ** -3 * theirs.float().abs())).all()
+
+
 def test_split_gate_up_gives_the_fused_products(monkeypatch):
     """$EF_SPLIT_GATE_UP=1 (gate and up as two products over views of the stored rows, for A/B runs on the GPU):
     the decoder's prefill and decode logits as with the one fused product."""
