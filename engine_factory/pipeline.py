@@ -114,7 +114,8 @@ def run(cfg, recipe: str | None = None) -> Path:
     check_model(cfg, spec)
     check_fits(cfg, spec)
     calib = calibration(cfg, source, family, spec, store)  # cached; None for precisions that need none
-    identity = engine_identity(cfg, source, engine_spec(cfg, spec), calib)
+    espec = engine_spec(cfg, spec)  # what the engine stores (a tied model with a quantized lm_head: untied)
+    identity = engine_identity(cfg, source, espec, calib)
     h = digest(identity)
     name = cfg.model.name or (check_name("recipe", recipe) if recipe else safe_name(source.name))
     engine_dir = store.engine_dir(name, h)
@@ -137,7 +138,7 @@ def run(cfg, recipe: str | None = None) -> Path:
         tensors = convert(source, family, spec, store)
         engine_json = {
             "format_version": FORMAT_VERSION, "name": name, "hash": h, "recipe": recipe,
-            "config": OmegaConf.to_container(cfg, resolve=True), "spec": engine_spec(cfg, spec).to_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True), "spec": espec.to_dict(),
             "dtype": torch_name(cfg.precision.dtype),
             "quant": {"mode": cfg.precision.quant, "kv_cache": cfg.precision.kv_cache,
                       **({"lm_head": True} if cfg.precision.quant_lm_head else {}),
@@ -148,7 +149,7 @@ def run(cfg, recipe: str | None = None) -> Path:
             "runtime": {"cuda_graphs": cfg.plugins.cuda_graphs, "remove_padding": cfg.plugins.remove_padding},
         }
         with store.staging(engine_dir, needed) as tmp:
-            build(tmp, tensors, engine_spec(cfg, spec), cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
+            build(tmp, tensors, espec, cfg, engine_json, tokenizer_saver(source, family, cfg), calib)
             if cfg.validate.enabled:
                 try:
                     validate(tmp, source, cfg, engine_dir.name, spec)

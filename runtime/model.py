@@ -399,7 +399,7 @@ class Decoder:
         """This stage's layers over h (B, H): the rows of cache slots first..first+B-1 at positions pos (B,)."""
         B = h.shape[0]
         S = self.kv_cache[0].shape[3]
-        bidx = torch.arange(first, first + B, device=self.device)
+        bidx = None if self.kv_in_attention else torch.arange(first, first + B, device=self.device)  # _write_kv's slots
         attn = self.decode_attention  # runtime/attention.py: "torch" masks the whole cache, "triton" reads live K/V
         state = attn.prepare(pos, S, self.slopes, h.dtype)  # shared by every layer (the torch entry's mask)
         rope = self._rope_at(pos, h.dtype)
